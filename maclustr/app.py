@@ -1,0 +1,223 @@
+"""Wiring: routes, the two middlewares, shared objects on typed AppKeys, session lifecycle.
+
+Request order: `frame` (request id, CORS, every error rendered as an OpenAI envelope, one
+access-log line) → `authenticate` (bearer key on /v1/*) → handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from . import health
+from .auth import KeyRing, bearer_token, fingerprint
+from .body import check_content_type, parse_request, upstream_body, wants_stream
+from .errors import (
+    BodyTooLarge,
+    GatewayError,
+    InvalidApiKey,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+)
+from .headers import SERVER, request_id
+from .relay import Upstream, relay
+from .reload import RoutesHolder
+
+log = logging.getLogger("maclustr.access")
+
+ROUTES = web.AppKey("routes", RoutesHolder)
+KEYS = web.AppKey("keys", KeyRing)
+UPSTREAM = web.AppKey("upstream", Upstream)
+STARTED = web.AppKey("started", int)
+SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_JSON = {"Content-Type": "application/json", "Server": SERVER}
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(body=json.dumps(obj).encode(), status=status,
+                        headers={**_JSON, **(headers or {})})
+
+
+def error_response(err: GatewayError) -> web.Response:
+    return web.Response(body=err.to_body(), status=err.status, headers={**_JSON, **err.headers})
+
+
+def _from_http_exception(exc: web.HTTPException, request: web.Request) -> GatewayError:
+    if exc.status == 404:
+        return NotFound(f"Unknown path '{request.path[:100]}'. See /v1/models and /health.")
+    if exc.status == 405:
+        allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+        err = MethodNotAllowed(f"Method {request.method} is not allowed on {request.path[:100]}.")
+        if allowed:
+            err.headers["Allow"] = allowed
+        return err
+    if exc.status == 413:
+        return BodyTooLarge(request.app[ROUTES].current.settings.max_body_bytes)
+    other = GatewayError(exc.reason or "Request failed.")
+    other.status = exc.status
+    other.type = "invalid_request_error" if exc.status < 500 else "server_error"
+    other.code = (exc.reason or "error").lower().replace(" ", "_")
+    return other
+
+
+@web.middleware
+async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
+    start = time.perf_counter()
+    rid = request_id(request.headers.get("X-Request-Id"))
+    request["rid"] = rid
+    try:
+        resp = await handler(request)
+    except GatewayError as e:
+        resp = error_response(e)
+    except web.HTTPException as e:
+        resp = error_response(_from_http_exception(e, request))
+    except (asyncio.CancelledError, ConnectionError):
+        log.info("%s %s %s model=%s client gone after %.1f ms", rid, request.method,
+                 request.path, request.get("alias", "-"), (time.perf_counter() - start) * 1e3)
+        raise
+    except Exception:
+        log.exception("%s %s %s failed", rid, request.method, request.path)
+        resp = error_response(GatewayError())
+    if not resp.prepared:
+        resp.headers["X-Request-Id"] = rid
+        origins = request.app[ROUTES].current.settings.cors_origins
+        if origins:
+            _cors(request, resp, origins)
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s key=%s %s %s model=%s status=%d ms=%.1f outcome=%s", rid,
+                 request.get("key", "-"), request.method, request.path,
+                 request.get("alias", "-"), resp.status, (time.perf_counter() - start) * 1e3,
+                 request.get("outcome", "-"))
+    return resp
+
+
+def _cors(request: web.Request, resp: web.StreamResponse, origins: tuple[str, ...]) -> None:
+    origin = request.headers.get("Origin")
+    if origin and (origin in origins or "*" in origins):
+        resp.headers["Access-Control-Allow-Origin"] = origin
+        resp.headers["Vary"] = "Origin"
+        resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Request-Id"
+        resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        resp.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/v1/") and request.method != "OPTIONS":
+        token = bearer_token(request.headers.get("Authorization"))
+        if not request.app[KEYS].check(token):
+            raise InvalidApiKey()
+        assert token is not None
+        request["key"] = fingerprint(token)
+    return await handler(request)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refusing more than `limit` bytes without reading them all."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(limit)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def completions_handler(path: str) -> Handler:
+    """POST /v1/chat/completions or /v1/completions, routed by the body's `model`."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        table = app[ROUTES].current  # one snapshot for the whole request
+        check_content_type(request.content_type if "Content-Type" in request.headers else "")
+        payload = parse_request(await read_body(request, table.settings.max_body_bytes))
+        route = table.resolve(payload["model"])
+        if route is None:
+            raise ModelNotFound(payload["model"], table.aliases)
+        request["alias"] = route.alias
+        stream = wants_stream(payload)
+        body = upstream_body(payload, route.model)
+        return await relay(request, app[UPSTREAM], route, path, body, stream, request["rid"])
+
+    return handle
+
+
+def _model_card(request: web.Request, alias: str) -> dict[str, Any]:
+    route = request.app[ROUTES].current.resolve(alias)
+    assert route is not None
+    return {"id": route.alias, "object": "model", "created": request.app[STARTED],
+            "owned_by": "maclustr", "description": route.description,
+            "parameters": route.parameters}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    table = request.app[ROUTES].current
+    return json_response({"object": "list",
+                          "data": [_model_card(request, a) for a in table.aliases]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    table = request.app[ROUTES].current
+    name = request.match_info["model"]
+    route = table.resolve(name)
+    if route is None:
+        raise ModelNotFound(name, table.aliases)
+    return json_response(_model_card(request, route.alias))
+
+
+async def get_health(request: web.Request) -> web.Response:
+    table = request.app[ROUTES].current
+    if request.query.get("deep", "").lower() in ("1", "true", "yes"):
+        report = await health.deep(table, request.app[UPSTREAM].session)
+        return json_response(report, status=200 if report["status"] == "ok" else 503)
+    return json_response(health.shallow(table))
+
+
+async def preflight(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers={"Server": SERVER})
+
+
+def make_app(holder: RoutesHolder, keys: KeyRing) -> web.Application:
+    # The body cap is enforced by read_body from the live table; this is only a hard ceiling.
+    app = web.Application(middlewares=[frame, authenticate], client_max_size=2**40)
+    app[ROUTES] = holder
+    app[KEYS] = keys
+    app[STARTED] = int(time.time())
+    app[SHUTTING_DOWN] = asyncio.Event()
+    app.cleanup_ctx.append(_upstream_session)
+    app.router.add_post("/v1/chat/completions", completions_handler("/v1/chat/completions"))
+    app.router.add_post("/v1/completions", completions_handler("/v1/completions"))
+    app.router.add_get("/v1/models", list_models, allow_head=False)
+    app.router.add_get("/v1/models/{model:.+}", get_model, allow_head=False)
+    app.router.add_get("/health", get_health)
+    app.router.add_route("OPTIONS", "/{tail:.*}", preflight)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    # mlx_lm.server closes every connection (HTTP/1.0); HTTP/1.1 upstreams get a keep-alive
+    # pool. No total limit: concurrency control belongs to the routes, not the pool.
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=10,
+                                     enable_cleanup_closed=False)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                    skip_auto_headers=("User-Agent",), trust_env=False)
+    app[UPSTREAM] = Upstream(session=session, shutting_down=app[SHUTTING_DOWN])
+    try:
+        yield
+    finally:
+        await session.close()

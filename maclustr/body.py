@@ -1,0 +1,68 @@
+"""The client's request body: what we accept, and the one field we change going upstream.
+
+Pure. The body must be a JSON object with a non-empty string `model`; every other field is
+forwarded as the client sent it (re-encoded, values unchanged).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import BadRequest, InvalidJSON, UnsupportedMediaType
+
+# curl -d sends form-urlencoded and some SDKs send text/plain; the body is JSON all the same.
+_ACCEPTED_TYPES = frozenset({"", "application/json", "text/plain",
+                             "application/x-www-form-urlencoded"})
+
+
+def check_content_type(content_type: str) -> None:
+    """`content_type` is the media type without parameters, lower case ("" when absent)."""
+    if content_type not in _ACCEPTED_TYPES and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type '{content_type[:60]}' is not supported; send application/json."
+        )
+
+
+def parse_request(body: bytes) -> dict[str, Any]:
+    """Decode and validate; the returned dict has a non-empty str `model`."""
+    if not body.strip():
+        raise InvalidJSON("Request body is empty; expected a JSON object.")
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise InvalidJSON("Request body is not valid JSON.") from None
+    if not isinstance(payload, dict):
+        raise BadRequest(
+            f"Request body must be a JSON object, not {_json_type(payload)}."
+        )
+    model = payload.get("model")
+    if model is None:
+        raise BadRequest("Missing required parameter: 'model'.", param="model")
+    if not isinstance(model, str):
+        raise BadRequest(f"'model' must be a string, not {_json_type(model)}.", param="model")
+    if not model.strip():
+        raise BadRequest("'model' must not be empty.", param="model")
+    return payload
+
+
+def upstream_body(payload: dict[str, Any], internal_model: str) -> bytes:
+    """The same request with `model` set to the internal id (mlx_lm.server loads what it names).
+
+    The dict is modified in place: the caller owns it and is done with the client's value.
+    """
+    payload["model"] = internal_model
+    return json.dumps(payload).encode()  # ASCII: lone surrogates stay escaped
+
+
+def wants_stream(payload: dict[str, Any]) -> bool:
+    return payload.get("stream") is True
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "an array", str: "a string", int: "a number",
+            float: "a number"}.get(type(value), "a value")

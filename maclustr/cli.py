@@ -1,0 +1,133 @@
+"""Command line: `maclustr serve` runs the gateway, `maclustr check` validates a routes file.
+
+Every command returns an exit code; errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .auth import KeyRing, fingerprint, parse_keys
+from .config import ConfigError, RouteTable, load_routes
+
+log = logging.getLogger("maclustr")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="maclustr", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"maclustr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--routes", default="routes.yaml", help="routes file (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: %(default)s; 0.0.0.0 exposes it to the "
+                            "network, so it must be asked for explicitly)")
+    serve.add_argument("--port", type=int, default=9000, help="port (default: %(default)s)")
+    serve.add_argument("--log-level", default=os.environ.get("MACLUSTR_LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--reload-interval", type=float, default=1.0,
+                       help="seconds between checks of the routes file (0 disables polling; "
+                            "SIGHUP always reloads)")
+
+    check = sub.add_parser("check", help="validate a routes file and print its alias table")
+    check.add_argument("--routes", default="routes.yaml", help="routes file (default: %(default)s)")
+
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return run_check(args.routes)
+    return run_serve(args)
+
+
+def run_check(path: str) -> int:
+    try:
+        table = load_routes(path)
+    except ConfigError as e:
+        print(f"maclustr check: {e}", file=sys.stderr)
+        return 1
+    print(format_table(table))
+    print(f"{path}: OK, {len(table.routes)} models")
+    return 0
+
+
+def format_table(table: RouteTable) -> str:
+    rows = [("ALIAS", "MODEL", "UPSTREAM", "PARAMETERS", "DESCRIPTION")]
+    rows += [(r.alias, r.model, r.upstream, r.parameters, r.description) for r in table.routes]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+        for row in rows
+    ).rstrip()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    keys = parse_keys(os.environ.get("MACLUSTR_API_KEY"))
+    if not keys:
+        print("maclustr serve: MACLUSTR_API_KEY is not set (or empty); refusing to run an "
+              "open gateway. Set it to one or more comma-separated keys.", file=sys.stderr)
+        return 2
+    try:
+        table = load_routes(args.routes)
+    except ConfigError as e:
+        print(f"maclustr serve: {e}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop  # optional extra: maclustr[fast]
+
+        uvloop.install()
+    except ImportError:
+        pass
+    log.info("keys loaded: %s", ", ".join(sorted(fingerprint(k) for k in keys)))
+    try:
+        asyncio.run(_serve(args, table, KeyRing(keys)))
+    except OSError as e:
+        print(f"maclustr serve: cannot listen on {args.host}:{args.port}: {e.strerror}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(args: argparse.Namespace, table: RouteTable, keys: KeyRing) -> None:
+    from aiohttp import web
+
+    from .app import SHUTTING_DOWN, make_app
+    from .reload import RoutesHolder
+
+    holder = RoutesHolder(args.routes, table)
+    app = make_app(holder, keys)
+    grace = table.settings.shutdown_grace
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           handler_cancellation=True, shutdown_timeout=grace,
+                           max_field_size=32768, max_line_size=32768)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, backlog=1024, reuse_address=True)
+    await site.start()
+    log.info("maclustr %s listening on http://%s:%d with %s", __version__, args.host, args.port,
+             ", ".join(table.aliases))
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, holder.reload)
+    watcher = (asyncio.ensure_future(holder.watch(args.reload_interval))
+               if args.reload_interval > 0 else None)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: no new connections, up to %.0f s for requests in flight",
+                 grace)
+        if watcher is not None:
+            watcher.cancel()
+        app[SHUTTING_DOWN].set()
+        await runner.cleanup()
+        log.info("stopped")

@@ -1,0 +1,350 @@
+"""The route table: which public alias goes to which internal model on which server.
+
+Pure: no I/O beyond reading the file in `load_routes`, no aiohttp. A `RouteTable` is
+immutable and carries its lookup index, so a reload swaps one reference and a request
+that took a snapshot keeps a consistent view.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+MiB = 1024 * 1024
+
+TOP_KEYS = frozenset({"models", "timeouts", "gateway", "nodes"})
+MODEL_KEYS = frozenset(
+    {"model", "upstream", "description", "parameters", "timeouts", "api_key_env", "node",
+     "mlx_args"}
+)
+TIMEOUT_KEYS = frozenset({"connect", "first_byte", "idle"})
+GATEWAY_KEYS = frozenset(
+    {"max_body_bytes", "shutdown_grace", "cors_origins", "public_url", "health_timeout"}
+)
+
+
+class ConfigError(ValueError):
+    """A routes file that must not be served. `line` is 1-based, or None when unknown."""
+
+    def __init__(self, message: str, line: int | None = None, source: str = "routes.yaml") -> None:
+        self.message = message
+        self.line = line
+        self.source = source
+        where = f"{source}:{line}" if line else source
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. `first_byte` covers model load plus a whole unary generation, so it is long;
+    `idle` is the longest silence allowed once bytes flow (mlx keepalive comments count)."""
+
+    connect: float = 10.0
+    first_byte: float = 600.0
+    idle: float = 300.0
+
+
+@dataclass(frozen=True)
+class Route:
+    """One public alias. `model` and `upstream` are internal and never shown to clients."""
+
+    alias: str
+    model: str
+    upstream: str  # base URL without trailing slash, e.g. http://studio-1.local:8081
+    description: str = ""
+    parameters: str = ""
+    timeouts: Timeouts = Timeouts()
+    api_key_env: str | None = None
+    node: str | None = None
+    mlx_args: tuple[str, ...] = ()
+
+    @property
+    def model_echo(self) -> bytes:
+        """The bytes mlx_lm.server writes for our request's model: `"model": <json string>`."""
+        return b'"model": ' + json.dumps(self.model).encode()
+
+    @property
+    def alias_echo(self) -> bytes:
+        return b'"model": ' + json.dumps(self.alias).encode()
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    max_body_bytes: int = 10 * MiB
+    shutdown_grace: float = 30.0
+    cors_origins: tuple[str, ...] = ()
+    public_url: str | None = None
+    health_timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class Node:
+    """A machine of the cluster, used by the deploy commands only."""
+
+    name: str
+    ssh: str
+    host: str | None = None
+    venv: str | None = None
+    log_dir: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """The whole configuration, immutable. `resolve` accepts an alias or an internal id."""
+
+    routes: tuple[Route, ...]
+    settings: GatewaySettings = GatewaySettings()
+    nodes: tuple[Node, ...] = ()
+    _index: Mapping[str, Route] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index: dict[str, Route] = {}
+        for r in self.routes:
+            index.setdefault(r.model, r)
+        for r in self.routes:  # aliases win over ids if they ever collide
+            index[r.alias] = r
+        object.__setattr__(self, "_index", index)
+
+    def resolve(self, name: str) -> Route | None:
+        return self._index.get(name)
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return tuple(r.alias for r in self.routes)
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        """Distinct internal servers, in table order."""
+        return tuple(dict.fromkeys(r.upstream for r in self.routes))
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def load_routes(path: str | Path) -> RouteTable:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read file ({e.strerror})", None, str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("file is not UTF-8", None, str(p)) from None
+    return parse_routes(text, str(p))
+
+
+def parse_routes(text: str, source: str = "routes.yaml") -> RouteTable:
+    """Parse and validate a routes file; raise ConfigError naming the line and key at fault."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"invalid YAML: {problem}", line, source) from None
+    p = _Parser(source)
+    return p.table(root)
+
+
+class _Parser:
+    """Walks the YAML node tree so every error can name its line."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, msg: str, node: yaml.Node | None) -> ConfigError:
+        line = node.start_mark.line + 1 if node is not None else None
+        return ConfigError(msg, line, self.source)
+
+    def mapping(self, node: yaml.Node | None, what: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(f"{what} must be a mapping", node)
+        out: list[tuple[str, yaml.Node, yaml.Node]] = []
+        seen: set[str] = set()
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                raise self.fail(f"{what}: keys must be plain strings", k)
+            key = str(k.value)
+            if key in seen:
+                raise self.fail(f"{what}: duplicate key '{key}'", k)
+            seen.add(key)
+            out.append((key, k, v))
+        return out
+
+    def check_keys(self, items: list[tuple[str, yaml.Node, yaml.Node]], allowed: frozenset[str],
+                   what: str) -> dict[str, yaml.Node]:
+        for key, knode, _ in items:
+            if key not in allowed:
+                raise self.fail(
+                    f"{what}: unknown key '{key}' (allowed: {', '.join(sorted(allowed))})", knode
+                )
+        return {key: v for key, _, v in items}
+
+    def scalar(self, node: yaml.Node) -> Any:
+        return yaml.SafeLoader(  # construct one scalar with the standard resolver
+            ""
+        ).construct_object(node, deep=True)
+
+    def string(self, node: yaml.Node, what: str, *, empty_ok: bool = False) -> str:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(f"{what} must be a string", node)
+        value = self.scalar(node)
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise self.fail(f"{what} must be a string", node)
+        s = str(value).strip()
+        if not s and not empty_ok:
+            raise self.fail(f"{what} must not be empty", node)
+        return s
+
+    def number(self, node: yaml.Node, what: str) -> float:
+        value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(f"{what} must be a number", node)
+        if not math.isfinite(value) or value <= 0:
+            raise self.fail(f"{what} must be a positive number", node)
+        return float(value)
+
+    def timeouts(self, node: yaml.Node, base: Timeouts, what: str) -> Timeouts:
+        items = self.check_keys(self.mapping(node, what), TIMEOUT_KEYS, what)
+        values = {k: self.number(v, f"{what}.{k}") for k, v in items.items()}
+        return Timeouts(
+            connect=values.get("connect", base.connect),
+            first_byte=values.get("first_byte", base.first_byte),
+            idle=values.get("idle", base.idle),
+        )
+
+    def url(self, node: yaml.Node, what: str) -> str:
+        raw = self.string(node, what)
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail(f"{what} must be an http(s) URL like http://host:8081, got '{raw}'",
+                            node)
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise self.fail(f"{what} has an invalid port: '{raw}'", node) from None
+        if parts.query or parts.fragment:
+            raise self.fail(f"{what} must not have a query or fragment: '{raw}'", node)
+        return raw.rstrip("/")
+
+    def settings(self, node: yaml.Node) -> GatewaySettings:
+        items = self.check_keys(self.mapping(node, "gateway"), GATEWAY_KEYS, "gateway")
+        d = GatewaySettings()
+        max_body = d.max_body_bytes
+        if "max_body_bytes" in items:
+            max_body = int(self.number(items["max_body_bytes"], "gateway.max_body_bytes"))
+        cors: tuple[str, ...] = ()
+        if "cors_origins" in items:
+            n = items["cors_origins"]
+            if not isinstance(n, yaml.SequenceNode):
+                raise self.fail("gateway.cors_origins must be a list of origins", n)
+            cors = tuple(self.string(x, "gateway.cors_origins[]") for x in n.value)
+        public_url = None
+        if "public_url" in items:
+            public_url = self.url(items["public_url"], "gateway.public_url")
+        return GatewaySettings(
+            max_body_bytes=max_body,
+            shutdown_grace=self.number(items["shutdown_grace"], "gateway.shutdown_grace")
+            if "shutdown_grace" in items else d.shutdown_grace,
+            cors_origins=cors,
+            public_url=public_url,
+            health_timeout=self.number(items["health_timeout"], "gateway.health_timeout")
+            if "health_timeout" in items else d.health_timeout,
+        )
+
+    def nodes(self, node: yaml.Node) -> tuple[Node, ...]:
+        out = []
+        for name, knode, v in self.mapping(node, "nodes"):
+            what = f"nodes.{name}"
+            if isinstance(v, yaml.ScalarNode):
+                out.append(Node(name=name, ssh=self.string(v, what)))
+                continue
+            items = self.mapping(v, what)
+            d = {k: n for k, _, n in items}
+            if "ssh" not in d:
+                raise self.fail(f"{what}: missing required key 'ssh'", knode)
+            known = {"ssh", "host", "venv", "log_dir"}
+            extra = {k: self.scalar(n) for k, n in d.items() if k not in known}
+            out.append(Node(
+                name=name,
+                ssh=self.string(d["ssh"], f"{what}.ssh"),
+                host=self.string(d["host"], f"{what}.host") if "host" in d else None,
+                venv=self.string(d["venv"], f"{what}.venv") if "venv" in d else None,
+                log_dir=self.string(d["log_dir"], f"{what}.log_dir") if "log_dir" in d else None,
+                extra=extra,
+            ))
+        return tuple(out)
+
+    def route(self, alias: str, knode: yaml.Node, node: yaml.Node, base: Timeouts) -> Route:
+        what = f"models.{alias}"
+        if isinstance(node, yaml.ScalarNode) and self.scalar(node) is None:
+            raise self.fail(f"{what}: missing required keys 'model' and 'upstream'", knode)
+        items = self.check_keys(self.mapping(node, what), MODEL_KEYS, what)
+        for required in ("model", "upstream"):
+            if required not in items:
+                raise self.fail(f"{what}: missing required key '{required}'", knode)
+        mlx_args: tuple[str, ...] = ()
+        if "mlx_args" in items:
+            n = items["mlx_args"]
+            if not isinstance(n, yaml.SequenceNode):
+                raise self.fail(f"{what}.mlx_args must be a list of strings", n)
+            mlx_args = tuple(self.string(x, f"{what}.mlx_args[]") for x in n.value)
+        return Route(
+            alias=alias,
+            model=self.string(items["model"], f"{what}.model"),
+            upstream=self.url(items["upstream"], f"{what}.upstream"),
+            description=self.string(items["description"], f"{what}.description", empty_ok=True)
+            if "description" in items else "",
+            parameters=self.string(items["parameters"], f"{what}.parameters", empty_ok=True)
+            if "parameters" in items else "",
+            timeouts=self.timeouts(items["timeouts"], base, f"{what}.timeouts")
+            if "timeouts" in items else base,
+            api_key_env=self.string(items["api_key_env"], f"{what}.api_key_env")
+            if "api_key_env" in items else None,
+            node=self.string(items["node"], f"{what}.node") if "node" in items else None,
+            mlx_args=mlx_args,
+        )
+
+    def table(self, root: yaml.Node | None) -> RouteTable:
+        if root is None:
+            raise ConfigError("file is empty: expected a 'models:' mapping", None, self.source)
+        top = self.check_keys(self.mapping(root, "top level"), TOP_KEYS, "top level")
+        if "models" not in top:
+            raise self.fail("missing required key 'models'", root)
+        base = self.timeouts(top["timeouts"], Timeouts(), "timeouts") if "timeouts" in top \
+            else Timeouts()
+        settings = self.settings(top["gateway"]) if "gateway" in top else GatewaySettings()
+        nodes = self.nodes(top["nodes"]) if "nodes" in top else ()
+        routes: list[Route] = []
+        owners: dict[str, tuple[str, yaml.Node]] = {}
+        model_items = self.mapping(top["models"], "models")
+        if not model_items:
+            raise self.fail("'models' is empty: at least one alias is required", top["models"])
+        for alias, knode, vnode in model_items:
+            if not alias or any(c.isspace() for c in alias):
+                raise self.fail(f"models: alias '{alias}' must be non-empty without spaces", knode)
+            r = self.route(alias, knode, vnode, base)
+            for name in (r.alias, r.model):
+                other = owners.get(name)
+                if other is not None and other[0] != alias:
+                    raise self.fail(
+                        f"models.{alias}: '{name}' is already used by models.{other[0]}", knode
+                    )
+            owners[r.alias] = (alias, knode)
+            owners[r.model] = (alias, knode)
+            routes.append(r)
+        node_names = {n.name for n in nodes}
+        for r in routes:
+            if r.node is not None and nodes and r.node not in node_names:
+                raise ConfigError(f"models.{r.alias}.node: unknown node '{r.node}'", None,
+                                  self.source)
+        return RouteTable(routes=tuple(routes), settings=settings, nodes=nodes)

@@ -1,0 +1,169 @@
+"""Every error the gateway shows a client, in OpenAI's envelope, built in this one place.
+
+Pure. Messages are fixed sentences about the public alias; exception text, hosts, ports, paths
+and internal ids are never interpolated (an upstream's own words go through `scrub` first).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+
+class GatewayError(Exception):
+    """Base of every client-visible failure. `status` is the HTTP status to answer with."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str = "The gateway hit an internal error.", *,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code,
+                          "param": self.param}}
+
+    def to_body(self) -> bytes:
+        return json.dumps(self.to_dict()).encode()
+
+    def to_sse(self) -> bytes:
+        """The last event of a stream that cannot finish: OpenAI's mid-stream error shape."""
+        return b"data: " + self.to_body() + b"\n\n"
+
+
+class InvalidApiKey(GatewayError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+    def __init__(self, message: str = "Invalid or missing API key. Send 'Authorization: "
+                 "Bearer <key>' with a key from MACLUSTR_API_KEY.") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="maclustr"'})
+
+
+class BadRequest(GatewayError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid_json"
+
+
+class ModelNotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+    def __init__(self, name: str, aliases: Iterable[str]) -> None:
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        super().__init__(
+            f"Model '{shown}' not found. Available models: {', '.join(aliases)}", param="model"
+        )
+
+
+class NotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class BodyTooLarge(GatewayError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request body is larger than the limit of {limit} bytes.")
+
+
+class UnsupportedMediaType(GatewayError):
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+
+
+class UpstreamRejected(GatewayError):
+    """The model's server refused the request (its 4xx); the status is kept."""
+
+    type, code = "invalid_request_error", "upstream_rejected"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        if status == 429:
+            self.code, self.type = "rate_limit_exceeded", "rate_limit_error"
+        elif status == 413:
+            self.code = "request_too_large"
+
+
+class UpstreamFailed(GatewayError):
+    status, type, code = 502, "server_error", "upstream_unavailable"
+
+    def __init__(self, alias: str, why: str = "is unreachable or failed") -> None:
+        super().__init__(
+            f"Model '{alias}' {why}. It may be loading or down; check /health?deep=true."
+        )
+
+
+class UpstreamBadResponse(UpstreamFailed):
+    code = "upstream_bad_response"
+
+    def __init__(self, alias: str) -> None:
+        super().__init__(alias, "sent a response the gateway could not understand")
+
+
+class UpstreamTimeout(GatewayError):
+    status, type, code = 504, "server_error", "upstream_timeout"
+
+    def __init__(self, alias: str, phase: str) -> None:
+        super().__init__(
+            f"Model '{alias}' did not answer in time ({phase}). It may be loading or overloaded; "
+            "check /health?deep=true."
+        )
+
+
+class ShuttingDown(GatewayError):
+    status, type, code = 503, "server_error", "gateway_shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("The gateway is restarting; retry the request.")
+
+
+# --- scrubbing -------------------------------------------------------------------------------
+
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+_PATH = re.compile(r"(?:~|\.{0,2})?/(?:[\w.@+-]+/)+[\w.@+-]*|/(?:Users|home|srv|opt|var|tmp|root|"
+                   r"Volumes|private|mnt|data)\b[^\s'\"]*")
+_HOSTPORT = re.compile(r"\b(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]|[\w-]+(?:\.[\w-]+)*)"
+                       r":\d{2,5}\b")
+_IPV4 = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
+_LOCAL_HOST = re.compile(r"\b[\w-]+\.(?:local|lan|internal|home|corp)\b", re.IGNORECASE)
+_MAX_MESSAGE = 300
+
+
+def scrub(text: str, *, alias: str, model: str, upstream: str) -> str:
+    """Make an upstream's message safe to show a client.
+
+    The internal model id becomes the alias; the upstream's URL, host and port, and anything
+    shaped like a URL, filesystem path, host:port or IP address become `<internal>`. The result
+    is one short line and may be empty.
+    """
+    parts = urlsplit(upstream)
+
+    def bounded(name: str) -> str:
+        return rf"(?<![\w.-]){re.escape(name)}(?![\w-])"
+
+    out = re.sub(bounded(model), alias, text) if model else text
+    out = _URL.sub("<internal>", out)
+    names = [parts.netloc, parts.hostname or "", str(parts.port or "")]
+    for name in sorted((n for n in names if n), key=len, reverse=True):
+        out = re.sub(bounded(name), "<internal>", out)
+    out = _HOSTPORT.sub("<internal>", out)
+    out = _PATH.sub("<internal>", out)
+    out = _IPV4.sub("<internal>", out)
+    out = _LOCAL_HOST.sub("<internal>", out)
+    out = " ".join(out.split())
+    if len(out) > _MAX_MESSAGE:
+        out = out[: _MAX_MESSAGE - 3] + "..."
+    return out

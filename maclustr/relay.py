@@ -1,0 +1,282 @@
+"""The only code that touches both sockets: one client request, one upstream request.
+
+Read top to bottom like Go's ReverseProxy.ServeHTTP: send upstream under a deadline, map
+every failure before the response starts to one GatewayError, then either relay a unary JSON
+body or relay an event stream frame by frame. Once stream bytes have reached the client a
+failure can only be reported in-band: one final `data: {"error": ...}` event, then the
+connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from .config import Route
+from .errors import (
+    GatewayError,
+    ShuttingDown,
+    UpstreamBadResponse,
+    UpstreamFailed,
+    UpstreamRejected,
+    UpstreamTimeout,
+    scrub,
+)
+from .headers import SERVER, SSE_HEADERS, upstream_headers
+from .sse import SSEError, SSERewriter, rewrite_body
+
+log = logging.getLogger("maclustr.relay")
+
+MAX_UNARY_BYTES = 64 * 1024 * 1024  # a unary completion larger than this is not a completion
+MAX_ERROR_BYTES = 64 * 1024
+
+
+class Watchdog:
+    """Cancels the handler task when no progress was made for `limit` seconds.
+
+    Progress is `touch()`: a cheap clock read per read or write on the hot path, instead of a
+    timer per await. `fired` tells the handler that the cancellation was ours, not the
+    client's disconnect or a shutdown.
+    """
+
+    __slots__ = ("_handle", "_loop", "_task", "fired", "last", "limit", "phase")
+
+    def __init__(self, limit: float, phase: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self.limit = limit
+        self.phase = phase
+        self.fired = False
+        self.last = self._loop.time()
+        self._handle = self._loop.call_at(self.last + limit, self._check)
+
+    def touch(self) -> None:
+        self.last = self._loop.time()
+
+    def rearm(self, limit: float, phase: str) -> None:
+        self.limit, self.phase = limit, phase
+        self.touch()
+        self._handle.cancel()
+        self._handle = self._loop.call_at(self.last + limit, self._check)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    def _check(self) -> None:
+        due = self.last + self.limit
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self.fired = True
+        self._task.cancel()
+
+    def absorb(self) -> None:
+        """Undo our own cancellation so the handler can still answer (Python 3.11+)."""
+        uncancel = getattr(self._task, "uncancel", None)
+        if uncancel is not None:
+            uncancel()
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What one relay needs besides the route: the shared session and whether we are
+    shutting down (a cancellation then is a shutdown, reported in-band)."""
+
+    session: aiohttp.ClientSession
+    shutting_down: asyncio.Event
+
+
+async def relay(request: web.Request, up: Upstream, route: Route, path: str, body: bytes,
+                stream: bool, rid: str) -> web.StreamResponse:
+    """Send `body` to `route`'s server at `path` and answer the client."""
+    t = route.timeouts
+    dog = Watchdog(t.connect + t.first_byte, "waiting for the first byte")
+    try:
+        try:
+            resp = await up.session.post(
+                route.upstream + path,
+                data=body,
+                headers=upstream_headers(rid, _upstream_key(route)),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect),
+                allow_redirects=False,
+            )
+        except asyncio.CancelledError:
+            if not dog.fired:
+                raise
+            dog.absorb()
+            raise UpstreamTimeout(route.alias, dog.phase) from None
+        except (aiohttp.ClientError, OSError, ValueError) as e:
+            log.warning("%s upstream for %s unreachable: %s", rid, route.alias, type(e).__name__)
+            raise UpstreamFailed(route.alias) from None
+        async with resp:
+            dog.rearm(t.idle, "idle between bytes")
+            ctype = resp.content_type
+            if resp.status >= 400:
+                raise await _upstream_error(resp, route, dog)
+            if resp.status != 200:
+                raise UpstreamBadResponse(route.alias)
+            if ctype == "text/event-stream":
+                if not stream:
+                    raise UpstreamBadResponse(route.alias)
+                return await relay_stream(request, up, resp, route, rid, dog)
+            if stream or ctype != "application/json":
+                raise UpstreamBadResponse(route.alias)
+            return await relay_unary(resp, route, rid, dog)
+    finally:
+        dog.stop()
+
+
+async def relay_unary(resp: aiohttp.ClientResponse, route: Route, rid: str,
+                      dog: Watchdog) -> web.Response:
+    data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
+    try:
+        out = rewrite_body(data, route.model_echo, route.alias_echo, route.alias)
+    except SSEError:
+        raise UpstreamBadResponse(route.alias) from None
+    if out[:1] != b"{":
+        raise UpstreamBadResponse(route.alias)
+    return web.Response(body=out, headers={"Content-Type": "application/json",
+                                           "X-Request-Id": rid, "Server": SERVER})
+
+
+async def relay_stream(request: web.Request, up: Upstream, resp: aiohttp.ClientResponse,
+                       route: Route, rid: str, dog: Watchdog) -> web.StreamResponse:
+    """Relay an event stream: each read's complete events are rewritten and written at once.
+
+    Backpressure: `out.write` waits while the client is slow, and we do not read upstream
+    meanwhile, so aiohttp stops reading the upstream socket (bounded memory per stream).
+    """
+    out = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": rid})
+    await out.prepare(request)
+    rewriter = SSERewriter(route.model_echo, route.alias_echo, route.alias)
+    failure: GatewayError | None = None
+    content = resp.content
+    touch = dog.touch
+    try:
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            touch()
+            data = rewriter.feed(chunk)
+            if data:
+                await out.write(data)
+                touch()
+            if rewriter.done:
+                break
+        if not rewriter.done:
+            failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
+    except asyncio.CancelledError:
+        if dog.fired:
+            dog.absorb()
+            failure = UpstreamTimeout(route.alias, dog.phase)
+        elif up.shutting_down.is_set() and not _client_gone(request):
+            await _finish_with(out, ShuttingDown())
+            raise
+        else:
+            raise
+    except SSEError:
+        failure = UpstreamBadResponse(route.alias)
+    except (aiohttp.ClientError, OSError):
+        if _client_gone(request):
+            raise
+        failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
+    request["outcome"] = "done" if failure is None else failure.code
+    if failure is not None:
+        resp.close()
+        await _finish_with(out, failure)
+        return out
+    await out.write_eof()
+    return out
+
+
+async def _finish_with(out: web.StreamResponse, error: GatewayError) -> None:
+    """End a started stream with one error event and close the connection: nothing follows."""
+    out.force_close()
+    try:
+        await asyncio.wait_for(out.write(error.to_sse()), 5)
+        await asyncio.wait_for(out.write_eof(), 5)
+    except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError):
+        pass
+
+
+def _client_gone(request: web.Request) -> bool:
+    tr = request.transport
+    return tr is None or tr.is_closing()
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int, route: Route,
+                       dog: Watchdog) -> bytes:
+    if resp.content_length is not None and resp.content_length > cap:
+        raise UpstreamBadResponse(route.alias)
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            chunk = await resp.content.readany()
+            if not chunk:
+                break
+            dog.touch()
+            size += len(chunk)
+            if size > cap:
+                raise UpstreamBadResponse(route.alias)
+            parts.append(chunk)
+    except asyncio.CancelledError:
+        if not dog.fired:
+            raise
+        dog.absorb()
+        raise UpstreamTimeout(route.alias, dog.phase) from None
+    except (aiohttp.ClientError, OSError):
+        raise UpstreamFailed(route.alias, "stopped in the middle of the response") from None
+    return b"".join(parts)
+
+
+async def _upstream_error(resp: aiohttp.ClientResponse, route: Route,
+                          dog: Watchdog) -> GatewayError:
+    """Map the upstream's 4xx/5xx to our envelope; its words are scrubbed before use."""
+    try:
+        raw = await _read_capped(resp, MAX_ERROR_BYTES, route, dog)
+    except UpstreamBadResponse:
+        raw = b""
+    text = _error_text(raw)
+    clean = scrub(text, alias=route.alias, model=route.model, upstream=route.upstream)
+    log.warning("upstream for %s answered %d", route.alias, resp.status)
+    if 400 <= resp.status < 500 and resp.status not in (401, 403, 407):
+        msg = f"Model '{route.alias}' rejected the request"
+        return UpstreamRejected(resp.status, f"{msg}: {clean}" if clean else f"{msg}.")
+    why = f"failed (upstream status {resp.status})"
+    err = UpstreamFailed(route.alias, why)
+    if clean:
+        err.message = f"Model '{route.alias}' {why}: {clean}"
+    return err
+
+
+def _error_text(raw: bytes) -> str:
+    """The message inside mlx's `{"error": "..."}`, OpenAI's `{"error": {"message": ...}}`, or
+    plain text."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")[:1000]
+    if isinstance(obj, dict):
+        e = obj.get("error", obj.get("detail", obj.get("message")))
+        if isinstance(e, dict):
+            e = e.get("message")
+        if isinstance(e, str):
+            return e
+    return ""
+
+
+def _upstream_key(route: Route) -> str | None:
+    if route.api_key_env is None:
+        return None
+    import os
+
+    return os.environ.get(route.api_key_env) or None
