@@ -28,7 +28,7 @@ from .errors import (
     NotFound,
 )
 from .headers import SERVER, request_id
-from .relay import Upstream, relay
+from .relay import OUTCOME, Upstream, relay
 from .reload import RoutesHolder
 
 log = logging.getLogger("maclustr.access")
@@ -38,6 +38,9 @@ KEYS = web.AppKey("keys", KeyRing)
 UPSTREAM = web.AppKey("upstream", Upstream)
 STARTED = web.AppKey("started", int)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
+RID = web.RequestKey("rid", str)
+ALIAS = web.RequestKey("alias", str)
+KEY_FP = web.RequestKey("key_fingerprint", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON = {"Content-Type": "application/json", "Server": SERVER}
@@ -75,7 +78,7 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Gatewa
 async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     start = time.perf_counter()
     rid = request_id(request.headers.get("X-Request-Id"))
-    request["rid"] = rid
+    request[RID] = rid
     try:
         resp = await handler(request)
     except GatewayError as e:
@@ -84,7 +87,7 @@ async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         resp = error_response(_from_http_exception(e, request))
     except (asyncio.CancelledError, ConnectionError):
         log.info("%s %s %s model=%s client gone after %.1f ms", rid, request.method,
-                 request.path, request.get("alias", "-"), (time.perf_counter() - start) * 1e3)
+                 request.path, request.get(ALIAS, "-"), (time.perf_counter() - start) * 1e3)
         raise
     except Exception:
         log.exception("%s %s %s failed", rid, request.method, request.path)
@@ -96,9 +99,9 @@ async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
             _cors(request, resp, origins)
     if log.isEnabledFor(logging.INFO):
         log.info("%s key=%s %s %s model=%s status=%d ms=%.1f outcome=%s", rid,
-                 request.get("key", "-"), request.method, request.path,
-                 request.get("alias", "-"), resp.status, (time.perf_counter() - start) * 1e3,
-                 request.get("outcome", "-"))
+                 request.get(KEY_FP, "-"), request.method, request.path,
+                 request.get(ALIAS, "-"), resp.status, (time.perf_counter() - start) * 1e3,
+                 request.get(OUTCOME, "-"))
     return resp
 
 
@@ -119,7 +122,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         if not request.app[KEYS].check(token):
             raise InvalidApiKey()
         assert token is not None
-        request["key"] = fingerprint(token)
+        request[KEY_FP] = fingerprint(token)
     return await handler(request)
 
 
@@ -149,10 +152,10 @@ def completions_handler(path: str) -> Handler:
         route = table.resolve(payload["model"])
         if route is None:
             raise ModelNotFound(payload["model"], table.aliases)
-        request["alias"] = route.alias
+        request[ALIAS] = route.alias
         stream = wants_stream(payload)
         body = upstream_body(payload, route.model)
-        return await relay(request, app[UPSTREAM], route, path, body, stream, request["rid"])
+        return await relay(request, app[UPSTREAM], route, path, body, stream, request[RID])
 
     return handle
 

@@ -32,6 +32,8 @@ from .sse import SSEError, SSERewriter, rewrite_body
 
 log = logging.getLogger("maclustr.relay")
 
+OUTCOME = web.RequestKey("outcome", str)  # for the access log: "done" or an error code
+
 MAX_UNARY_BYTES = 64 * 1024 * 1024  # a unary completion larger than this is not a completion
 MAX_ERROR_BYTES = 64 * 1024
 
@@ -188,7 +190,7 @@ async def relay_stream(request: web.Request, up: Upstream, resp: aiohttp.ClientR
         if _client_gone(request):
             raise
         failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
-    request["outcome"] = "done" if failure is None else failure.code
+    request[OUTCOME] = "done" if failure is None else failure.code
     if failure is not None:
         resp.close()
         await _finish_with(out, failure)

@@ -1,0 +1,293 @@
+"""Shared fixtures: fake and real upstreams, the gateway in-process and as a process, and a
+client that records every answer so the leak check can grep them all.
+
+Every test that talks to the gateway through `gw.client` gets, at teardown, a check that no
+answer (status line aside: headers and body) contains an internal id, upstream URL, host:port
+or model path of the routes it was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fake_mlx import Behavior, FakeMLX
+from real_mlx import free_port, start_mlx_server, stop, wait_healthy
+
+from maclustr.app import make_app
+from maclustr.auth import KeyRing
+from maclustr.config import RouteTable, parse_routes
+from maclustr.reload import RoutesHolder
+
+KEY = "test-key-alpha"
+KEY2 = "test-key-beta"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ROOT = Path(__file__).resolve().parent.parent
+
+__all__ = ["AUTH", "KEY", "KEY2", "Behavior", "FakeMLX"]
+
+
+def routes_yaml(upstreams: dict[str, str], extra: str = "", models: dict[str, str] | None = None
+                ) -> str:
+    """A routes file: alias -> upstream URL; internal ids look like real leaky paths."""
+    lines = [extra.rstrip(), "models:"] if extra else ["models:"]
+    for alias, url in upstreams.items():
+        model = (models or {}).get(alias, f"/Users/admin/models/internal-{alias}-id")
+        lines += [f"  {alias}:", f"    model: {json.dumps(model)}", f"    upstream: {url}",
+                  f"    description: Test model {alias}", "    parameters: 1B"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def events(self) -> list[bytes]:
+        """SSE frames without their blank line."""
+        return [f for f in self.body.split(b"\n\n") if f]
+
+    def data(self) -> list[Any]:
+        """Decoded `data:` payloads, `[DONE]` kept as the string."""
+        out: list[Any] = []
+        for f in self.events:
+            if f.startswith(b"data: "):
+                p = f[6:]
+                out.append("[DONE]" if p == b"[DONE]" else json.loads(p))
+        return out
+
+
+@dataclass
+class GatewayClient:
+    """HTTP client for the gateway that remembers every answer for the leak check."""
+
+    base: str
+    session: aiohttp.ClientSession
+    answers: list[Answer] = field(default_factory=list)
+
+    async def request(self, method: str, path: str, *, auth: bool = True,
+                      headers: dict[str, str] | None = None, json_body: Any = None,
+                      data: bytes | str | None = None, timeout: float = 30) -> Answer:
+        h = {**(AUTH if auth else {}), **(headers or {})}
+        if json_body is not None:
+            data = json.dumps(json_body)
+            h.setdefault("Content-Type", "application/json")
+        async with self.session.request(method, self.base + path, data=data, headers=h,
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            body = await r.read()
+            ans = Answer(r.status, dict(r.headers), body)
+        self.answers.append(ans)
+        return ans
+
+    async def post(self, path: str, body: Any = None, **kw: Any) -> Answer:
+        return await self.request("POST", path, json_body=body, **kw)
+
+    async def get(self, path: str, **kw: Any) -> Answer:
+        return await self.request("GET", path, **kw)
+
+    def record(self, ans: Answer) -> Answer:
+        self.answers.append(ans)
+        return ans
+
+
+def internal_strings(table: RouteTable) -> set[str]:
+    out: set[str] = set()
+    for r in table.routes:
+        parts = urlsplit(r.upstream)
+        out |= {r.model, r.upstream, parts.netloc, f":{parts.port}" if parts.port else ""}
+    out.discard("")
+    return out
+
+
+def assert_no_leaks(answers: list[Answer], secrets: set[str]) -> None:
+    for a in answers:
+        blob = a.body + json.dumps(a.headers).encode()
+        for s in secrets:
+            for form in {s.encode(), json.dumps(s)[1:-1].encode()}:
+                assert form not in blob, f"internal {s!r} leaked: {a.status} {blob[:300]!r}"
+
+
+@dataclass
+class Gateway:
+    url: str
+    client: GatewayClient
+    holder: RoutesHolder
+    app: web.Application
+    secrets: set[str]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeMLX]:
+    async with FakeMLX() as f:
+        yield f
+
+
+@pytest.fixture
+async def fake2() -> AsyncIterator[FakeMLX]:
+    async with FakeMLX() as f:
+        yield f
+
+
+@pytest.fixture
+async def make_gateway(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Any]:
+    """make_gateway(routes_text, keys=(KEY, KEY2)) -> Gateway, served in-process with the same
+    server options as `maclustr serve` (TestServer turns handler cancellation on)."""
+    made: list[Gateway] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def make(text: str, keys: tuple[str, ...] = (KEY, KEY2)) -> Gateway:
+        path = tmp_path / f"routes-{len(made)}.yaml"
+        path.write_text(text)
+        table = parse_routes(text, str(path))
+        holder = RoutesHolder(path, table)
+        app = make_app(holder, KeyRing(keys))
+        server = await aiohttp_server(app, max_field_size=32768,
+                                      max_line_size=32768)
+        url = str(server.make_url("")).rstrip("/")
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        gw = Gateway(url, GatewayClient(url, session), holder, app, internal_strings(table))
+        made.append(gw)
+        return gw
+
+    yield make
+    for s in sessions:
+        await s.close()
+    for gw in made:
+        assert_no_leaks(gw.client.answers, gw.secrets | internal_strings(gw.holder.current))
+
+
+@pytest.fixture
+async def gateway(make_gateway: Any, fake: FakeMLX) -> Gateway:
+    """One gateway with two aliases, both on `fake`."""
+    gw: Gateway = await make_gateway(routes_yaml({"maclustr-coder": fake.url,
+                                                  "maclustr-fast": fake.url}))
+    return gw
+
+
+# --- the gateway as users run it: a process -------------------------------------------------
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited early with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"gateway not healthy at {url} within {timeout}s")
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[Any]:
+    """start(routes_path, *extra_args, env=None) -> GatewayProcess running `python -m maclustr
+    serve` on a free port; every process started is stopped by PID at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(routes: Path, *extra: str, env: dict[str, str] | None = None,
+              wait: bool = True) -> GatewayProcess:
+        port = free_port()
+        log = tmp_path / f"gateway-{port}.log"
+        e = {**os.environ, "MACLUSTR_API_KEY": f"{KEY},{KEY2}", **(env or {})}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "maclustr", "serve", "--routes", str(routes),
+             "--port", str(port), *extra],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=e, cwd=str(ROOT),
+        )
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        if wait:
+            _wait_http(url, proc)
+        return GatewayProcess(proc, url, log)
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait(5)
+
+
+# --- the real upstream ----------------------------------------------------------------------
+
+
+@dataclass
+class RealMLX:
+    url: str
+    models: dict[str, Path]  # alias -> tiny model dir (the internal id)
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def real_mlx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealMLX]:
+    """One real mlx_lm.server on loopback for the whole session, with two tiny models: it
+    loads whichever model directory a request names."""
+    from tiny_model import make_tiny_model
+
+    base = tmp_path_factory.mktemp("mlx")
+    models = {"maclustr-coder": make_tiny_model(base / "tiny-coder", seed=1),
+              "maclustr-fast": make_tiny_model(base / "tiny-fast", seed=2)}
+    port = free_port()
+    log = base / "mlx.log"
+    proc = start_mlx_server(models["maclustr-coder"], port, log)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", timeout=90, proc=proc)
+        yield RealMLX(f"http://127.0.0.1:{port}", models, log)
+    finally:
+        stop(proc)
+
+
+def real_routes(real: RealMLX) -> str:
+    return routes_yaml({a: real.url for a in real.models},
+                       models={a: str(p) for a, p in real.models.items()})
+
+
+def dedent(s: str) -> str:
+    return textwrap.dedent(s).lstrip("\n")
+
+
+async def wait_for(pred: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
+    """Eventually-style assert: poll `pred()` until true or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
