@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from . import health
@@ -30,6 +29,7 @@ from .errors import (
 from .headers import SERVER, request_id
 from .relay import OUTCOME, Upstream, relay
 from .reload import RoutesHolder
+from .upstream import Client
 
 log = logging.getLogger("maclustr.access")
 
@@ -79,8 +79,12 @@ async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     start = time.perf_counter()
     rid = request_id(request.headers.get("X-Request-Id"))
     request[RID] = rid
+    resp: web.StreamResponse
     try:
-        resp = await handler(request)
+        if request.method == "OPTIONS":  # CORS preflight, for any path, without auth
+            resp = web.Response(status=204, headers={"Server": SERVER})
+        else:
+            resp = await handler(request)
     except GatewayError as e:
         resp = error_response(e)
     except web.HTTPException as e:
@@ -186,13 +190,9 @@ async def get_model(request: web.Request) -> web.Response:
 async def get_health(request: web.Request) -> web.Response:
     table = request.app[ROUTES].current
     if request.query.get("deep", "").lower() in ("1", "true", "yes"):
-        report = await health.deep(table, request.app[UPSTREAM].session)
+        report = await health.deep(table, request.app[UPSTREAM].client)
         return json_response(report, status=200 if report["status"] == "ok" else 503)
     return json_response(health.shallow(table))
-
-
-async def preflight(request: web.Request) -> web.Response:
-    return web.Response(status=204, headers={"Server": SERVER})
 
 
 def make_app(holder: RoutesHolder, keys: KeyRing) -> web.Application:
@@ -202,25 +202,19 @@ def make_app(holder: RoutesHolder, keys: KeyRing) -> web.Application:
     app[KEYS] = keys
     app[STARTED] = int(time.time())
     app[SHUTTING_DOWN] = asyncio.Event()
-    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_upstream_client)
     app.router.add_post("/v1/chat/completions", completions_handler("/v1/chat/completions"))
     app.router.add_post("/v1/completions", completions_handler("/v1/completions"))
     app.router.add_get("/v1/models", list_models, allow_head=False)
     app.router.add_get("/v1/models/{model:.+}", get_model, allow_head=False)
     app.router.add_get("/health", get_health)
-    app.router.add_route("OPTIONS", "/{tail:.*}", preflight)
     return app
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    # mlx_lm.server closes every connection (HTTP/1.0); HTTP/1.1 upstreams get a keep-alive
-    # pool. No total limit: concurrency control belongs to the routes, not the pool.
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=10,
-                                     enable_cleanup_closed=False)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                    skip_auto_headers=("User-Agent",), trust_env=False)
-    app[UPSTREAM] = Upstream(session=session, shutting_down=app[SHUTTING_DOWN])
+async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
+    client = Client()
+    app[UPSTREAM] = Upstream(client=client, shutting_down=app[SHUTTING_DOWN])
     try:
         yield
     finally:
-        await session.close()
+        client.close()

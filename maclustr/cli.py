@@ -40,9 +40,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a routes file and print its alias table")
     check.add_argument("--routes", default="routes.yaml", help="routes file (default: %(default)s)")
 
+    plists = sub.add_parser("plists", help="render the launchd plists of one node")
+    plists.add_argument("--node", required=True, help="node name from routes.yaml's nodes:")
+    plists.add_argument("--out", required=True, help="directory to write <label>.plist into")
+    plists.add_argument("--routes", default="routes.yaml",
+                        help="routes file (default: %(default)s)")
+
     args = parser.parse_args(argv)
     if args.command == "check":
         return run_check(args.routes)
+    if args.command == "plists":
+        return run_plists(args.routes, args.node, args.out)
     return run_serve(args)
 
 
@@ -52,8 +60,49 @@ def run_check(path: str) -> int:
     except ConfigError as e:
         print(f"maclustr check: {e}", file=sys.stderr)
         return 1
-    print(format_table(table))
+    if table.nodes:
+        from .cluster import plan_cluster
+
+        try:
+            plans = plan_cluster(table)
+        except ConfigError as e:
+            print(f"maclustr check: {path}: {e.message}", file=sys.stderr)
+            return 1
+        print(format_table(table))
+        for p in plans:
+            gw = [f"gateway :{p.gateway_port}"] if p.gateway else []
+            print(f"node {p.node.name} ({p.ssh}): "
+                  + ", ".join(gw + [f"{s.alias} :{s.port}" for s in p.services]))
+    else:
+        print(format_table(table))
     print(f"{path}: OK, {len(table.routes)} models")
+    return 0
+
+
+def run_plists(path: str, node: str, out: str) -> int:
+    """Write the node's plists into `out`, removing io.maclustr.* plists no longer rendered,
+    so the directory is exactly what the node should run."""
+    from pathlib import Path
+
+    from .cluster import plan_for
+    from .plists import render_node
+
+    try:
+        table = load_routes(path)
+        files = render_node(plan_for(table, node), table.settings.shutdown_grace)
+    except ConfigError as e:
+        print(f"maclustr plists: {path}: {e.message}", file=sys.stderr)
+        return 1
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    for old in d.glob("io.maclustr.*.plist"):
+        if old.name not in files:
+            old.unlink()
+    for name, data in files.items():
+        target = d / name
+        if not target.exists() or target.read_bytes() != data:
+            target.write_bytes(data)
+        print(target)
     return 0
 
 

@@ -10,20 +10,26 @@ import asyncio
 import time
 from typing import Any
 
-import aiohttp
-
 from .config import RouteTable
+from .upstream import Client
 
 
-async def ping(session: aiohttp.ClientSession, base: str, timeout: float) -> tuple[bool, float]:
+async def ping(client: Client, base: str, timeout: float) -> tuple[bool, float]:
     """(reachable and answering 200, latency in ms) for one upstream's GET /health."""
     start = time.perf_counter()
+
+    async def get() -> bool:
+        resp = await client.request("GET", base, "/health", b"", {"Accept": "application/json"})
+        try:
+            while await resp.read():
+                pass
+            return resp.status == 200
+        finally:
+            resp.close()
+
     try:
-        async with session.get(base + "/health", timeout=aiohttp.ClientTimeout(total=timeout),
-                               allow_redirects=False) as r:
-            await r.read()
-            ok = r.status == 200
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
+        ok = await asyncio.wait_for(get(), timeout)
+    except (OSError, asyncio.TimeoutError, ValueError):
         ok = False
     return ok, round((time.perf_counter() - start) * 1000, 1)
 
@@ -32,10 +38,10 @@ def shallow(table: RouteTable) -> dict[str, Any]:
     return {"status": "ok", "models": list(table.aliases)}
 
 
-async def deep(table: RouteTable, session: aiohttp.ClientSession) -> dict[str, Any]:
+async def deep(table: RouteTable, client: Client) -> dict[str, Any]:
     timeout = table.settings.health_timeout
     bases = table.upstreams
-    results = await asyncio.gather(*(ping(session, b, timeout) for b in bases))
+    results = await asyncio.gather(*(ping(client, b, timeout) for b in bases))
     by_base = dict(zip(bases, results, strict=True))
     models = {}
     for r in table.routes:

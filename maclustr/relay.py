@@ -10,11 +10,12 @@ connection is closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from .config import Route
@@ -28,7 +29,8 @@ from .errors import (
     scrub,
 )
 from .headers import SERVER, SSE_HEADERS, upstream_headers
-from .sse import SSEError, SSERewriter, rewrite_body
+from .sse import SSEError, SSERewriter, rewrite_json
+from .upstream import Client, Response
 
 log = logging.getLogger("maclustr.relay")
 
@@ -88,10 +90,10 @@ class Watchdog:
 
 @dataclass(frozen=True)
 class Upstream:
-    """What one relay needs besides the route: the shared session and whether we are
+    """What one relay needs besides the route: the shared client and whether we are
     shutting down (a cancellation then is a shutdown, reported in-band)."""
 
-    session: aiohttp.ClientSession
+    client: Client
     shutting_down: asyncio.Event
 
 
@@ -99,31 +101,29 @@ async def relay(request: web.Request, up: Upstream, route: Route, path: str, bod
                 stream: bool, rid: str) -> web.StreamResponse:
     """Send `body` to `route`'s server at `path` and answer the client."""
     t = route.timeouts
-    dog = Watchdog(t.connect + t.first_byte, "waiting for the first byte")
+    dog = Watchdog(t.connect, "connect")
     try:
         try:
-            resp = await up.session.post(
-                route.upstream + path,
-                data=body,
-                headers=upstream_headers(rid, _upstream_key(route)),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect),
-                allow_redirects=False,
-            )
+            resp = await up.client.request(
+                "POST", route.upstream, path, body, upstream_headers(rid, _upstream_key(route)),
+                on_connected=lambda: dog.rearm(t.first_byte, "waiting for the first byte"))
         except asyncio.CancelledError:
             if not dog.fired:
                 raise
             dog.absorb()
+            if dog.phase == "connect":
+                raise UpstreamFailed(route.alias, "did not accept a connection in time") from None
             raise UpstreamTimeout(route.alias, dog.phase) from None
-        except (aiohttp.ClientError, OSError, ValueError) as e:
+        except (OSError, ValueError) as e:  # UpstreamError is an OSError
             log.warning("%s upstream for %s unreachable: %s", rid, route.alias, type(e).__name__)
             raise UpstreamFailed(route.alias) from None
-        async with resp:
+        try:
             dog.rearm(t.idle, "idle between bytes")
-            ctype = resp.content_type
             if resp.status >= 400:
                 raise await _upstream_error(resp, route, dog)
             if resp.status != 200:
                 raise UpstreamBadResponse(route.alias)
+            ctype = resp.content_type
             if ctype == "text/event-stream":
                 if not stream:
                     raise UpstreamBadResponse(route.alias)
@@ -131,15 +131,16 @@ async def relay(request: web.Request, up: Upstream, route: Route, path: str, bod
             if stream or ctype != "application/json":
                 raise UpstreamBadResponse(route.alias)
             return await relay_unary(resp, route, rid, dog)
+        finally:
+            resp.close()  # mid-body this drops the socket: the server stops generating
     finally:
         dog.stop()
 
 
-async def relay_unary(resp: aiohttp.ClientResponse, route: Route, rid: str,
-                      dog: Watchdog) -> web.Response:
+async def relay_unary(resp: Response, route: Route, rid: str, dog: Watchdog) -> web.Response:
     data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
     try:
-        out = rewrite_body(data, route.model_echo, route.alias_echo, route.alias)
+        out = rewrite_json(data, route.alias)
     except SSEError:
         raise UpstreamBadResponse(route.alias) from None
     if out[:1] != b"{":
@@ -148,28 +149,29 @@ async def relay_unary(resp: aiohttp.ClientResponse, route: Route, rid: str,
                                            "X-Request-Id": rid, "Server": SERVER})
 
 
-async def relay_stream(request: web.Request, up: Upstream, resp: aiohttp.ClientResponse,
-                       route: Route, rid: str, dog: Watchdog) -> web.StreamResponse:
+async def relay_stream(request: web.Request, up: Upstream, resp: Response, route: Route,
+                       rid: str, dog: Watchdog) -> web.StreamResponse:
     """Relay an event stream: each read's complete events are rewritten and written at once.
 
     Backpressure: `out.write` waits while the client is slow, and we do not read upstream
-    meanwhile, so aiohttp stops reading the upstream socket (bounded memory per stream).
+    meanwhile, so the upstream socket is paused (bounded memory per stream).
     """
     out = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": rid})
     await out.prepare(request)
     rewriter = SSERewriter(route.model_echo, route.alias_echo, route.alias)
     failure: GatewayError | None = None
-    content = resp.content
+    read = resp.read
+    write = out.write
     touch = dog.touch
     try:
         while True:
-            chunk = await content.readany()
+            chunk = await read()
             if not chunk:
                 break
             touch()
             data = rewriter.feed(chunk)
             if data:
-                await out.write(data)
+                await write(data)
                 touch()
             if rewriter.done:
                 break
@@ -180,33 +182,33 @@ async def relay_stream(request: web.Request, up: Upstream, resp: aiohttp.ClientR
             dog.absorb()
             failure = UpstreamTimeout(route.alias, dog.phase)
         elif up.shutting_down.is_set() and not _client_gone(request):
-            await _finish_with(out, ShuttingDown())
+            await _finish_with(request, out, ShuttingDown())
             raise
         else:
             raise
     except SSEError:
         failure = UpstreamBadResponse(route.alias)
-    except (aiohttp.ClientError, OSError):
+    except OSError:
         if _client_gone(request):
             raise
         failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
     request[OUTCOME] = "done" if failure is None else failure.code
     if failure is not None:
-        resp.close()
-        await _finish_with(out, failure)
+        await _finish_with(request, out, failure)
         return out
     await out.write_eof()
     return out
 
 
-async def _finish_with(out: web.StreamResponse, error: GatewayError) -> None:
-    """End a started stream with one error event and close the connection: nothing follows."""
-    out.force_close()
-    try:
+async def _finish_with(request: web.Request, out: web.StreamResponse,
+                       error: GatewayError) -> None:
+    """End a started stream with one error event, then close the connection without the
+    chunked terminator: nothing follows the error, and no client mistakes the connection
+    for reusable or the body for complete (Go's ErrAbortHandler, in effect)."""
+    with contextlib.suppress(OSError, asyncio.TimeoutError, RuntimeError):
         await asyncio.wait_for(out.write(error.to_sse()), 5)
-        await asyncio.wait_for(out.write_eof(), 5)
-    except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError):
-        pass
+    if request.transport is not None:
+        request.transport.close()  # flushes what is buffered, then closes
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -214,15 +216,14 @@ def _client_gone(request: web.Request) -> bool:
     return tr is None or tr.is_closing()
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int, route: Route,
-                       dog: Watchdog) -> bytes:
+async def _read_capped(resp: Response, cap: int, route: Route, dog: Watchdog) -> bytes:
     if resp.content_length is not None and resp.content_length > cap:
         raise UpstreamBadResponse(route.alias)
     parts: list[bytes] = []
     size = 0
     try:
         while True:
-            chunk = await resp.content.readany()
+            chunk = await resp.read()
             if not chunk:
                 break
             dog.touch()
@@ -235,13 +236,12 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int, route: Route,
             raise
         dog.absorb()
         raise UpstreamTimeout(route.alias, dog.phase) from None
-    except (aiohttp.ClientError, OSError):
+    except OSError:
         raise UpstreamFailed(route.alias, "stopped in the middle of the response") from None
     return b"".join(parts)
 
 
-async def _upstream_error(resp: aiohttp.ClientResponse, route: Route,
-                          dog: Watchdog) -> GatewayError:
+async def _upstream_error(resp: Response, route: Route, dog: Watchdog) -> GatewayError:
     """Map the upstream's 4xx/5xx to our envelope; its words are scrubbed before use."""
     try:
         raw = await _read_capped(resp, MAX_ERROR_BYTES, route, dog)
@@ -277,8 +277,7 @@ def _error_text(raw: bytes) -> str:
 
 
 def _upstream_key(route: Route) -> str | None:
+    """Read at request time, so rotating the upstream's key needs no gateway restart."""
     if route.api_key_env is None:
         return None
-    import os
-
     return os.environ.get(route.api_key_env) or None

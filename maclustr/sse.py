@@ -11,84 +11,69 @@ provably gives the same object as a real JSON rewrite:
   brace and them (so the key sits at the top level: a key cannot be inside a string, because
   quotes inside JSON strings are escaped).
 
-Anything else (comments aside, which pass through untouched) takes the JSON path. Frames are
+The same holds for `"system_fingerprint"`, which mlx fills with the node's OS, kernel and
+libc: it is learned from the first event (JSON path) and then spliced to an opaque token.
+Anything else (comments aside, which pass through untouched) takes the JSON path. A frame
+that holds the expected bytes but is not valid JSON elsewhere is relayed as it came: checking
+would cost a full decode per event, and mlx only ever writes `json.dumps` output. Frames are
 split on blank lines ourselves, never by line reads, so one event may span many reads and one
 read may carry many events.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 DONE = b"data: [DONE]"
 _DATA_OBJ = b"data: {"
 _MODEL_KEY = b'"model"'
+_FP_KEY = b'"system_fingerprint"'
 
 
 class SSEError(ValueError):
     """The upstream's event stream cannot be relayed (not JSON, or an event too large)."""
 
 
-def _spliceable(frame: bytes, echo: bytes, start: int) -> int:
-    """Index of `echo` in `frame` when the byte splice is exact, else -1."""
-    pos = frame.find(echo, start)
-    if pos < 0 or frame.count(_MODEL_KEY) != 1 or frame.find(b"{", start, pos) >= 0:
-        return -1
-    return pos
+def mask_fingerprint(value: str) -> str:
+    """mlx's `system_fingerprint` names the node's OS, kernel and libc. Clients get a stable
+    opaque token instead: it still changes when the backend changes, as OpenAI's does."""
+    return "fp_" + hashlib.sha256(value.encode()).hexdigest()[:12]
+
+
+def rewrite_obj(obj: object, alias: str) -> bool:
+    """Set the top-level `model` (only if present) and mask `system_fingerprint`; True if
+    `obj` is a dict (the only shape we change)."""
+    if not isinstance(obj, dict):
+        return False
+    if "model" in obj:
+        obj["model"] = alias
+    fp = obj.get("system_fingerprint")
+    if isinstance(fp, str):
+        obj["system_fingerprint"] = mask_fingerprint(fp)
+    return True
 
 
 def rewrite_json(payload: bytes, alias: str) -> bytes:
-    """The reference rewrite: decode, set the top-level `model` (only if present), encode.
+    """The reference rewrite of one JSON document (see `rewrite_obj`).
 
     Raises SSEError when `payload` is not JSON.
     """
     try:
         obj = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise SSEError("event data is not JSON") from None
-    if isinstance(obj, dict) and "model" in obj:
-        obj["model"] = alias
+    if rewrite_obj(obj, alias):
         return json.dumps(obj).encode()
     return payload
 
 
-def rewrite_body(body: bytes, echo: bytes, alias_echo: bytes, alias: str) -> bytes:
-    """Rewrite a unary JSON response's top-level `model`. Raises SSEError if it is not JSON."""
-    if body[:1] == b"{":
-        pos = _spliceable(body, echo, 1)
-        if pos > 0:
-            try:
-                json.loads(body)  # still refuse a broken body, as the JSON path would
-            except ValueError:
-                raise SSEError("response is not JSON") from None
-            return body[:pos] + alias_echo + body[pos + len(echo):]
-    return rewrite_json(body, alias)
+def rewrite_body(body: bytes, alias: str) -> bytes:
+    """Rewrite a unary JSON response. Raises SSEError if it is not JSON.
 
-
-def rewrite_event(frame: bytes, alias: str) -> bytes:
-    """The general path for one frame (without its blank line): any SSE field layout.
-
-    Comments and non-data fields are kept; the data lines are joined (SSE rule), rewritten
-    with `rewrite_json`, and written back as one `data:` line in place of the first.
+    Always the JSON path: one body per request, and decoding it is the validation we need.
     """
-    lines = frame.split(b"\n")
-    data: list[bytes] = []
-    first = -1
-    for i, line in enumerate(lines):
-        if line.startswith(b"data:"):
-            value = line[5:]
-            data.append(value[1:] if value[:1] == b" " else value)
-            if first < 0:
-                first = i
-    if first < 0:
-        return frame
-    payload = b"\n".join(data)
-    if payload == b"[DONE]":
-        return frame
-    new = b"data: " + rewrite_json(payload, alias)
-    kept = [line for i, line in enumerate(lines) if i == first or not line.startswith(b"data:")]
-    kept[kept.index(lines[first])] = new
-    return b"\n".join(kept)
+    return rewrite_json(body, alias)
 
 
 def _is_done(frame: bytes) -> bool:
@@ -108,13 +93,16 @@ class SSERewriter:
     everything else is ignored. Memory is bounded by `max_event` bytes of incomplete event.
     """
 
-    __slots__ = ("_alias", "_alias_echo", "_cr", "_echo", "_tail", "done", "max_event")
+    __slots__ = ("_alias", "_alias_echo", "_cr", "_echo", "_fp", "_fp_repl", "_tail", "done",
+                 "max_event")
 
     def __init__(self, echo: bytes, alias_echo: bytes, alias: str,
                  max_event: int = 8 * 1024 * 1024) -> None:
         self._echo = echo
         self._alias_echo = alias_echo
         self._alias = alias
+        self._fp: bytes | None = None  # learned from the first event that carries it
+        self._fp_repl = b""
         self._tail = b""
         self._cr = False
         self.done = False
@@ -128,10 +116,10 @@ class SSERewriter:
     def feed(self, data: bytes) -> bytes:
         if self.done:
             return b""
-        if self._tail:
-            data = self._tail + data
         if self._cr or b"\r" in data:
             data = self._normalize(data)
+        if self._tail:
+            data = self._tail + data
         end = data.rfind(b"\n\n")
         if end < 0:
             if len(data) > self.max_event:
@@ -154,39 +142,88 @@ class SSERewriter:
             data = data[:-1]
         return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
+    def _spliceable(self, frame: bytes) -> bool:
+        """Whether byte replacement of the echo (and the learned fingerprint) in this
+        `data: {...}` frame equals the JSON rewrite (see the module docstring)."""
+        pos = frame.find(self._echo, 7)
+        if pos < 0 or frame.count(_MODEL_KEY) != 1 or frame.find(b"{", 7, pos) >= 0:
+            return False
+        if self._fp is None:
+            return _FP_KEY not in frame
+        return frame.count(_FP_KEY) == 1 and frame.find(self._fp, 7, pos) > 0
+
+    def _splice(self, block: bytes) -> bytes:
+        out = block.replace(self._echo, self._alias_echo)
+        return out.replace(self._fp, self._fp_repl) if self._fp is not None else out
+
     def _rewrite_block(self, block: bytes) -> bytes:
         """`block` is one or more complete frames joined by blank lines, without the last one."""
-        echo = self._echo
         frames = block.split(b"\n\n")
-        splice = True
         for i, frame in enumerate(frames):
             if frame[:7] == _DATA_OBJ:
-                if frame.find(b"\n") < 0 and _spliceable(frame, echo, 7) > 0:
+                if b"\n" not in frame and self._spliceable(frame):
                     continue
             elif frame[:1] == b":" and b"\n" not in frame:
-                if echo not in frame:
+                if self._echo not in frame and (self._fp is None or self._fp not in frame):
                     continue  # a comment such as ": keepalive 3/40"
             elif _is_done(frame):
                 self.done = True
                 del frames[i + 1:]
-                if splice:
-                    return (b"\n\n".join(frames).replace(echo, self._alias_echo)
-                            if i else frame) + b"\n\n"
-                break
-            splice = False
-        if splice:
-            return block.replace(echo, self._alias_echo) + b"\n\n"
-        alias = self._alias
+                if i == 0:
+                    return frame + b"\n\n"
+                return self._splice(b"\n\n".join(frames)) + b"\n\n"
+            return self._rewrite_slow(frames)
+        return self._splice(block) + b"\n\n"
+
+    def _rewrite_slow(self, frames: list[bytes]) -> bytes:
         out = []
         for frame in frames:
-            if frame[:7] == _DATA_OBJ and b"\n" not in frame:
-                pos = _spliceable(frame, echo, 7)
-                if pos > 0:
-                    out.append(frame[:pos] + self._alias_echo + frame[pos + len(echo):])
-                else:
-                    out.append(b"data: " + rewrite_json(frame[6:], alias))
+            if frame[:7] == _DATA_OBJ and b"\n" not in frame and self._spliceable(frame):
+                out.append(self._splice(frame))
             elif frame[:1] == b":" and b"\n" not in frame:
+                out.append(self._splice(frame))  # comments never show an internal id
+            elif _is_done(frame):
+                self.done = True
                 out.append(frame)
+                break
             else:
-                out.append(rewrite_event(frame, alias))
+                out.append(self._rewrite_event(frame))
         return b"\n\n".join(out) + b"\n\n"
+
+    def _rewrite_event(self, frame: bytes) -> bytes:
+        """The JSON path for one event; learns the upstream's fingerprint on the way."""
+        lines = frame.split(b"\n")
+        data: list[bytes] = []
+        first = -1
+        for i, line in enumerate(lines):
+            if line.startswith(b"data:"):
+                value = line[5:]
+                data.append(value[1:] if value[:1] == b" " else value)
+                if first < 0:
+                    first = i
+        if first < 0:
+            return self._splice(frame)  # comments and other fields only
+        try:
+            obj = json.loads(b"\n".join(data))
+        except (ValueError, RecursionError):
+            raise SSEError("event data is not JSON") from None
+        if not rewrite_obj_learning(obj, self._alias, self):
+            return frame
+        new = b"data: " + json.dumps(obj).encode()
+        kept = [new if i == first else self._splice(line) for i, line in enumerate(lines)
+                if i == first or not line.startswith(b"data:")]
+        return b"\n".join(kept)
+
+    def learn(self, fingerprint: str) -> None:
+        if self._fp is None:
+            key = b'"system_fingerprint": '
+            self._fp = key + json.dumps(fingerprint).encode()
+            self._fp_repl = key + json.dumps(mask_fingerprint(fingerprint)).encode()
+
+
+def rewrite_obj_learning(obj: object, alias: str, rewriter: SSERewriter) -> bool:
+    if isinstance(obj, dict):
+        fp = obj.get("system_fingerprint")
+        if isinstance(fp, str):
+            rewriter.learn(fp)
+    return rewrite_obj(obj, alias)

@@ -61,6 +61,7 @@ class Answer:
     status: int
     headers: dict[str, str]
     body: bytes
+    complete: bool = True  # False when the connection closed before the body's end
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -74,8 +75,10 @@ class Answer:
         """Decoded `data:` payloads, `[DONE]` kept as the string."""
         out: list[Any] = []
         for f in self.events:
-            if f.startswith(b"data: "):
-                p = f[6:]
+            lines = [ln[5:].removeprefix(b" ") for ln in f.split(b"\n")
+                     if ln.startswith(b"data:")]
+            if lines:
+                p = b"\n".join(lines)
                 out.append("[DONE]" if p == b"[DONE]" else json.loads(p))
         return out
 
@@ -97,8 +100,14 @@ class GatewayClient:
             h.setdefault("Content-Type", "application/json")
         async with self.session.request(method, self.base + path, data=data, headers=h,
                                         timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            body = await r.read()
-            ans = Answer(r.status, dict(r.headers), body)
+            parts: list[bytes] = []
+            complete = True
+            try:
+                async for chunk in r.content.iter_any():
+                    parts.append(chunk)
+            except aiohttp.ClientPayloadError:
+                complete = False  # a stream the gateway aborted after its error event
+            ans = Answer(r.status, dict(r.headers), b"".join(parts), complete)
         self.answers.append(ans)
         return ans
 

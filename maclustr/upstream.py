@@ -1,0 +1,458 @@
+"""A minimal HTTP/1.1 client for the model servers, on a bare asyncio Protocol.
+
+Why not aiohttp's ClientSession: profiling the gateway under load showed ~37% of its CPU in
+the client's per-request machinery (happy-eyeballs connect, request object, header writer)
+for what is one write of pre-built bytes and a small response parser here. mlx_lm.server
+closes every connection (HTTP/1.0), so the connect path is on every request.
+
+What it speaks: one request per connection at a time; responses delimited by Content-Length,
+chunked transfer coding, or connection close (mlx). Connections that end a response cleanly
+with keep-alive semantics go back to a small per-server pool. Reading is flow-controlled:
+past `HIGH_WATER` unread bytes the socket is paused, so a slow client stalls the upstream
+instead of growing a buffer.
+
+Timeouts are not handled here: the relay's Watchdog cancels the awaiting task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
+
+HIGH_WATER = 256 * 1024
+MAX_HEAD = 64 * 1024
+POOL_PER_SERVER = 32
+IDLE_POOL_SECONDS = 30.0
+DNS_TTL = 10.0
+
+
+class UpstreamError(ConnectionError):
+    """The server could not be reached, or broke the HTTP exchange."""
+
+
+class _Target:
+    """A parsed base URL, computed once per route upstream string."""
+
+    __slots__ = ("host", "host_header", "is_ip", "port", "ssl")
+
+    def __init__(self, base: str) -> None:
+        parts = urlsplit(base)
+        self.ssl = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.ssl else 80)
+        default = (self.ssl and self.port == 443) or (not self.ssl and self.port == 80)
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = shown if default else f"{shown}:{self.port}"
+        self.is_ip = _is_ip(self.host)
+
+
+class Response:
+    """One upstream response. `read()` returns the next body bytes, b"" at the end."""
+
+    __slots__ = ("_conn", "content_length", "content_type", "headers", "status")
+
+    def __init__(self, conn: _Conn, status: int, headers: dict[str, str]) -> None:
+        self._conn = conn
+        self.status = status
+        self.headers = headers
+        ctype = headers.get("content-type", "")
+        self.content_type = ctype.split(";", 1)[0].strip().lower()
+        cl = headers.get("content-length")
+        self.content_length = int(cl) if cl is not None and cl.isdigit() else None
+
+    async def read(self) -> bytes:
+        return await self._conn.read_body()
+
+    def close(self) -> None:
+        """Drop the connection unless the response was read completely and may be reused."""
+        self._conn.finish()
+
+
+class _Conn(asyncio.Protocol):
+    """One connection's state: response head, body framing, buffered body, waiter."""
+
+    def __init__(self, client: Client, key: tuple[str, int, bool]) -> None:
+        self._client = client
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._head = b""
+        self._head_waiter: asyncio.Future[Response] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._buf: list[bytes] = []
+        self._buffered = 0
+        self._paused = False
+        self._exc: BaseException | None = None
+        self._lost = False
+        self._got_bytes = False
+        self.response: Response | None = None
+        # body framing: remaining Content-Length, or chunked state, or close-delimited
+        self._remaining: int | None = None
+        self._chunked: _Dechunker | None = None
+        self._body_done = False
+        self._keep_alive = False
+        self.idle_since = 0.0
+
+    # --- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        if self.response is None:
+            self._on_head_bytes(data)
+            return
+        self._on_body(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._client.forget(self)
+        if self.response is None:
+            self._fail(UpstreamError("connection closed before a response"))
+            return
+        if not self._body_done:
+            if self._remaining is None and self._chunked is None:
+                self._body_done = True  # close-delimited body: EOF is the end (HTTP/1.0, mlx)
+            else:
+                self._exc = UpstreamError("connection closed in the middle of the body")
+        self._wake()
+
+    def pause_writing(self) -> None:  # requests are small; nothing to do
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # --- parsing --------------------------------------------------------------------------
+
+    def _on_head_bytes(self, data: bytes) -> None:
+        head = self._head + data if self._head else data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_HEAD:
+                self._fail(UpstreamError("response head too large"))
+            self._head = head
+            return
+        self._head = b""
+        try:
+            status, headers, http10 = _parse_head(head[:end])
+        except ValueError:
+            self._fail(UpstreamError("malformed response head"))
+            return
+        if 100 <= status < 200:  # interim response: skip it, wait for the real one
+            rest = head[end + 4:]
+            if rest:
+                self._on_head_bytes(rest)
+            return
+        resp = Response(self, status, headers)
+        self.response = resp
+        te = headers.get("transfer-encoding", "").lower()
+        conn_hdr = headers.get("connection", "").lower()
+        if "chunked" in te:
+            self._chunked = _Dechunker()
+        elif resp.content_length is not None:
+            self._remaining = resp.content_length
+        elif "content-length" in headers:
+            self._fail(UpstreamError("bad Content-Length"))
+            return
+        self._keep_alive = (not http10 and "close" not in conn_hdr
+                            and (self._chunked is not None or self._remaining is not None))
+        if status in (204, 304):
+            self._remaining = 0
+        if self._remaining == 0:
+            self._body_done = True
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(resp)
+        rest = head[end + 4:]
+        if rest:
+            self._on_body(rest)
+
+    def _on_body(self, data: bytes) -> None:
+        if self._body_done:
+            return  # bytes after the end of a delimited body: ignore, the conn is not reused
+        if self._chunked is not None:
+            try:
+                data, done = self._chunked.feed(data)
+            except ValueError:
+                self._exc = UpstreamError("malformed chunked body")
+                self._wake()
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            if done:
+                self._body_done = True
+        elif self._remaining is not None:
+            if len(data) >= self._remaining:
+                data = data[: self._remaining]
+                self._remaining = 0
+                self._body_done = True
+            else:
+                self._remaining -= len(data)
+        if data:
+            self._buf.append(data)
+            self._buffered += len(data)
+            if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._exc = exc
+        w = self._head_waiter
+        if w is not None and not w.done():
+            w.set_exception(exc)
+        self._wake()
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+
+    # --- consumer side --------------------------------------------------------------------
+
+    async def send(self, request: bytes) -> Response:
+        assert self.transport is not None
+        self._head_waiter = self._loop.create_future()
+        self.transport.write(request)
+        try:
+            return await self._head_waiter
+        except BaseException:  # cancelled (client gone, timeout) or failed: drop the socket
+            self.transport.abort()
+            raise
+
+    async def read_body(self) -> bytes:
+        while True:
+            if self._buf:
+                buf = self._buf
+                data = buf[0] if len(buf) == 1 else b"".join(buf)
+                self._buf = []
+                self._buffered = 0
+                if self._paused and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                return data
+            if self._exc is not None:
+                raise self._exc
+            if self._body_done or self._lost:
+                return b""
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def finish(self) -> None:
+        """Return to the pool if the exchange completed cleanly, else drop the socket."""
+        tr = self.transport
+        if tr is None or self._lost:
+            return
+        if self._body_done and self._keep_alive and not self._buf and self._exc is None:
+            self._reset_for_reuse()
+            self._client.release(self)
+        else:
+            tr.abort()  # mid-body: the server must see the close (stop generating)
+
+    def _reset_for_reuse(self) -> None:
+        self.response = None
+        self._head_waiter = None
+        self._remaining = None
+        self._chunked = None
+        self._body_done = False
+        self._keep_alive = False
+        self._got_bytes = False
+        self.idle_since = time.monotonic()
+
+    @property
+    def reusable(self) -> bool:
+        tr = self.transport
+        return tr is not None and not self._lost and not tr.is_closing()
+
+
+class _Dechunker:
+    """Incremental decoder of the chunked transfer coding (RFC 9112 §7.1)."""
+
+    __slots__ = ("_done", "_line", "_need", "_state")
+
+    def __init__(self) -> None:
+        self._state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
+        self._need = 0
+        self._line = b""
+        self._done = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        out: list[bytes] = []
+        i, n = 0, len(data)
+        while i < n and not self._done:
+            if self._state == 1:
+                take = min(self._need, n - i)
+                out.append(data[i:i + take])
+                i += take
+                self._need -= take
+                if self._need == 0:
+                    self._state = 2
+                    self._line = b""
+                continue
+            j = data.find(b"\n", i)
+            if j < 0:
+                self._line += data[i:]
+                if len(self._line) > 4096:
+                    raise ValueError("chunk line too long")
+                break
+            line = (self._line + data[i:j]).rstrip(b"\r")
+            self._line = b""
+            i = j + 1
+            if self._state == 0:
+                size = line.split(b";", 1)[0].strip()
+                self._need = int(size, 16)  # ValueError on garbage
+                self._state = 1 if self._need else 3
+            elif self._state == 2:
+                if line:
+                    raise ValueError("missing CRLF after chunk")
+                self._state = 0
+            elif not line:  # state 3: blank line ends the trailers
+                self._done = True
+        return b"".join(out), self._done
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str], bool]:
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    if not version.startswith("HTTP/1."):
+        raise ValueError("not HTTP/1.x")
+    status = int(rest[:3])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ValueError("bad header line")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, version == "HTTP/1.0"
+
+
+class Client:
+    """Per-application upstream client: DNS cache, keep-alive pool, request builder."""
+
+    def __init__(self) -> None:
+        self._targets: dict[str, _Target] = {}
+        self._dns: dict[str, tuple[float, str]] = {}
+        self._idle: dict[tuple[str, int, bool], list[_Conn]] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    def target(self, base: str) -> _Target:
+        t = self._targets.get(base)
+        if t is None:
+            if len(self._targets) > 1024:
+                self._targets.clear()
+            t = self._targets[base] = _Target(base)
+        return t
+
+    async def request(self, method: str, base: str, path: str, body: bytes,
+                      headers: Mapping[str, str],
+                      on_connected: Callable[[], None] | None = None) -> Response:
+        """Send one request and wait for the response head. The caller must `close()` the
+        Response. Raises OSError (UpstreamError among them) when the exchange fails.
+        `on_connected` runs once a connection is ready, before the request is written."""
+        t = self.target(base)
+        lines = [f"{method} {path} HTTP/1.1\r\nHost: {t.host_header}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in headers.items()]
+        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        raw = "".join(lines).encode("latin-1") + body
+        conn = self._pooled((t.host, t.port, t.ssl))
+        if conn is not None:
+            if on_connected is not None:
+                on_connected()
+            try:
+                return await conn.send(raw)
+            except UpstreamError:
+                if conn._got_bytes:
+                    raise
+                # the server closed the idle connection as we reused it: nothing was
+                # processed, so one retry on a fresh connection is safe (as Go does)
+        conn = await self._connect(t)
+        if on_connected is not None:
+            on_connected()
+        return await conn.send(raw)
+
+    async def _connect(self, t: _Target) -> _Conn:
+        loop = asyncio.get_running_loop()
+        addr = t.host if t.is_ip else await self._resolve(t.host, t.port)
+        key = (t.host, t.port, t.ssl)
+        ctx = None
+        if t.ssl:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            ctx = self._ssl
+        _, proto = await loop.create_connection(
+            lambda: _Conn(self, key), addr, t.port, ssl=ctx,
+            server_hostname=t.host if ctx else None,
+        )
+        return proto
+
+    async def _resolve(self, host: str, port: int) -> str:
+        now = time.monotonic()
+        hit = self._dns.get(host)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        if not infos:
+            raise UpstreamError("name did not resolve")
+        addr = str(infos[0][4][0])
+        if len(self._dns) > 1024:
+            self._dns.clear()
+        self._dns[host] = (now + DNS_TTL, addr)
+        return addr
+
+    def _pooled(self, key: tuple[str, int, bool]) -> _Conn | None:
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.reusable and now - conn.idle_since < IDLE_POOL_SECONDS:
+                return conn
+            if conn.transport is not None:
+                conn.transport.abort()
+        return None
+
+    def release(self, conn: _Conn) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= POOL_PER_SERVER:
+            assert conn.transport is not None
+            conn.transport.abort()
+            return
+        idle.append(conn)
+
+    def forget(self, conn: _Conn) -> None:
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                if conn.transport is not None:
+                    conn.transport.abort()
+        self._idle.clear()
+
+
+def _is_ip(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            continue
+    return False
+
