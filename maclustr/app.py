@@ -25,6 +25,7 @@ from .errors import (
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
+    ShuttingDown,
 )
 from .headers import SERVER, request_id
 from .relay import OUTCOME, Upstream, relay
@@ -38,6 +39,7 @@ KEYS = web.AppKey("keys", KeyRing)
 UPSTREAM = web.AppKey("upstream", Upstream)
 STARTED = web.AppKey("started", int)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
+IN_FLIGHT = web.AppKey("in_flight", set)  # handler tasks, for the shutdown grace
 RID = web.RequestKey("rid", str)
 ALIAS = web.RequestKey("alias", str)
 KEY_FP = web.RequestKey("key_fingerprint", str)
@@ -80,9 +82,14 @@ async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request_id(request.headers.get("X-Request-Id"))
     request[RID] = rid
     resp: web.StreamResponse
+    in_flight = request.app[IN_FLIGHT]
+    task = asyncio.current_task()
+    in_flight.add(task)
     try:
         if request.method == "OPTIONS":  # CORS preflight, for any path, without auth
             resp = web.Response(status=204, headers={"Server": SERVER})
+        elif request.app[SHUTTING_DOWN].is_set():
+            raise ShuttingDown()
         else:
             resp = await handler(request)
     except GatewayError as e:
@@ -96,6 +103,8 @@ async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("%s %s %s failed", rid, request.method, request.path)
         resp = error_response(GatewayError())
+    finally:
+        in_flight.discard(task)
     if not resp.prepared:
         resp.headers["X-Request-Id"] = rid
         origins = request.app[ROUTES].current.settings.cors_origins
@@ -202,6 +211,7 @@ def make_app(holder: RoutesHolder, keys: KeyRing) -> web.Application:
     app[KEYS] = keys
     app[STARTED] = int(time.time())
     app[SHUTTING_DOWN] = asyncio.Event()
+    app[IN_FLIGHT] = set()
     app.cleanup_ctx.append(_upstream_client)
     app.router.add_post("/v1/chat/completions", completions_handler("/v1/chat/completions"))
     app.router.add_post("/v1/completions", completions_handler("/v1/completions"))

@@ -12,10 +12,14 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .auth import KeyRing, fingerprint, parse_keys
 from .config import ConfigError, RouteTable, load_routes
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("maclustr")
 
@@ -148,14 +152,14 @@ def run_serve(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, table: RouteTable, keys: KeyRing) -> None:
     from aiohttp import web
 
-    from .app import SHUTTING_DOWN, make_app
+    from .app import make_app
     from .reload import RoutesHolder
 
     holder = RoutesHolder(args.routes, table)
     app = make_app(holder, keys)
     grace = table.settings.shutdown_grace
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           handler_cancellation=True, shutdown_timeout=grace,
+                           handler_cancellation=True, shutdown_timeout=1.0,
                            max_field_size=32768, max_line_size=32768)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, backlog=1024, reuse_address=True)
@@ -173,10 +177,28 @@ async def _serve(args: argparse.Namespace, table: RouteTable, keys: KeyRing) -> 
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: no new connections, up to %.0f s for requests in flight",
-                 grace)
         if watcher is not None:
             watcher.cancel()
-        app[SHUTTING_DOWN].set()
+        await drain(app, site, grace)
         await runner.cleanup()
         log.info("stopped")
+
+
+async def drain(app: web.Application, site: web.BaseSite, grace: float) -> None:
+    """Stop accepting, give requests in flight `grace` seconds, then cancel the rest, which
+    end their streams with a `gateway_shutting_down` error event (relay_stream)."""
+    from .app import IN_FLIGHT, SHUTTING_DOWN
+
+    await site.stop()
+    app[SHUTTING_DOWN].set()
+    in_flight: set[asyncio.Task[object]] = app[IN_FLIGHT]
+    tasks = set(in_flight)
+    log.info("shutting down: not accepting; %d requests in flight get up to %.0f s",
+             len(tasks), grace)
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for t in pending:
+            t.cancel()
+        if pending:
+            log.info("grace period over: ending %d requests", len(pending))
+            await asyncio.wait(pending, timeout=5)

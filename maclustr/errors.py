@@ -135,9 +135,11 @@ class ShuttingDown(GatewayError):
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 _PATH = re.compile(r"(?:~|\.{0,2})?/(?:[\w.@+-]+/)+[\w.@+-]*|/(?:Users|home|srv|opt|var|tmp|root|"
                    r"Volumes|private|mnt|data)\b[^\s'\"]*")
-_HOSTPORT = re.compile(r"\b(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]|[\w-]+(?:\.[\w-]+)*)"
+_HOSTPORT = re.compile(r"(?:\b\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:.]+\]|\b[\w-]+(?:\.[\w-]+)*)"
                        r":\d{2,5}\b")
 _IPV4 = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
+_IPV6 = re.compile(r"\[?(?:[0-9a-fA-F]{0,4}:){1,7}:[0-9a-fA-F:.]*\]?|"
+                   r"\b(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}\b")
 _LOCAL_HOST = re.compile(r"\b[\w-]+\.(?:local|lan|internal|home|corp)\b", re.IGNORECASE)
 _MAX_MESSAGE = 300
 
@@ -161,6 +163,7 @@ def scrub(text: str, *, alias: str, model: str, upstream: str) -> str:
         out = re.sub(bounded(name), "<internal>", out)
     out = _HOSTPORT.sub("<internal>", out)
     out = _PATH.sub("<internal>", out)
+    out = _IPV6.sub("<internal>", out)
     out = _IPV4.sub("<internal>", out)
     out = _LOCAL_HOST.sub("<internal>", out)
     out = " ".join(out.split())

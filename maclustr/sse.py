@@ -132,14 +132,14 @@ class SSERewriter:
         return self._rewrite_block(data[:end] if self._tail else data[:-2])
 
     def _normalize(self, data: bytes) -> bytes:
-        """CRLF and CR line ends (allowed by SSE) become LF; a trailing CR waits for the next
-        read, since it may be the first half of a CRLF."""
+        """CRLF and CR line ends (allowed by SSE) become LF. A read ending in CR ends its line
+        at once; if the next read starts with LF, that LF was the CRLF's second half."""
         if self._cr:
-            data = b"\r" + data
             self._cr = False
+            if data[:1] == b"\n":
+                data = data[1:]
         if data.endswith(b"\r"):
             self._cr = True
-            data = data[:-1]
         return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
     def _spliceable(self, frame: bytes) -> bool:
@@ -157,37 +157,37 @@ class SSERewriter:
         return out.replace(self._fp, self._fp_repl) if self._fp is not None else out
 
     def _rewrite_block(self, block: bytes) -> bytes:
-        """`block` is one or more complete frames joined by blank lines, without the last one."""
-        frames = block.split(b"\n\n")
-        for i, frame in enumerate(frames):
-            if frame[:7] == _DATA_OBJ:
-                if b"\n" not in frame and self._spliceable(frame):
-                    continue
-            elif frame[:1] == b":" and b"\n" not in frame:
-                if self._echo not in frame and (self._fp is None or self._fp not in frame):
-                    continue  # a comment such as ": keepalive 3/40"
-            elif _is_done(frame):
-                self.done = True
-                del frames[i + 1:]
-                if i == 0:
-                    return frame + b"\n\n"
-                return self._splice(b"\n\n".join(frames)) + b"\n\n"
-            return self._rewrite_slow(frames)
-        return self._splice(block) + b"\n\n"
+        """`block` is one or more complete frames joined by blank lines, without the last one.
 
-    def _rewrite_slow(self, frames: list[bytes]) -> bytes:
-        out = []
-        for frame in frames:
-            if frame[:7] == _DATA_OBJ and b"\n" not in frame and self._spliceable(frame):
-                out.append(self._splice(frame))
-            elif frame[:1] == b":" and b"\n" not in frame:
-                out.append(self._splice(frame))  # comments never show an internal id
-            elif _is_done(frame):
+        Runs of frames that pass the checks are spliced with one `replace` each; only the
+        frames that fail them take the JSON path.
+        """
+        frames = block.split(b"\n\n")
+        out: list[bytes] | None = None
+        run = 0  # first frame of the current spliceable run
+        echo, fp = self._echo, self._fp
+        for i, frame in enumerate(frames):
+            if b"\n" not in frame:
+                if frame[:7] == _DATA_OBJ:
+                    if self._spliceable(frame):
+                        continue
+                elif frame[:1] == b":" and echo not in frame and (fp is None or fp not in frame):
+                    continue  # a comment such as ": keepalive 3/40"
+            if out is None:
+                out = []
+            if i > run:
+                out.append(self._splice(b"\n\n".join(frames[run:i])))
+            run = i + 1
+            if _is_done(frame):
                 self.done = True
                 out.append(frame)
-                break
-            else:
-                out.append(self._rewrite_event(frame))
+                return b"\n\n".join(out) + b"\n\n"
+            out.append(self._rewrite_event(frame))
+            fp = self._fp  # the event may have taught us the fingerprint
+        if out is None:
+            return self._splice(block) + b"\n\n"
+        if run < len(frames):
+            out.append(self._splice(b"\n\n".join(frames[run:])))
         return b"\n\n".join(out) + b"\n\n"
 
     def _rewrite_event(self, frame: bytes) -> bytes:

@@ -1,0 +1,138 @@
+"""The command line as an operator meets it: `check` validates and prints the alias table,
+`serve` refuses at once (one stderr line) to run open or on a bad routes file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONSOLE = Path(sys.executable).parent / "maclustr"
+
+
+def run(*args: str, env: dict[str, str] | None = None, exe: list[str] | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the CLI from the repo root with a clean environment (no API key unless given)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MACLUSTR_")}
+    base.update(env or {})
+    cmd = (exe or [sys.executable, "-m", "maclustr"]) + list(args)
+    return subprocess.run(cmd, cwd=ROOT, env=base, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+BAD = """models:
+  maclustr-coder:
+    model: m/a
+    upstream: http://h:1
+    temprature: 0.1
+"""
+
+
+def test_check_on_shipped_file_prints_the_table() -> None:
+    r = run("check")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["ALIAS", "MODEL", "UPSTREAM", "PARAMETERS", "DESCRIPTION"]
+    for alias in ("maclustr-coder", "maclustr-reasoning", "maclustr-general", "maclustr-fast"):
+        assert any(line.startswith(alias + " ") for line in lines), alias
+    assert "mlx-community/QwQ-32B-4bit" in r.stdout
+    assert "http://studio-2.local:8082" in r.stdout
+    assert lines[-1] == "routes.yaml: OK, 4 models"
+    assert r.stderr == ""
+
+
+def test_check_with_explicit_routes_path(tmp_path: Path) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_text("models:\n  a:\n    model: m/a\n    upstream: http://h:1\n")
+    r = run("check", "--routes", str(p))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == f"{p}: OK, 1 models"
+
+
+def test_check_on_bad_file_names_line_and_key(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text(BAD)
+    r = run("check", "--routes", str(p))
+    assert r.returncode != 0
+    assert r.stdout == ""
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1
+    assert f"{p}:5:" in err[0]
+    assert "temprature" in err[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_check_on_missing_file_fails_in_one_line(tmp_path: Path) -> None:
+    r = run("check", "--routes", str(tmp_path / "nope.yaml"))
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "nope.yaml" in r.stderr
+
+
+@pytest.mark.parametrize("key", [None, "", " ", ",", " , ,, ", "\t,\t"])
+def test_serve_without_api_key_exits_at_once_with_one_line(key: str | None) -> None:
+    env = {} if key is None else {"MACLUSTR_API_KEY": key}
+    r = run("serve", "--port", "1", env=env, timeout=15)
+    assert r.returncode != 0
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "MACLUSTR_API_KEY" in lines[0]
+    assert r.stdout == ""
+
+
+def test_serve_with_bad_routes_file_exits_non_zero(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text(BAD)
+    r = run("serve", "--routes", str(p), "--port", "1", env={"MACLUSTR_API_KEY": "k1"},
+            timeout=15)
+    assert r.returncode != 0
+    assert f"{p}:5:" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert "k1" not in r.stderr
+
+
+def test_serve_with_missing_routes_file_exits_non_zero(tmp_path: Path) -> None:
+    r = run("serve", "--routes", str(tmp_path / "none.yaml"), "--port", "1",
+            env={"MACLUSTR_API_KEY": "k1"}, timeout=15)
+    assert r.returncode != 0
+    assert "none.yaml" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_help_lists_the_commands() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    assert "serve" in r.stdout and "check" in r.stdout
+    r = run("serve", "--help")
+    assert r.returncode == 0
+    for flag in ("--routes", "--host", "--port"):
+        assert flag in r.stdout
+    assert "127.0.0.1" in r.stdout and "9000" in r.stdout
+
+
+def test_no_command_is_a_usage_error() -> None:
+    r = run()
+    assert r.returncode == 2
+    assert "usage:" in r.stderr
+
+
+def test_version() -> None:
+    r = run("--version")
+    assert r.returncode == 0
+    assert r.stdout.startswith("maclustr ")
+
+
+def test_console_script_check_and_refusal() -> None:
+    assert CONSOLE.exists(), f"{CONSOLE} missing: pip install -e ."
+    r = run("check", exe=[str(CONSOLE)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "routes.yaml: OK, 4 models"
+    r = run("serve", exe=[str(CONSOLE)], timeout=15)
+    assert r.returncode != 0
+    assert len(r.stderr.splitlines()) == 1
+    r = run("--help", exe=[str(CONSOLE)])
+    assert r.returncode == 0 and "usage: maclustr" in r.stdout

@@ -1,0 +1,400 @@
+"""The SSE relay's `model` rewrite: whatever way the upstream's bytes are cut into reads, the
+client gets the same events, with only `model` changed, and the byte-splice fast path always
+agrees with a real JSON decode/encode."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from maclustr.config import Route
+from maclustr.sse import SSEError, SSERewriter, mask_fingerprint, rewrite_body, rewrite_json
+
+INTERNAL = "mlx-community/Qwen3-Coder-30B-A3B-Instruct-4bit"
+ALIAS = "maclustr-coder"
+ROUTE = Route(alias=ALIAS, model=INTERNAL, upstream="http://studio-1.local:8081")
+FP = "0.32.2-0.32.4-Linux-6.18.44-x86_64-with-glibc2.36-x86_64"
+
+
+def rewriter(route: Route = ROUTE, max_event: int = 8 * 1024 * 1024) -> SSERewriter:
+    return SSERewriter(route.model_echo, route.alias_echo, route.alias, max_event=max_event)
+
+
+def chunk(text: str | None, finish: str | None = None, model: str = INTERNAL) -> dict[str, Any]:
+    """One chat.completion.chunk exactly as mlx_lm.server 0.32 builds it."""
+    delta: dict[str, Any] = {"role": "assistant"}
+    if text:
+        delta["content"] = text
+    return {"id": "chatcmpl-1", "system_fingerprint": FP, "object": "chat.completion.chunk",
+            "model": model, "created": 1764000000,
+            "choices": [{"index": 0, "finish_reason": finish, "delta": delta}]}
+
+
+USAGE = {"id": "chatcmpl-1", "system_fingerprint": FP, "object": "chat.completion",
+         "model": INTERNAL, "created": 1764000000, "choices": [],
+         "usage": {"prompt_tokens": 19, "completion_tokens": 5, "total_tokens": 24,
+                   "prompt_tokens_details": {"cached_tokens": 0}}}
+
+EVENTS: list[dict[str, Any]] = [chunk(t) for t in ("The", " quick", "\ufffd", " fox", "é 🦊")]
+EVENTS += [chunk("", "stop"), USAGE]
+
+
+def data(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def as_alias(obj: dict[str, Any]) -> dict[str, Any]:
+    """What the client must see: the alias, and an opaque fingerprint instead of mlx's."""
+    out = {**obj, "model": ALIAS}
+    if isinstance(obj.get("system_fingerprint"), str):
+        out["system_fingerprint"] = mask_fingerprint(obj["system_fingerprint"])
+    return out
+
+
+STREAM = (b": keepalive 0/1\n\n: keepalive 1/1\n\n" + b"".join(data(e) for e in EVENTS)
+          + b"data: [DONE]\n\n")
+EXPECTED = (b": keepalive 0/1\n\n: keepalive 1/1\n\n"
+            + b"".join(data(as_alias(e)) for e in EVENTS) + b"data: [DONE]\n\n")
+
+
+def feed_all(parts: list[bytes], rw: SSERewriter | None = None) -> bytes:
+    rw = rw or rewriter()
+    return b"".join(rw.feed(p) for p in parts)
+
+
+def frames(out: bytes) -> list[bytes]:
+    assert out.endswith(b"\n\n")
+    return out[:-2].split(b"\n\n")
+
+
+# --- whole streams ----------------------------------------------------------------------------
+
+
+def test_whole_stream_changes_only_model() -> None:
+    rw = rewriter()
+    out = rw.feed(STREAM)
+    assert out == EXPECTED
+    assert rw.done
+    assert rw.pending == b""
+    assert INTERNAL.encode() not in out
+
+
+def test_comments_and_done_pass_byte_for_byte() -> None:
+    out = feed_all([STREAM])
+    fs = frames(out)
+    assert fs[:2] == [b": keepalive 0/1", b": keepalive 1/1"]
+    assert fs[-1] == b"data: [DONE]"
+    for f, e in zip(fs[2:-1], EVENTS, strict=True):
+        assert json.loads(f[6:]) == as_alias(e)
+
+
+def test_split_at_every_byte_offset_gives_the_same_output() -> None:
+    for i in range(len(STREAM) + 1):
+        assert feed_all([STREAM[:i], STREAM[i:]]) == EXPECTED, i
+
+
+def test_one_byte_at_a_time_gives_the_same_output() -> None:
+    assert feed_all([STREAM[i:i + 1] for i in range(len(STREAM))]) == EXPECTED
+
+
+@st.composite
+def partitions(draw: st.DrawFn, blob: bytes) -> list[bytes]:
+    cuts = sorted(draw(st.lists(st.integers(0, len(blob)), max_size=40)))
+    bounds = [0, *cuts, len(blob)]
+    return [blob[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(partitions(STREAM))
+def test_random_partitions_give_the_same_output(parts: list[bytes]) -> None:
+    assert feed_all(parts) == EXPECTED
+
+
+CRLF_STREAM = STREAM.replace(b"\n", b"\r\n")
+
+
+def test_crlf_stream_is_read_like_lf() -> None:
+    assert feed_all([CRLF_STREAM]) == EXPECTED
+
+
+def test_crlf_split_at_every_byte_offset() -> None:
+    for i in range(len(CRLF_STREAM) + 1):
+        assert feed_all([CRLF_STREAM[:i], CRLF_STREAM[i:]]) == EXPECTED, i
+
+
+def test_bare_cr_line_ends_mid_stream_are_read_like_lf() -> None:
+    cr = STREAM.replace(b"\n", b"\r")
+    assert feed_all([cr[:50], cr[50:], b"\n"]) == EXPECTED
+
+
+def test_bare_cr_event_is_relayed_when_its_read_ends() -> None:
+    rw = rewriter()
+    assert rw.feed(b"data: [DONE]\r\r") == b"data: [DONE]\n\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(partitions(CRLF_STREAM))
+def test_crlf_random_partitions(parts: list[bytes]) -> None:
+    assert feed_all(parts) == EXPECTED
+
+
+def test_nothing_is_relayed_after_done() -> None:
+    rw = rewriter()
+    out = rw.feed(STREAM + data(EVENTS[0]) + b": late\n\n")
+    assert out == EXPECTED
+    assert rw.done
+    assert rw.feed(data(EVENTS[1])) == b""
+    assert rw.feed(b"data: not json\n\n") == b""
+
+
+def test_done_in_a_mixed_block_drops_the_rest() -> None:
+    rw = rewriter()
+    odd = b"event: x\n" + data(EVENTS[0])
+    out = rw.feed(odd + b"data: [DONE]\n\n" + data(EVENTS[1]))
+    assert out.endswith(b"\n\ndata: [DONE]\n\n")
+    assert out.count(b"data: ") == 2
+    assert rw.done
+
+
+def test_incomplete_event_waits_and_is_pending() -> None:
+    rw = rewriter()
+    whole = data(EVENTS[0])
+    assert rw.feed(whole[:-1]) == b""
+    assert rw.pending == whole[:-1]
+    assert rw.feed(whole[-1:]) == data(as_alias(EVENTS[0]))
+    assert rw.pending == b""
+
+
+def test_a_model_that_is_not_the_internal_id_is_rewritten_too() -> None:
+    """mlx reports "default_model" or another path; the client must still see the alias."""
+    for other in ("default_model", "/models/other", INTERNAL + "-v2"):
+        out = feed_all([data(chunk("hi", model=other))])
+        assert json.loads(out[6:]) == as_alias(chunk("hi"))
+
+
+def test_event_without_model_is_unchanged() -> None:
+    obj = {"object": "x", "choices": []}
+    assert feed_all([data(obj)]) == data(obj)
+
+
+# --- the general path ---------------------------------------------------------------------
+
+
+def test_multi_line_data_event_takes_json_path() -> None:
+    body = json.dumps(EVENTS[0], indent=1).encode()
+    frame = b"\n".join(b"data: " + line for line in body.split(b"\n")) + b"\n\n"
+    out = feed_all([frame])
+    assert out.count(b"data:") == 1
+    assert json.loads(out[6:]) == as_alias(EVENTS[0])
+
+
+def test_event_and_id_fields_are_kept_and_data_rewritten() -> None:
+    frame = b"event: message\nid: 7\n" + data(EVENTS[1])
+    out = feed_all([frame])
+    lines = out[:-2].split(b"\n")
+    assert lines[:2] == [b"event: message", b"id: 7"]
+    assert json.loads(lines[2][6:]) == as_alias(EVENTS[1])
+    assert INTERNAL.encode() not in out
+
+
+def test_data_without_space_after_colon() -> None:
+    frame = b"data:" + json.dumps(EVENTS[0]).encode() + b"\n\n"
+    assert json.loads(feed_all([frame])[6:]) == as_alias(EVENTS[0])
+
+
+def test_comment_mentioning_internal_id_is_not_passed_verbatim() -> None:
+    out = feed_all([b": " + ROUTE.model_echo + b"\n\n" + data(EVENTS[0])])
+    assert ROUTE.model_echo not in out
+
+
+def test_other_fields_are_kept_in_order_around_the_rewritten_data() -> None:
+    frame = b'id: 1\ndata: {"model": "x"}\nretry: 5\n\n'
+    assert feed_all([frame]) == b'id: 1\ndata: {"model": "maclustr-coder"}\nretry: 5\n\n'
+
+
+def test_multi_line_comment_frames_pass_unchanged() -> None:
+    assert feed_all([b": a\n: b\n\n"]) == b": a\n: b\n\n"
+
+
+def test_node_fingerprint_never_reaches_the_client() -> None:
+    out = feed_all([STREAM])
+    assert FP.encode() not in out
+    assert b"Linux" not in out and b"glibc" not in out
+    fps = {json.loads(f[6:])["system_fingerprint"] for f in frames(out)[2:-1]}
+    assert len(fps) == 1
+    (fp,) = fps
+    assert fp.startswith("fp_") and fp == mask_fingerprint(FP)
+
+
+def test_fingerprint_token_is_stable_and_distinct_per_backend() -> None:
+    assert mask_fingerprint(FP) == mask_fingerprint(FP)
+    assert mask_fingerprint(FP) != mask_fingerprint(FP + "x")
+
+
+def test_non_json_data_raises() -> None:
+    for bad in (b"data: hello\n\n", b"data: {broken\n\n", b"data: {\"a\": 1\n\n"):
+        with pytest.raises(SSEError):
+            rewriter().feed(bad)
+
+
+def test_non_json_data_after_good_events_raises() -> None:
+    rw = rewriter()
+    assert rw.feed(data(EVENTS[0])) == data(as_alias(EVENTS[0]))
+    with pytest.raises(SSEError):
+        rw.feed(b"event: x\ndata: <html>\n\n")
+
+
+def test_oversize_incomplete_event_raises() -> None:
+    rw = rewriter(max_event=1000)
+    rw.feed(b"data: {" + b"x" * 900)
+    with pytest.raises(SSEError):
+        rw.feed(b"x" * 200)
+
+
+def test_oversize_tail_after_complete_events_raises() -> None:
+    rw = rewriter(max_event=1000)
+    with pytest.raises(SSEError):
+        rw.feed(data(EVENTS[0]) + b"data: " + b"x" * 1500)
+
+
+def test_events_up_to_the_limit_pass() -> None:
+    rw = rewriter(max_event=len(data(EVENTS[0])))
+    assert rw.feed(data(EVENTS[0])) == data(as_alias(EVENTS[0]))
+
+
+# --- unary bodies --------------------------------------------------------------------------
+
+
+UNARY = {"id": "chatcmpl-2", "system_fingerprint": FP, "object": "chat.completion",
+         "model": INTERNAL, "created": 1764000000,
+         "choices": [{"index": 0, "finish_reason": "stop",
+                      "message": {"role": "assistant", "content": "hi \ufffd"}}],
+         "usage": USAGE["usage"]}
+
+
+def unary(body: bytes) -> bytes:
+    return rewrite_body(body, ALIAS)
+
+
+def test_rewrite_body_changes_only_model() -> None:
+    body = json.dumps(UNARY).encode()
+    out = unary(body)
+    assert out == json.dumps(as_alias(UNARY)).encode()
+
+
+def test_rewrite_body_rewrites_other_model_values() -> None:
+    out = unary(json.dumps({**UNARY, "model": "default_model"}).encode())
+    assert json.loads(out) == as_alias(UNARY)
+    assert FP.encode() not in out
+
+
+def test_rewrite_body_without_model_is_unchanged() -> None:
+    for body in (b'{"a": 1}', b"[1, 2]", b'"x"', b"3"):
+        assert unary(body) == body
+
+
+def test_rewrite_body_refuses_non_json() -> None:
+    for body in (b"Not Found", b"", b"{" + ROUTE.model_echo + b", }", b"<html>", b"[" * 10**5):
+        with pytest.raises(SSEError):
+            unary(body)
+
+
+# --- the key property: fast path == JSON path ---------------------------------------------
+
+IDS = [INTERNAL, "default_model", "org/m\"odel", "ümlaut/モデル", "a", "x\\y", "{model}"]
+FPS = [FP, "fp-b", "", "ü\"{"]
+TOP = ["model", "system_fingerprint"]
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
+    st.text(), st.sampled_from(IDS + FPS), st.sampled_from([*TOP, '"model": ', "{", "}"]),
+    st.builds(lambda k, m: f'"{k}": {json.dumps(m)}', st.sampled_from(TOP),
+              st.sampled_from(IDS + FPS)),
+)
+keys = st.one_of(st.text(max_size=8),
+                 st.sampled_from([*TOP, "Model", "model ", "id", "system_fingerprint "]))
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@st.composite
+def chunk_objects(draw: st.DrawFn) -> dict[str, Any]:
+    """Arbitrary objects, often with a top-level `model` and `system_fingerprint` (usually the
+    values mlx writes) at random positions, so both the splice and the JSON path run."""
+    obj = draw(st.dictionaries(keys, values, max_size=6))
+    items = [(k, v) for k, v in obj.items() if k not in TOP]
+    for key, usual in (("model", IDS), ("system_fingerprint", FPS)):
+        if draw(st.integers(0, 3)):
+            pos = draw(st.integers(0, len(items)))
+            items.insert(pos, (key, draw(st.one_of(st.sampled_from(usual), values))))
+    return dict(items)
+
+
+def check_reference(obj: dict[str, Any], reference: dict[str, Any]) -> None:
+    """The reference itself: only `model` and a string `system_fingerprint` change."""
+    if "model" in obj:
+        assert reference["model"] == ALIAS
+    fp = obj.get("system_fingerprint")
+    if isinstance(fp, str):
+        assert reference["system_fingerprint"] == mask_fingerprint(fp)
+    assert {k: v for k, v in reference.items() if k not in TOP} == \
+        {k: v for k, v in obj.items() if k not in TOP}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(obj=chunk_objects(), model=st.sampled_from(IDS), ascii_only=st.booleans())
+def test_fast_path_equals_json_path(obj: dict[str, Any], model: str, ascii_only: bool) -> None:
+    route = Route(alias=ALIAS, model=model, upstream="http://h:1")
+    payload = json.dumps(obj, ensure_ascii=ascii_only).encode()
+    reference = json.loads(rewrite_json(payload, ALIAS))
+
+    rw = SSERewriter(route.model_echo, route.alias_echo, ALIAS)
+    out = rw.feed(b"data: " + payload + b"\n\n")
+    assert out.startswith(b"data: ") and out.endswith(b"\n\n")
+    assert json.loads(out[6:-2]) == reference
+
+    body = rewrite_body(payload, ALIAS)
+    assert json.loads(body) == reference
+
+    check_reference(obj, reference)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(objs=st.lists(chunk_objects(), min_size=1, max_size=4), data_=st.data())
+def test_fast_path_equals_json_path_in_split_streams(objs: list[dict[str, Any]],
+                                                     data_: st.DataObject) -> None:
+    blob = b": keepalive 1/1\n\n" + b"".join(data(o) for o in objs) + b"data: [DONE]\n\n"
+    parts = data_.draw(partitions(blob))
+    out = feed_all(parts)
+    fs = frames(out)
+    assert fs[0] == b": keepalive 1/1"
+    assert fs[-1] == b"data: [DONE]"
+    got = [json.loads(f[6:]) for f in fs[1:-1]]
+    want = [json.loads(rewrite_json(json.dumps(o).encode(), ALIAS)) for o in objs]
+    assert got == want
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=st.sampled_from(FPS), objs=st.lists(chunk_objects(), min_size=1, max_size=4),
+       model=st.sampled_from(IDS))
+def test_after_learning_a_fingerprint_splice_equals_json_path(
+        first: str, objs: list[dict[str, Any]], model: str) -> None:
+    """Once the rewriter has learned the node's fingerprint from a first mlx-shaped event,
+    later events take the splice; each must still equal its own JSON rewrite."""
+    route = Route(alias=ALIAS, model=model, upstream="http://h:1")
+    rw = SSERewriter(route.model_echo, route.alias_echo, ALIAS)
+    opening = chunk("x", model=model) | {"system_fingerprint": first}
+    assert json.loads(rw.feed(data(opening))[6:]) == as_alias(opening)
+    for obj in objs:
+        out = rw.feed(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        reference = json.loads(rewrite_json(json.dumps(obj).encode(), ALIAS))
+        assert json.loads(out[6:-2]) == reference
+        check_reference(obj, reference)
