@@ -144,10 +144,12 @@ _LOCAL_HOST = re.compile(r"\b[\w-]+\.(?:local|lan|internal|home|corp)\b", re.IGN
 _MAX_MESSAGE = 300
 
 
-def scrub(text: str, *, alias: str, model: str, upstream: str) -> str:
+def scrub(text: str, *, alias: str, model: str, upstream: str,
+          secrets: Iterable[str] = ()) -> str:
     """Make an upstream's message safe to show a client.
 
-    The internal model id becomes the alias; the upstream's URL, host and port, and anything
+    Each of `secrets` becomes `<redacted>`; the internal model id becomes the alias; the
+    upstream's URL, host and port, and anything
     shaped like a URL, filesystem path, host:port or IP address become `<internal>`. The result
     is one short line and may be empty.
     """
@@ -156,7 +158,11 @@ def scrub(text: str, *, alias: str, model: str, upstream: str) -> str:
     def bounded(name: str) -> str:
         return rf"(?<![\w.-]){re.escape(name)}(?![\w-])"
 
-    out = re.sub(bounded(model), alias, text) if model else text
+    out = text
+    for secret in secrets:  # e.g. the upstream's API key, which servers like to echo
+        if secret:
+            out = out.replace(secret, "<redacted>")
+    out = re.sub(bounded(model), alias, out) if model else out
     out = _URL.sub("<internal>", out)
     names = [parts.netloc, parts.hostname or "", str(parts.port or "")]
     for name in sorted((n for n in names if n), key=len, reverse=True):

@@ -248,7 +248,9 @@ async def _upstream_error(resp: Response, route: Route, dog: Watchdog) -> Gatewa
     except UpstreamBadResponse:
         raw = b""
     text = _error_text(raw)
-    clean = scrub(text, alias=route.alias, model=route.model, upstream=route.upstream)
+    key = _upstream_key(route)
+    clean = scrub(text, alias=route.alias, model=route.model, upstream=route.upstream,
+                  secrets=(key,) if key else ())
     log.warning("upstream for %s answered %d", route.alias, resp.status)
     if 400 <= resp.status < 500 and resp.status not in (401, 403, 407):
         msg = f"Model '{route.alias}' rejected the request"

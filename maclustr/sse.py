@@ -29,6 +29,7 @@ DONE = b"data: [DONE]"
 _DATA_OBJ = b"data: {"
 _MODEL_KEY = b'"model"'
 _FP_KEY = b'"system_fingerprint"'
+_UNARY_OBJECT = b'"object": "chat.completion"'  # not a prefix of "...chunk": the quote closes
 
 
 class SSEError(ValueError):
@@ -41,13 +42,16 @@ def mask_fingerprint(value: str) -> str:
     return "fp_" + hashlib.sha256(value.encode()).hexdigest()[:12]
 
 
-def rewrite_obj(obj: object, alias: str) -> bool:
-    """Set the top-level `model` (only if present) and mask `system_fingerprint`; True if
-    `obj` is a dict (the only shape we change)."""
+def rewrite_obj(obj: object, alias: str, stream: bool = False) -> bool:
+    """Set the top-level `model` (only if present) and mask `system_fingerprint`; in a stream,
+    mlx's usage event says `"object": "chat.completion"` where OpenAI (and typed clients) say
+    `chat.completion.chunk`. True if `obj` is a dict (the only shape we change)."""
     if not isinstance(obj, dict):
         return False
     if "model" in obj:
         obj["model"] = alias
+    if stream and obj.get("object") == "chat.completion":
+        obj["object"] = "chat.completion.chunk"
     fp = obj.get("system_fingerprint")
     if isinstance(fp, str):
         obj["system_fingerprint"] = mask_fingerprint(fp)
@@ -114,7 +118,7 @@ class SSERewriter:
         return self._tail
 
     def feed(self, data: bytes) -> bytes:
-        if self.done:
+        if self.done or not data:
             return b""
         if self._cr or b"\r" in data:
             data = self._normalize(data)
@@ -147,6 +151,8 @@ class SSERewriter:
         `data: {...}` frame equals the JSON rewrite (see the module docstring)."""
         pos = frame.find(self._echo, 7)
         if pos < 0 or frame.count(_MODEL_KEY) != 1 or frame.find(b"{", 7, pos) >= 0:
+            return False
+        if _UNARY_OBJECT in frame:  # the usage event: JSON path fixes its `object`
             return False
         if self._fp is None:
             return _FP_KEY not in frame
@@ -226,4 +232,4 @@ def rewrite_obj_learning(obj: object, alias: str, rewriter: SSERewriter) -> bool
         fp = obj.get("system_fingerprint")
         if isinstance(fp, str):
             rewriter.learn(fp)
-    return rewrite_obj(obj, alias)
+    return rewrite_obj(obj, alias, stream=True)

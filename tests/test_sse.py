@@ -48,9 +48,12 @@ def data(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def as_alias(obj: dict[str, Any]) -> dict[str, Any]:
-    """What the client must see: the alias, and an opaque fingerprint instead of mlx's."""
+def as_alias(obj: dict[str, Any], stream: bool = True) -> dict[str, Any]:
+    """What a stream client must see: the alias, an opaque fingerprint instead of mlx's, and
+    every event labelled a chunk."""
     out = {**obj, "model": ALIAS}
+    if stream and obj.get("object") == "chat.completion":  # the usage event, as OpenAI has it
+        out["object"] = "chat.completion.chunk"
     if isinstance(obj.get("system_fingerprint"), str):
         out["system_fingerprint"] = mask_fingerprint(obj["system_fingerprint"])
     return out
@@ -284,12 +287,12 @@ def unary(body: bytes) -> bytes:
 def test_rewrite_body_changes_only_model() -> None:
     body = json.dumps(UNARY).encode()
     out = unary(body)
-    assert out == json.dumps(as_alias(UNARY)).encode()
+    assert out == json.dumps(as_alias(UNARY, stream=False)).encode()
 
 
 def test_rewrite_body_rewrites_other_model_values() -> None:
     out = unary(json.dumps({**UNARY, "model": "default_model"}).encode())
-    assert json.loads(out) == as_alias(UNARY)
+    assert json.loads(out) == as_alias(UNARY, stream=False)
     assert FP.encode() not in out
 
 
