@@ -29,3 +29,33 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# --- deploy onto the nodes named in routes.yaml's `nodes:` (see deploy/README.md) ----------
+# make deploy [DRY_RUN=1] [ROUTES=routes.yaml] [SSH=ssh] [RSYNC=rsync]; make status; make logs
+ROUTES ?= routes.yaml
+SSH ?= ssh
+RSYNC ?= rsync
+DRY_RUN ?=
+DEPLOY_STATE ?= .deploy
+LOG_LINES ?= 50
+DEPLOY_SOURCE ?= .
+DEPLOY := $(PY) deploy/deploy.py --routes '$(ROUTES)' --state '$(DEPLOY_STATE)' \
+	--source '$(DEPLOY_SOURCE)' \
+	--ssh '$(SSH)' --rsync '$(RSYNC)' $(if $(filter-out 0 no false,$(DRY_RUN)),--dry-run)
+
+.PHONY: deploy status logs
+
+deploy: $(STAMP)
+	$(PY) -m maclustr check --routes '$(ROUTES)'
+	$(DEPLOY) deploy
+
+status: $(STAMP)
+	$(DEPLOY) status
+
+logs: $(STAMP)
+	$(DEPLOY) logs --lines $(LOG_LINES)
+
+# Side-by-side benchmark (issue 6): direct, nginx, caddy, litellm, maclustr; < 8 min.
+# Writes bench/results/latest.{md,json}. Options: make bench BENCH_ARGS="--quick".
+bench: $(STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)

@@ -28,9 +28,13 @@ from .errors import (
     ShuttingDown,
 )
 from .headers import SERVER, request_id
-from .relay import OUTCOME, Upstream, relay
+from .openapi import openapi_document
+from .page import CSP, base_url, render_page
+from .relay import OUTCOME, Call, Upstream, relay
 from .reload import RoutesHolder
+from .scheduler import Scheduler, conversation_prefix
 from .upstream import Client
+from .warmup import Warmer
 
 log = logging.getLogger("maclustr.access")
 
@@ -166,9 +170,11 @@ def completions_handler(path: str) -> Handler:
         if route is None:
             raise ModelNotFound(payload["model"], table.aliases)
         request[ALIAS] = route.alias
-        stream = wants_stream(payload)
-        body = upstream_body(payload, route.model)
-        return await relay(request, app[UPSTREAM], route, path, body, stream, request[RID])
+        prefix = conversation_prefix(payload) if len(route.upstreams) > 1 else None
+        call = Call(path=path, stream=wants_stream(payload), rid=request[RID],
+                    key=request.get(KEY_FP, "-"), prefix=prefix,
+                    body=upstream_body(payload, route.model))
+        return await relay(request, app[UPSTREAM], route, call)
 
     return handle
 
@@ -176,9 +182,11 @@ def completions_handler(path: str) -> Handler:
 def _model_card(request: web.Request, alias: str) -> dict[str, Any]:
     route = request.app[ROUTES].current.resolve(alias)
     assert route is not None
+    table = request.app[ROUTES].current
     return {"id": route.alias, "object": "model", "created": request.app[STARTED],
             "owned_by": "maclustr", "description": route.description,
-            "parameters": route.parameters}
+            "parameters": route.parameters,
+            "status": health.passive_status(table, request.app[UPSTREAM].scheduler, alias)}
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -198,10 +206,32 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def get_health(request: web.Request) -> web.Response:
     table = request.app[ROUTES].current
-    if request.query.get("deep", "").lower() in ("1", "true", "yes"):
-        report = await health.deep(table, request.app[UPSTREAM].client)
+    deep = request.query.get("deep", "").lower()
+    if deep == "generate":
+        up = request.app[UPSTREAM]
+        report = await health.deep(table, up.client, up.scheduler, generate=True)
+        return json_response(report, status=200 if report["status"] == "ok" else 503)
+    if deep in ("1", "true", "yes"):
+        up = request.app[UPSTREAM]
+        report = await health.deep(table, up.client, up.scheduler)
         return json_response(report, status=200 if report["status"] == "ok" else 503)
     return json_response(health.shallow(table))
+
+
+async def front_page(request: web.Request) -> web.Response:
+    """GET /: the API page, rebuilt from the live table on every load (no auth)."""
+    table = request.app[ROUTES].current
+    base = base_url(table.settings.public_url, request.headers, request.scheme)
+    return web.Response(text=render_page(table, base), content_type="text/html",
+                        headers={"Server": SERVER, "Cache-Control": "no-cache",
+                                 "Content-Security-Policy": CSP,
+                                 "X-Content-Type-Options": "nosniff"})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """GET /openapi.json: the OpenAPI 3.1 document of this gateway (no auth)."""
+    return json_response(openapi_document(request.app[ROUTES].current),
+                         headers={"Cache-Control": "no-cache"})
 
 
 def make_app(holder: RoutesHolder, keys: KeyRing) -> web.Application:
@@ -218,13 +248,35 @@ def make_app(holder: RoutesHolder, keys: KeyRing) -> web.Application:
     app.router.add_get("/v1/models", list_models, allow_head=False)
     app.router.add_get("/v1/models/{model:.+}", get_model, allow_head=False)
     app.router.add_get("/health", get_health)
+    app.router.add_get("/", front_page)
+    app.router.add_get("/openapi.json", openapi_json)
     return app
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
+    """The upstream client, scheduler and warmer: created at start, closed at cleanup."""
     client = Client()
-    app[UPSTREAM] = Upstream(client=client, shutting_down=app[SHUTTING_DOWN])
+    holder = app[ROUTES]
+    warmer: Warmer | None = None
+
+    def on_return(url: str) -> None:  # a replica back from passive-health exile
+        if warmer is not None:
+            warmer.warm_table(holder.current, only_url=url)
+
+    async def probe(url: str) -> bool:
+        ok, _ = await health.ping(client, url, holder.current.settings.health_timeout)
+        return ok
+
+    scheduler = Scheduler(probe, on_return)
+    warmer = Warmer(client, scheduler)
+    app[UPSTREAM] = Upstream(client=client, scheduler=scheduler,
+                             shutting_down=app[SHUTTING_DOWN])
+    holder.listeners.append(warmer.warm_table)
+    warmer.warm_table(holder.current)
     try:
         yield
     finally:
+        holder.listeners.remove(warmer.warm_table)
+        warmer.close()
+        scheduler.close()
         client.close()

@@ -21,12 +21,14 @@ MiB = 1024 * 1024
 
 TOP_KEYS = frozenset({"models", "timeouts", "gateway", "nodes"})
 MODEL_KEYS = frozenset(
-    {"model", "upstream", "description", "parameters", "timeouts", "api_key_env", "node",
-     "mlx_args"}
+    {"model", "upstream", "upstreams", "description", "parameters", "timeouts", "api_key_env",
+     "node", "mlx_args", "max_concurrency", "max_queue", "queue_timeout", "warmup"}
 )
+MLX_DECODE_CONCURRENCY = 32  # mlx_lm.server's --decode-concurrency default (mlx-lm 0.32)
 TIMEOUT_KEYS = frozenset({"connect", "first_byte", "idle"})
 GATEWAY_KEYS = frozenset(
-    {"max_body_bytes", "shutdown_grace", "cors_origins", "public_url", "health_timeout"}
+    {"max_body_bytes", "shutdown_grace", "cors_origins", "public_url", "health_timeout",
+     "generate_timeout"}
 )
 
 
@@ -57,13 +59,22 @@ class Route:
 
     alias: str
     model: str
-    upstream: str  # base URL without trailing slash, e.g. http://studio-1.local:8081
+    upstream: str  # first replica's base URL without trailing slash: http://studio-1.local:8081
     description: str = ""
     parameters: str = ""
     timeouts: Timeouts = Timeouts()
     api_key_env: str | None = None
     node: str | None = None
     mlx_args: tuple[str, ...] = ()
+    upstreams: tuple[str, ...] = ()  # every replica, `upstream` first; filled when empty
+    max_concurrency: int = MLX_DECODE_CONCURRENCY  # requests in flight per replica
+    max_queue: int = 256  # requests waiting for a slot, per model
+    queue_timeout: float = 60.0  # seconds a request may wait for a slot
+    warmup: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            object.__setattr__(self, "upstreams", (self.upstream,))
 
     @property
     def model_echo(self) -> bytes:
@@ -82,6 +93,7 @@ class GatewaySettings:
     cors_origins: tuple[str, ...] = ()
     public_url: str | None = None
     health_timeout: float = 2.0
+    generate_timeout: float = 10.0  # /health?deep=generate: seconds for one token
 
 
 @dataclass(frozen=True)
@@ -122,8 +134,8 @@ class RouteTable:
 
     @property
     def upstreams(self) -> tuple[str, ...]:
-        """Distinct internal servers, in table order."""
-        return tuple(dict.fromkeys(r.upstream for r in self.routes))
+        """Distinct internal servers (every replica), in table order."""
+        return tuple(dict.fromkeys(u for r in self.routes for u in r.upstreams))
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -259,6 +271,8 @@ class _Parser:
             public_url=public_url,
             health_timeout=self.number(items["health_timeout"], "gateway.health_timeout")
             if "health_timeout" in items else d.health_timeout,
+            generate_timeout=self.number(items["generate_timeout"], "gateway.generate_timeout")
+            if "generate_timeout" in items else d.generate_timeout,
         )
 
     def nodes(self, node: yaml.Node) -> tuple[Node, ...]:
@@ -289,19 +303,34 @@ class _Parser:
         if isinstance(node, yaml.ScalarNode) and self.scalar(node) is None:
             raise self.fail(f"{what}: missing required keys 'model' and 'upstream'", knode)
         items = self.check_keys(self.mapping(node, what), MODEL_KEYS, what)
-        for required in ("model", "upstream"):
-            if required not in items:
-                raise self.fail(f"{what}: missing required key '{required}'", knode)
-        mlx_args: tuple[str, ...] = ()
-        if "mlx_args" in items:
-            n = items["mlx_args"]
-            if not isinstance(n, yaml.SequenceNode):
-                raise self.fail(f"{what}.mlx_args must be a list of strings", n)
-            mlx_args = tuple(self.string(x, f"{what}.mlx_args[]") for x in n.value)
+        if "model" not in items:
+            raise self.fail(f"{what}: missing required key 'model'", knode)
+        if ("upstream" in items) == ("upstreams" in items):
+            raise self.fail(f"{what}: missing required key 'upstream' (or a list 'upstreams', "
+                            "not both)", knode)
+        if "upstream" in items:
+            upstreams: tuple[str, ...] = (self.url(items["upstream"], f"{what}.upstream"),)
+        else:
+            n = items["upstreams"]
+            if not isinstance(n, yaml.SequenceNode) or not n.value:
+                raise self.fail(f"{what}.upstreams must be a non-empty list of URLs", n)
+            upstreams = tuple(self.url(x, f"{what}.upstreams[]") for x in n.value)
+            if len(set(upstreams)) != len(upstreams):
+                raise self.fail(f"{what}.upstreams lists a URL twice", n)
+        decode = _flag_value(mlx_args_of(self, items, what), "--decode-concurrency")
         return Route(
             alias=alias,
             model=self.string(items["model"], f"{what}.model"),
-            upstream=self.url(items["upstream"], f"{what}.upstream"),
+            upstream=upstreams[0],
+            upstreams=upstreams,
+            max_concurrency=self.integer(items["max_concurrency"], f"{what}.max_concurrency")
+            if "max_concurrency" in items else (decode or MLX_DECODE_CONCURRENCY),
+            max_queue=self.integer(items["max_queue"], f"{what}.max_queue", minimum=0)
+            if "max_queue" in items else Route.max_queue,
+            queue_timeout=self.number(items["queue_timeout"], f"{what}.queue_timeout")
+            if "queue_timeout" in items else Route.queue_timeout,
+            warmup=self.boolean(items["warmup"], f"{what}.warmup") if "warmup" in items
+            else False,
             description=self.string(items["description"], f"{what}.description", empty_ok=True)
             if "description" in items else "",
             parameters=self.string(items["parameters"], f"{what}.parameters", empty_ok=True)
@@ -311,8 +340,20 @@ class _Parser:
             api_key_env=self.string(items["api_key_env"], f"{what}.api_key_env")
             if "api_key_env" in items else None,
             node=self.string(items["node"], f"{what}.node") if "node" in items else None,
-            mlx_args=mlx_args,
+            mlx_args=mlx_args_of(self, items, what),
         )
+
+    def integer(self, node: yaml.Node, what: str, minimum: int = 1) -> int:
+        value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(f"{what} must be an integer >= {minimum}", node)
+        return value
+
+    def boolean(self, node: yaml.Node, what: str) -> bool:
+        value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        if not isinstance(value, bool):
+            raise self.fail(f"{what} must be true or false", node)
+        return value
 
     def table(self, root: yaml.Node | None) -> RouteTable:
         if root is None:
@@ -348,3 +389,22 @@ class _Parser:
                 raise ConfigError(f"models.{r.alias}.node: unknown node '{r.node}'", None,
                                   self.source)
         return RouteTable(routes=tuple(routes), settings=settings, nodes=nodes)
+
+
+def mlx_args_of(p: _Parser, items: dict[str, yaml.Node], what: str) -> tuple[str, ...]:
+    if "mlx_args" not in items:
+        return ()
+    n = items["mlx_args"]
+    if not isinstance(n, yaml.SequenceNode):
+        raise p.fail(f"{what}.mlx_args must be a list of strings", n)
+    return tuple(p.string(x, f"{what}.mlx_args[]") for x in n.value)
+
+
+def _flag_value(args: tuple[str, ...], flag: str) -> int | None:
+    """`--flag N` or `--flag=N` in an argument list, as an int (None when absent or odd)."""
+    for i, a in enumerate(args):
+        value = a.split("=", 1)[1] if a.startswith(flag + "=") else (
+            args[i + 1] if a == flag and i + 1 < len(args) else None)
+        if value is not None:
+            return int(value) if value.isdigit() and int(value) > 0 else None
+    return None

@@ -123,6 +123,27 @@ class UpstreamTimeout(GatewayError):
         )
 
 
+class ModelUnavailable(GatewayError):
+    """Every replica of the model is out (failed repeatedly, cooling down)."""
+
+    status, type, code = 503, "server_error", "model_unavailable"
+
+    def __init__(self, alias: str, retry_after: int) -> None:
+        super().__init__(f"Model '{alias}' is temporarily unavailable (all its servers are "
+                         "down or recovering); retry shortly or check /health?deep=true.",
+                         headers={"Retry-After": str(retry_after)})
+
+
+class Overloaded(GatewayError):
+    """The model's queue is full, or a request waited `queue_timeout` for a slot."""
+
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def __init__(self, alias: str, why: str, retry_after: int) -> None:
+        super().__init__(f"Model '{alias}' is busy: {why}. Retry after {retry_after} s.",
+                         headers={"Retry-After": str(retry_after)})
+
+
 class ShuttingDown(GatewayError):
     status, type, code = 503, "server_error", "gateway_shutting_down"
 

@@ -1,7 +1,9 @@
-"""/health: is the gateway up, and (deep) can it reach each model's server.
+"""/health: is the gateway up, and (deep) can each model's replicas serve.
 
-The answer names aliases only: a server shared by several aliases is pinged once and reported
-under each of them, never by address.
+The answer names aliases and replica indexes only, never an address. A server shared by
+several aliases is pinged once. Replica states: `up`; `down` (unreachable, or taken out by
+passive health); `loading` (warm-up still running); `wedged` (`?deep=generate`: /health is ok
+but no token came within the deadline).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import time
 from typing import Any
 
 from .config import RouteTable
+from .scheduler import Scheduler
 from .upstream import Client
+from .warmup import generate_one
 
 
 async def ping(client: Client, base: str, timeout: float) -> tuple[bool, float]:
@@ -38,15 +42,50 @@ def shallow(table: RouteTable) -> dict[str, Any]:
     return {"status": "ok", "models": list(table.aliases)}
 
 
-async def deep(table: RouteTable, client: Client) -> dict[str, Any]:
+def passive_status(table: RouteTable, scheduler: Scheduler, alias: str) -> str:
+    """What the gateway already knows without asking: up, or down (every replica out)."""
+    route = table.resolve(alias)
+    assert route is not None
+    return "down" if scheduler.all_down(route) else "up"
+
+
+async def deep(table: RouteTable, client: Client, scheduler: Scheduler,
+               generate: bool = False) -> dict[str, Any]:
     timeout = table.settings.health_timeout
     bases = table.upstreams
-    results = await asyncio.gather(*(ping(client, b, timeout) for b in bases))
-    by_base = dict(zip(bases, results, strict=True))
-    models = {}
+    pings = dict(zip(bases, await asyncio.gather(*(ping(client, b, timeout) for b in bases)),
+                     strict=True))
+    gen: dict[tuple[str, str], bool] = {}
+    if generate:
+        pairs = [(r, u) for r in table.routes for u in r.upstreams if pings[u][0]]
+        deadline = table.settings.generate_timeout
+        results = await asyncio.gather(*(generate_one(client, r, u, deadline) for r, u in pairs))
+        gen = {(r.alias, u): ok for (r, u), ok in zip(pairs, results, strict=True)}
+    now = time.monotonic()
+    models: dict[str, Any] = {}
     for r in table.routes:
-        ok, ms = by_base[r.upstream]
-        models[r.alias] = {"status": "up" if ok else "down", "latency_ms": ms if ok else None}
+        replicas: list[dict[str, Any]] = []
+        latencies: list[float] = []
+        for u in r.upstreams:
+            ok, ms = pings[u]
+            rep = scheduler.replica(u)
+            if not ok or not rep.usable(now):
+                state = "down"
+            elif generate and not gen.get((r.alias, u), False):
+                state = "wedged"
+            elif rep.warm.get(r.model) == "loading":
+                state = "loading"
+            else:
+                state = "up"
+            replicas.append({"status": state, "latency_ms": ms if ok else None,
+                             "in_flight": rep.in_flight})
+            if state == "up":
+                latencies.append(ms)
+        states = [x["status"] for x in replicas]
+        status = "up" if "up" in states else next(
+            (s for s in ("loading", "wedged") if s in states), "down")
+        latency = min(latencies, default=None)
+        models[r.alias] = {"status": status, "latency_ms": latency, "replicas": replicas}
     up = sum(1 for m in models.values() if m["status"] == "up")
-    status = "ok" if up == len(models) else "degraded" if up else "down"
-    return {"status": status, "models": models}
+    overall = "ok" if up == len(models) else "degraded" if up else "down"
+    return {"status": overall, "models": models}

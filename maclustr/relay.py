@@ -29,6 +29,7 @@ from .errors import (
     scrub,
 )
 from .headers import SERVER, SSE_HEADERS, upstream_headers
+from .scheduler import Replica, Scheduler
 from .sse import SSEError, SSERewriter, rewrite_json
 from .upstream import Client, Response
 
@@ -90,51 +91,117 @@ class Watchdog:
 
 @dataclass(frozen=True)
 class Upstream:
-    """What one relay needs besides the route: the shared client and whether we are
-    shutting down (a cancellation then is a shutdown, reported in-band)."""
+    """What every relay shares: the upstream client, the replica scheduler, and whether we
+    are shutting down (a cancellation then is a shutdown, reported in-band)."""
 
     client: Client
+    scheduler: Scheduler
     shutting_down: asyncio.Event
 
 
-async def relay(request: web.Request, up: Upstream, route: Route, path: str, body: bytes,
-                stream: bool, rid: str) -> web.StreamResponse:
-    """Send `body` to `route`'s server at `path` and answer the client."""
+@dataclass(frozen=True)
+class Call:
+    """One client request as the relay sees it. `key` is the API key's fingerprint (queue
+    fairness); `prefix` the conversation hash (replica affinity), None when not needed."""
+
+    path: str
+    body: bytes
+    stream: bool
+    rid: str
+    key: str
+    prefix: str | None
+
+
+MAX_ATTEMPTS = 3  # replicas tried for one request, before any byte reached the client
+
+# Outcome -> passive-health verdict. Only an unreachable, silent or dying server counts
+# against a replica; a garbled answer is no sign the next request will fail too.
+_VERDICT: dict[str, bool | None] = {"done": True, "upstream_bad_response": None,
+                                    "upstream_unavailable": False, "upstream_timeout": False}
+
+
+async def relay(request: web.Request, up: Upstream, route: Route,
+                call: Call) -> web.StreamResponse:
+    """Send the call to one of `route`'s replicas and answer the client.
+
+    Failover: a replica that refuses the connection, resets it, or answers 502/503 before we
+    sent the client anything is reported to the scheduler and the next replica is tried.
+    """
+    sched = up.scheduler
+    replica: Replica | None = await sched.acquire(route, call.key, call.prefix)
+    assert replica is not None
     t = route.timeouts
     dog = Watchdog(t.connect, "connect")
+    tried: list[str] = []
+    ok: bool | None = None
     try:
-        try:
-            resp = await up.client.request(
-                "POST", route.upstream, path, body, upstream_headers(rid, _upstream_key(route)),
-                on_connected=lambda: dog.rearm(t.first_byte, "waiting for the first byte"))
-        except asyncio.CancelledError:
-            if not dog.fired:
-                raise
-            dog.absorb()
-            if dog.phase == "connect":
-                raise UpstreamFailed(route.alias, "did not accept a connection in time") from None
-            raise UpstreamTimeout(route.alias, dog.phase) from None
-        except (OSError, ValueError) as e:  # UpstreamError is an OSError
-            log.warning("%s upstream for %s unreachable: %s", rid, route.alias, type(e).__name__)
-            raise UpstreamFailed(route.alias) from None
+        while True:
+            tried.append(replica.url)
+            retry = len(tried) < min(MAX_ATTEMPTS, len(route.upstreams))
+            try:
+                resp = await _open(up, route, replica.url, call, dog)
+            except UpstreamFailed:
+                if not retry or (nxt := sched.take(route, call.prefix, tried)) is None:
+                    raise
+            else:
+                if resp.status not in (502, 503) or not retry or (
+                        nxt := sched.take(route, call.prefix, tried)) is None:
+                    break
+                resp.close()
+            sched.release(replica, ok=False)
+            replica = nxt
+            dog.rearm(t.connect, "connect")
         try:
             dog.rearm(t.idle, "idle between bytes")
             if resp.status >= 400:
+                ok = resp.status not in (502, 503, 504)  # alive unless it says otherwise
                 raise await _upstream_error(resp, route, dog)
             if resp.status != 200:
                 raise UpstreamBadResponse(route.alias)
             ctype = resp.content_type
             if ctype == "text/event-stream":
-                if not stream:
+                if not call.stream:
                     raise UpstreamBadResponse(route.alias)
-                return await relay_stream(request, up, resp, route, rid, dog)
-            if stream or ctype != "application/json":
+                out = await relay_stream(request, up, resp, route, call.rid, dog)
+                ok = _VERDICT.get(request.get(OUTCOME, ""), False)
+            elif call.stream or ctype != "application/json":
                 raise UpstreamBadResponse(route.alias)
-            return await relay_unary(resp, route, rid, dog)
+            else:
+                out = await relay_unary(resp, route, call.rid, dog)
+                ok = True
         finally:
             resp.close()  # mid-body this drops the socket: the server stops generating
+        if ok:
+            sched.remember(route, call.prefix, replica)
+        return out
+    except (UpstreamFailed, UpstreamTimeout) as e:
+        if ok is None:
+            ok = _VERDICT.get(e.code, False)
+        raise
     finally:
         dog.stop()
+        if replica is not None:
+            sched.release(replica, ok)
+
+
+async def _open(up: Upstream, route: Route, base: str, call: Call, dog: Watchdog) -> Response:
+    """Connect and wait for the response head, mapping every failure to our envelope."""
+    t = route.timeouts
+    try:
+        return await up.client.request(
+            "POST", base, call.path, call.body, upstream_headers(call.rid, _upstream_key(route)),
+            on_connected=lambda: dog.rearm(t.first_byte, "waiting for the first byte"))
+    except asyncio.CancelledError:
+        if not dog.fired:
+            raise
+        dog.absorb()
+        if dog.phase == "connect":
+            raise UpstreamFailed(route.alias, "did not accept a connection in time") from None
+        raise UpstreamTimeout(route.alias, dog.phase) from None
+    except (OSError, ValueError) as e:  # UpstreamError is an OSError
+        log.warning("%s a server of %s is unreachable: %s", call.rid, route.alias,
+                    type(e).__name__)
+        raise UpstreamFailed(route.alias) from None
 
 
 async def relay_unary(resp: Response, route: Route, rid: str, dog: Watchdog) -> web.Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ConfigError, RouteTable, load_routes
@@ -24,6 +25,7 @@ class RoutesHolder:
         self.path = Path(path)
         self.current = table
         self._stamp = self._stat()
+        self.listeners: list[Callable[[RouteTable], None]] = []  # called after each swap
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -43,6 +45,8 @@ class RoutesHolder:
         old = self.current
         self.current = table
         log.info("routes reloaded from %s: %s", self.path, ", ".join(table.aliases))
+        for listener in self.listeners:
+            listener(table)
         if table.settings != old.settings:
             log.info("gateway settings changed; listening address and shutdown grace apply "
                      "at the next restart")

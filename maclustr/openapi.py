@@ -1,0 +1,271 @@
+"""`GET /openapi.json`: an OpenAPI 3.1 description of the gateway's own surface.
+
+Pure. Built per request from the live table, so the `model` enum is always the current
+aliases (the gateway also accepts internal ids, which are deliberately not published).
+Response schemas are as loose as OpenAI's own objects (extra fields allowed) but exact about
+what the gateway guarantees: the error envelope, the list shapes, the health answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+from .config import RouteTable
+
+_ERR = {"$ref": "#/components/schemas/Error"}
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERR}}}
+
+
+_AUTH_ERRORS = {"401": _err("Missing or invalid API key (`invalid_api_key`).")}
+
+_COMPLETION_ERRORS = {
+    "400": _err("Malformed body (`invalid_json`, `invalid_request`) or rejected by the model "
+                "server (`upstream_rejected`)."),
+    **_AUTH_ERRORS,
+    "404": _err("Unknown model alias (`model_not_found`)."),
+    "413": _err("Body over the size limit (`request_too_large`)."),
+    "415": _err("Content-Type is not JSON (`unsupported_media_type`)."),
+    "422": _err("Rejected by the model server (`upstream_rejected`)."),
+    "429": _err("The model server is rate limiting (`rate_limit_exceeded`)."),
+    "4XX": _err("Other refusals by the model server (`upstream_rejected`, status kept)."),
+    "502": _err("Model server unreachable, failing or answering garbage "
+                "(`upstream_unavailable`, `upstream_bad_response`)."),
+    "503": _err("The gateway is restarting (`gateway_shutting_down`)."),
+    "504": _err("The model did not answer in time (`upstream_timeout`)."),
+}
+
+
+def _completion_op(kind: str, summary: str, ref: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "operationId": f"create{kind}",
+        "tags": ["inference"],
+        "security": [{"bearer": []}],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+        },
+        "responses": {
+            "200": {
+                "description": "The completion: JSON, or Server-Sent Events when "
+                               "`\"stream\": true` (chunks, then `data: [DONE]`).",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Completion"}},
+                    "text/event-stream": {"schema": {"$ref": "#/components/schemas/Event"}},
+                },
+            },
+            **_COMPLETION_ERRORS,
+        },
+    }
+
+
+def _schemas(aliases: list[str]) -> dict[str, Any]:
+    model = {"type": "string", "enum": aliases,
+             "description": "A public model alias (see GET /v1/models)."}
+    message = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
+            "content": {"type": "string"},
+        },
+    }
+    common = {
+        "model": model,
+        "stream": {"type": "boolean"},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "stop": {"anyOf": [{"type": "string"},
+                          {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+        "seed": {"type": "integer"},
+    }
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {
+                "type": "object",
+                "required": ["message", "type", "code", "param"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "code": {"type": ["string", "null"]},
+                    "param": {"type": ["string", "null"]},
+                },
+            }},
+        },
+        "Event": {
+            "type": "object",
+            "description": "One Server-Sent Event: `data` is a JSON chunk whose `model` is the "
+                           "alias, a final `{\"error\": {...}}` envelope, or `[DONE]`.",
+            "required": ["data"],
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                           "id": {"type": "string"}},
+        },
+        "ChatCompletionRequest": {
+            "type": "object",
+            "required": ["model", "messages"],
+            "description": "Any other OpenAI parameter (top_k, presence_penalty, "
+                           "frequency_penalty, logit_bias, tools, response_format, "
+                           "stream_options, ...) is passed through to the model unchanged.",
+            "properties": {**common,
+                           "messages": {"type": "array", "items": message, "minItems": 1}},
+        },
+        "CompletionRequest": {
+            "type": "object",
+            "required": ["model", "prompt"],
+            "description": "Other OpenAI parameters are passed through unchanged.",
+            "properties": {**common, "prompt": {"type": "string"}},
+        },
+        "Completion": {
+            "type": "object",
+            "required": ["object", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"type": "string",
+                           "enum": ["chat.completion", "text_completion"]},
+                "created": {"type": "integer"},
+                "model": model,
+                "choices": {"type": "array", "items": {"type": "object"}},
+                "usage": {"type": "object"},
+            },
+        },
+        "Model": {
+            "type": "object",
+            "required": ["id", "object", "created", "owned_by"],
+            "properties": {
+                "id": model,
+                "object": {"const": "model"},
+                "created": {"type": "integer"},
+                "owned_by": {"type": "string"},
+                "description": {"type": "string"},
+                "parameters": {"type": "string"},
+            },
+        },
+        "ModelList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"},
+                           "data": {"type": "array",
+                                    "items": {"$ref": "#/components/schemas/Model"}}},
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "models"],
+            "properties": {
+                "status": {"type": "string", "enum": ["ok", "degraded", "down"]},
+                "models": {"anyOf": [
+                    {"type": "array", "items": model},
+                    {"type": "object",
+                     "propertyNames": model,
+                     "additionalProperties": {
+                         "type": "object",
+                         "required": ["status"],
+                         "properties": {
+                             "status": {"type": "string",
+                                        "description": "up, down, or a state such as loading"},
+                             "latency_ms": {"type": ["number", "null"]},
+                         },
+                     }},
+                ]},
+            },
+        },
+    }
+
+
+def openapi_document(table: RouteTable) -> dict[str, Any]:
+    """The document for this table. Without `public_url` no server is named, so the document
+    describes the gateway it was fetched from."""
+    aliases = list(table.aliases)
+    model_param = {"name": "model", "in": "path", "required": True,
+                   "schema": {"type": "string", "minLength": 1},
+                   "description": "A public alias (or an internal id, which answers with "
+                                  "the alias)."}
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "MacLustr LLM API",
+            "version": __version__,
+            "description": "OpenAI-compatible gateway in front of the MacLustr MLX models. "
+                           "Every error uses the envelope "
+                           '{"error": {"message", "type", "code", "param"}}.',
+        },
+        "tags": [{"name": "inference"}, {"name": "models"}, {"name": "meta"}],
+        "security": [],
+        "paths": {
+            "/v1/chat/completions": {"post": _completion_op(
+                "ChatCompletion", "Chat completion (unary or streamed)",
+                "ChatCompletionRequest")},
+            "/v1/completions": {"post": _completion_op(
+                "Completion", "Text completion (unary or streamed)", "CompletionRequest")},
+            "/v1/models": {"get": {
+                "summary": "List the model aliases",
+                "operationId": "listModels",
+                "tags": ["models"],
+                "security": [{"bearer": []}],
+                "responses": {
+                    "200": {"description": "The aliases.", "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/ModelList"}}}},
+                    **_AUTH_ERRORS,
+                },
+            }},
+            "/v1/models/{model}": {"get": {
+                "summary": "One model card",
+                "operationId": "getModel",
+                "tags": ["models"],
+                "security": [{"bearer": []}],
+                "parameters": [model_param],
+                "responses": {
+                    "200": {"description": "The model.", "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Model"}}}},
+                    **_AUTH_ERRORS,
+                    "404": _err("Unknown model (`model_not_found`) or path (`not_found`)."),
+                },
+            }},
+            "/health": {"get": {
+                "summary": "Gateway health; deep=true checks every model server",
+                "operationId": "health",
+                "tags": ["meta"],
+                "parameters": [{"name": "deep", "in": "query", "required": False,
+                                "schema": {"type": "string", "enum": ["true", "false", "1",
+                                                                      "0", "yes", "no"]},
+                                "description": "Ping each model server; per-alias status."}],
+                "responses": {
+                    "200": {"description": "Healthy (all models up when deep).",
+                            "content": {"application/json": {
+                                "schema": {"$ref": "#/components/schemas/Health"}}}},
+                    "503": {"description": "Deep check: some or all models are down.",
+                            "content": {"application/json": {
+                                "schema": {"$ref": "#/components/schemas/Health"}}}},
+                },
+            }},
+            "/": {"get": {
+                "summary": "This API's documentation page with live model status",
+                "operationId": "page",
+                "tags": ["meta"],
+                "responses": {"200": {"description": "HTML page.",
+                                      "content": {"text/html": {"schema": {"type": "string"}}}}},
+            }},
+            "/openapi.json": {"get": {
+                "summary": "This document",
+                "operationId": "openapi",
+                "tags": ["meta"],
+                "responses": {"200": {"description": "OpenAPI 3.1 document.",
+                                      "content": {"application/json": {
+                                          "schema": {"type": "object"}}}}},
+            }},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "A key from MACLUSTR_API_KEY."}},
+            "schemas": _schemas(aliases),
+        },
+    }
+    if table.settings.public_url:
+        doc["servers"] = [{"url": table.settings.public_url}]
+    return doc

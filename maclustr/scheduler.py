@@ -1,0 +1,278 @@
+"""Which replica serves a request, and when.
+
+A model may have several replicas (mlx_lm.server processes). A request takes a slot on one
+replica: the one that served its conversation before (the server's prompt cache still holds
+the shared prefix), else the one with the fewest requests in flight (ties round-robin). Each
+replica takes at most `max_concurrency` requests; the rest wait in a per-model FIFO queue
+that takes API keys in turn, so one key flooding a model cannot starve the others. The queue
+is bounded by `max_queue` and `queue_timeout` (429 beyond either).
+
+Passive health: a replica that fails `FAILS_TO_EJECT` times in a row is taken out for a
+cool-down, then probed (`/health`) before it serves again; with every replica of a model out,
+requests get an immediate 503 with Retry-After instead of a long wait.
+
+State lives here, keyed by upstream URL, so it survives a routes reload; routes are read
+from the request's own table snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Route
+from .errors import ModelUnavailable, Overloaded
+
+log = logging.getLogger("maclustr.scheduler")
+
+FAILS_TO_EJECT = 3
+COOLDOWN = 10.0  # seconds out before the first probe
+AFFINITY_ENTRIES = 10_000  # remembered conversation prefixes per model
+
+
+@dataclass
+class Replica:
+    """Runtime state of one upstream server. Never shown to clients with its URL."""
+
+    url: str
+    in_flight: int = 0
+    failures: int = 0  # consecutive
+    down_until: float = 0.0  # monotonic time; > now means cooling down
+    checking: bool = False  # out until a probe passes
+    served: int = 0
+    warm: dict[str, str] = field(default_factory=dict)  # internal model -> loading/warm/failed
+
+    def usable(self, now: float) -> bool:
+        return not self.checking and self.down_until <= now
+
+    def state(self, now: float) -> str:
+        return "up" if self.usable(now) else "down"
+
+
+@dataclass
+class _Waiter:
+    route: Route
+    prefix: str | None
+    future: asyncio.Future[Replica]
+
+
+class _FairQueue:
+    """FIFO per API key; keys are served in turn."""
+
+    def __init__(self) -> None:
+        self._by_key: OrderedDict[str, deque[_Waiter]] = OrderedDict()
+        self.size = 0
+
+    def push(self, key: str, w: _Waiter) -> None:
+        self._by_key.setdefault(key, deque()).append(w)
+        self.size += 1
+
+    def peek(self) -> _Waiter | None:
+        for q in self._by_key.values():
+            return q[0]
+        return None
+
+    def pop(self) -> None:
+        key, q = next(iter(self._by_key.items()))
+        q.popleft()
+        self.size -= 1
+        if q:
+            self._by_key.move_to_end(key)  # next key's turn
+        else:
+            del self._by_key[key]
+
+    def remove(self, key: str, w: _Waiter) -> None:
+        q = self._by_key.get(key)
+        if q is not None and w in q:
+            q.remove(w)
+            self.size -= 1
+            if not q:
+                del self._by_key[key]
+
+
+def conversation_prefix(payload: dict[str, Any]) -> str | None:
+    """A stable hash of what every later turn of a conversation starts with: the system prompt
+    and the first user message (chat), or the prompt's first 512 characters (completions)."""
+    msgs = payload.get("messages")
+    if isinstance(msgs, list) and msgs:
+        head: Any = msgs[:2]
+    elif isinstance(payload.get("prompt"), str):
+        head = payload["prompt"][:512]
+    else:
+        return None
+    try:
+        raw = json.dumps(head, sort_keys=True, default=str).encode()
+    except (TypeError, ValueError):
+        return None
+    return hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+
+class Scheduler:
+    """Slots, queues, affinity and passive health for every model of the gateway."""
+
+    def __init__(self, probe: Callable[[str], Awaitable[bool]],
+                 on_return: Callable[[str], None] | None = None) -> None:
+        self._probe = probe
+        self._on_return = on_return
+        self.replicas: dict[str, Replica] = {}
+        self._queues: dict[str, _FairQueue] = {}
+        self._affinity: dict[str, OrderedDict[str, str]] = {}
+        self._turn: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def replica(self, url: str) -> Replica:
+        r = self.replicas.get(url)
+        if r is None:
+            r = self.replicas[url] = Replica(url)
+        return r
+
+    # --- choosing ---------------------------------------------------------------------------
+
+    def pick(self, route: Route, prefix: str | None,
+             exclude: Iterable[str] = ()) -> Replica | None:
+        """A usable replica with a free slot, or None."""
+        now = time.monotonic()
+        cap = route.max_concurrency
+        if len(route.upstreams) == 1:
+            r = self.replica(route.upstream)
+            ok = r.usable(now) and r.in_flight < cap and route.upstream not in exclude
+            return r if ok else None
+        free = [r for u in route.upstreams if u not in exclude
+                for r in (self.replica(u),) if r.usable(now) and r.in_flight < cap]
+        if not free:
+            return None
+        if prefix is not None:
+            known = self._affinity.get(route.alias)
+            seen = known.get(prefix) if known is not None else None
+            for r in free:
+                if r.url == seen:
+                    return r
+        low = min(r.in_flight for r in free)
+        ties = [r for r in free if r.in_flight == low]
+        turn = self._turn.get(route.alias, 0)
+        self._turn[route.alias] = turn + 1
+        return ties[turn % len(ties)]
+
+    def all_down(self, route: Route) -> bool:
+        now = time.monotonic()
+        return not any(self.replica(u).usable(now) for u in route.upstreams)
+
+    def retry_after(self, route: Route) -> int:
+        now = time.monotonic()
+        soonest = min(self.replica(u).down_until for u in route.upstreams)
+        return max(1, math.ceil(soonest - now)) if soonest > now else int(COOLDOWN)
+
+    # --- slots ------------------------------------------------------------------------------
+
+    async def acquire(self, route: Route, key: str, prefix: str | None) -> Replica:
+        """A slot on a replica; waits in the model's queue when every replica is full."""
+        q = self._queues.get(route.alias)
+        if q is None or not q.size:
+            r = self.pick(route, prefix)
+            if r is not None:
+                r.in_flight += 1
+                return r
+        if self.all_down(route):
+            raise ModelUnavailable(route.alias, self.retry_after(route))
+        if q is None:
+            q = self._queues[route.alias] = _FairQueue()
+        if q.size >= route.max_queue:
+            raise Overloaded(route.alias, "its queue is full", retry_after=1)
+        w = _Waiter(route, prefix, asyncio.get_running_loop().create_future())
+        q.push(key, w)
+        try:
+            return await asyncio.wait_for(asyncio.shield(w.future), route.queue_timeout)
+        except asyncio.TimeoutError:
+            q.remove(key, w)
+            if w.future.done():  # granted at the last moment: hand the slot back
+                self.release(w.future.result(), ok=None)
+            w.future.cancel()
+            raise Overloaded(route.alias, "no slot freed up in time",
+                             retry_after=max(1, math.ceil(route.queue_timeout / 4))) from None
+        except asyncio.CancelledError:  # the client left while queued: leave at once
+            q.remove(key, w)
+            if w.future.done() and not w.future.cancelled():
+                self.release(w.future.result(), ok=None)
+            w.future.cancel()
+            raise
+
+    def take(self, route: Route, prefix: str | None, exclude: Iterable[str]) -> Replica | None:
+        """A slot on another replica for failover, without queueing."""
+        r = self.pick(route, prefix, exclude)
+        if r is not None:
+            r.in_flight += 1
+        return r
+
+    def release(self, r: Replica, ok: bool | None) -> None:
+        """Free the slot; `ok` is the outcome for passive health (None: no verdict)."""
+        r.in_flight -= 1
+        if ok is True:
+            r.failures = 0
+            r.served += 1
+        elif ok is False:
+            r.failures += 1
+            if r.failures >= FAILS_TO_EJECT and r.usable(time.monotonic()):
+                self._eject(r)
+        self._pump()
+
+    def remember(self, route: Route, prefix: str | None, r: Replica) -> None:
+        if prefix is None or len(route.upstreams) < 2:
+            return
+        seen = self._affinity.setdefault(route.alias, OrderedDict())
+        seen[prefix] = r.url
+        seen.move_to_end(prefix)
+        if len(seen) > AFFINITY_ENTRIES:
+            seen.popitem(last=False)
+
+    def _pump(self) -> None:
+        """Hand free slots to queued requests, oldest first, keys in turn."""
+        for q in self._queues.values():
+            while q.size:
+                w = q.peek()
+                assert w is not None
+                if w.future.done():
+                    q.pop()
+                    continue
+                r = self.pick(w.route, w.prefix)
+                if r is None:
+                    break
+                q.pop()
+                r.in_flight += 1
+                w.future.set_result(r)
+
+    # --- passive health ---------------------------------------------------------------------
+
+    def _eject(self, r: Replica) -> None:
+        r.down_until = time.monotonic() + COOLDOWN
+        r.checking = True
+        log.warning("a replica failed %d times in a row: out for %.0f s, then probed",
+                    r.failures, COOLDOWN)
+        task = asyncio.ensure_future(self._recover(r))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _recover(self, r: Replica) -> None:
+        while True:
+            await asyncio.sleep(max(0.0, r.down_until - time.monotonic()))
+            if await self._probe(r.url):
+                r.failures = 0
+                r.checking = False
+                r.down_until = 0.0
+                log.info("a replica passed its probe and serves again")
+                if self._on_return is not None:
+                    self._on_return(r.url)
+                self._pump()
+                return
+            r.down_until = time.monotonic() + COOLDOWN
+
+    def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
