@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from . import health
-from .auth import KeyRing, bearer_token, fingerprint
+from .auth import KeyRing, bearer_token
 from .body import check_content_type, parse_request, upstream_body, wants_stream
 from .errors import (
     BodyTooLarge,
@@ -135,19 +135,20 @@ def _cors(request: web.Request, resp: web.StreamResponse, origins: tuple[str, ..
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/v1/") and request.method != "OPTIONS":
-        token = bearer_token(request.headers.get("Authorization"))
-        if not request.app[KEYS].check(token):
+        fp = request.app[KEYS].check(bearer_token(request.headers.get("Authorization")))
+        if fp is None:
             raise InvalidApiKey()
-        assert token is not None
-        request[KEY_FP] = fingerprint(token)
+        request[KEY_FP] = fp
     return await handler(request)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, refusing more than `limit` bytes without reading them all."""
     length = request.content_length
-    if length is not None and length > limit:
-        raise BodyTooLarge(limit)
+    if length is not None:
+        if length > limit:
+            raise BodyTooLarge(limit)
+        return await request.read()  # bounded by the length just checked
     parts: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():

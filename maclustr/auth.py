@@ -42,18 +42,20 @@ class KeyRing:
     __slots__ = ("_keys",)
 
     def __init__(self, keys: Iterable[str]) -> None:
-        self._keys = tuple(k.encode() for k in keys)
+        self._keys = tuple((k.encode(), fingerprint(k)) for k in keys)
         if not self._keys:
             raise ValueError("at least one API key is required")
 
-    def check(self, token: str | None) -> bool:
+    def check(self, token: str | None) -> str | None:
+        """The matching key's fingerprint, or None. Every key is compared, match or not."""
         if token is None:
-            return False
+            return None
         try:
             presented = token.encode()
         except UnicodeEncodeError:
-            return False
-        ok = False
-        for key in self._keys:
-            ok |= hmac.compare_digest(presented, key)
-        return ok
+            return None
+        found = None
+        for key, fp in self._keys:
+            if hmac.compare_digest(presented, key):
+                found = fp
+        return found

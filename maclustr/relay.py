@@ -66,10 +66,14 @@ class Watchdog:
         self.last = self._loop.time()
 
     def rearm(self, limit: float, phase: str) -> None:
+        """Start a new phase. The timer moves only if it must fire earlier; a late check just
+        re-schedules itself (one timer per request instead of one per phase)."""
         self.limit, self.phase = limit, phase
         self.touch()
-        self._handle.cancel()
-        self._handle = self._loop.call_at(self.last + limit, self._check)
+        due = self.last + limit
+        if due < self._handle.when():
+            self._handle.cancel()
+            self._handle = self._loop.call_at(due, self._check)
 
     def stop(self) -> None:
         self._handle.cancel()
