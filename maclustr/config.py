@@ -7,7 +7,6 @@ that took a snapshot keeps a consistent view.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -75,15 +74,6 @@ class Route:
     def __post_init__(self) -> None:
         if not self.upstreams:
             object.__setattr__(self, "upstreams", (self.upstream,))
-
-    @property
-    def model_echo(self) -> bytes:
-        """The bytes mlx_lm.server writes for our request's model: `"model": <json string>`."""
-        return b'"model": ' + json.dumps(self.model).encode()
-
-    @property
-    def alias_echo(self) -> bytes:
-        return b'"model": ' + json.dumps(self.alias).encode()
 
 
 @dataclass(frozen=True)

@@ -84,10 +84,11 @@ TROUBLE: tuple[tuple[str, str], ...] = (
 
 _CSS = """
 :root{--bg:#f7f7f9;--fg:#1b1d22;--muted:#5d6370;--card:#fff;--line:#e3e5ea;--code:#f1f2f5;
---accent:#3b5bdb;--up:#2b8a3e;--down:#c92a2a;--warn:#d9480f;--chip:#eef1fb;color-scheme:light dark}
+--accent:#3b5bdb;--up:#2b8a3e;--down:#c92a2a;--warn:#d9480f;--chip:#eef1fb;--on:#fff;
+color-scheme:light dark}
 @media (prefers-color-scheme:dark){:root{--bg:#121418;--fg:#e6e8ec;--muted:#9aa1ad;
 --card:#1b1e24;--line:#2c3039;--code:#0d0f12;--accent:#8ea6ff;--up:#51cf66;--down:#ff6b6b;
---warn:#ffa94d;--chip:#232838}}
+--warn:#ffa94d;--chip:#232838;--on:#0b0d12}}
 *{box-sizing:border-box}
 body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.55 system-ui,-apple-system,
 "Segoe UI",Roboto,Helvetica,Arial,sans-serif}
@@ -104,7 +105,7 @@ p{margin:6px 0 10px}
 .endpoint{display:flex;flex-wrap:wrap;align-items:center;gap:8px;background:var(--card);
 border:1px solid var(--line);border-radius:10px;padding:10px 12px;margin:8px 0}
 .method{font:600 12px/1 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
-border-radius:6px;padding:5px 7px;color:#fff;background:var(--accent)}
+border-radius:6px;padding:5px 7px;color:var(--on);background:var(--accent)}
 .method.get{background:var(--up)}
 .endpoint code{word-break:break-all}
 .endpoint .what{color:var(--muted);font-size:13.5px;flex-basis:100%}
@@ -112,7 +113,7 @@ code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-s
 :not(pre)>code{background:var(--code);border-radius:4px;padding:1px 5px}
 .block{position:relative;margin:8px 0 14px}
 pre{background:var(--code);border:1px solid var(--line);border-radius:10px;padding:14px 14px;
-margin:0;overflow-x:auto;line-height:1.5}
+margin:0;overflow-x:auto;line-height:1.5;padding-right:76px}
 .copy{position:absolute;top:8px;right:8px;font:12px system-ui,sans-serif;cursor:pointer;
 background:var(--card);color:var(--fg);border:1px solid var(--line);border-radius:6px;
 padding:3px 9px}
@@ -141,7 +142,14 @@ background:var(--muted);vertical-align:middle}
 .kv span{word-break:break-all}
 footer{margin-top:40px;color:var(--muted);font-size:13px}
 @media (max-width:600px){h1{font-size:24px}main{padding:16px 12px 40px}
-td,th{padding:8px}.hide-sm{display:none}}
+td,th{padding:8px}pre{padding:40px 12px 12px}#model-table thead{display:none}
+#model-table tr{display:grid;grid-template-columns:1fr auto;grid-template-areas:
+"alias status" "purpose purpose" "params params";border-bottom:1px solid var(--line);
+padding:4px 0}#model-table tr:last-child{border-bottom:0}
+#model-table td{border:0;padding:3px 12px}#model-table td.alias{grid-area:alias}
+#model-table td.purpose{grid-area:purpose}#model-table td.params{grid-area:params;
+color:var(--muted)}#model-table td.st{grid-area:status}
+#model-table td.params::after{content:" parameters"}}
 """
 
 _JS = """
@@ -288,9 +296,9 @@ def render_page(table: RouteTable, base_url: str) -> str:
 
     rows = "".join(
         f'<tr data-alias="{e(r.alias)}"><td class="alias"><code>{e(r.alias)}</code></td>'
-        f"<td>{e(r.description) or '<span class=muted>—</span>'}</td>"
-        f"<td>{e(r.parameters) or '<span class=muted>—</span>'}</td>"
-        f'<td><span class="status" data-status-for="{e(r.alias)}">'
+        f"<td class=\"purpose\">{e(r.description) or '—'}</td>"
+        f"<td class=\"params\">{e(r.parameters) or '—'}</td>"
+        f'<td class="st"><span class="status" data-status-for="{e(r.alias)}">'
         f'<span class="dot"></span>checking…</span></td></tr>'
         for r in table.routes
     )
@@ -322,7 +330,7 @@ def render_page(table: RouteTable, base_url: str) -> str:
                        for s, c, w in ERRORS)
     trouble_rows = "".join(f"<tr><td><b>{s}</b></td><td>{f}</td></tr>" for s, f in TROUBLE)
     envelope = ('{\n  "error": {\n    "message": "Model \'foo\' not found. Available models: '
-                f'{", ".join(aliases)}",\n    "type": "invalid_request_error",\n'
+                f'{aliases[0]}, ...",\n    "type": "invalid_request_error",\n'
                 '    "code": "model_not_found",\n    "param": "model"\n  }\n}')
     n = len(aliases)
     models_word = "model" if n == 1 else "models"
@@ -356,6 +364,14 @@ given.</p>
 <div class="tabs" role="tablist">{"".join(tabs)}</div>
 {"".join(panels)}
 
+<h2 id="models">Models</h2>
+<p>Use these public aliases in the <code>model</code> field; responses report the alias.
+The status column refreshes every few seconds from <code>/health?deep=true</code>.</p>
+<div class="table"><table id="model-table">
+<thead><tr><th>Alias</th><th>Purpose</th><th>Parameters</th><th>Status</th></tr></thead>
+<tbody>{rows}</tbody></table></div>
+<p class="muted" id="overall">Cluster: checking…</p>
+
 <h2 id="overview">Overview</h2>
 <div class="kv">
 <div><b>Base URL</b><span id="base-url">{e(base)}</span></div>
@@ -370,14 +386,6 @@ and answered in the standard OpenAI format — streaming or not.</p>
 <p>All <code>/v1</code> routes need a bearer token:</p>
 {ids.block("Authorization: Bearer $MACLUSTR_API_KEY", "header")}
 <p class="muted">Requests without a valid key get <code>401</code> with a JSON error.</p>
-
-<h2 id="models">Models</h2>
-<p>Use these public aliases in the <code>model</code> field; responses report the alias.
-The status column refreshes every few seconds from <code>/health?deep=true</code>.</p>
-<div class="table"><table id="model-table">
-<thead><tr><th>Alias</th><th>Purpose</th><th>Parameters</th><th>Status</th></tr></thead>
-<tbody>{rows}</tbody></table></div>
-<p class="muted" id="overall">Cluster: checking…</p>
 
 <h2 id="endpoints">Endpoints</h2>
 {endpoints}

@@ -211,7 +211,7 @@ async def _open(up: Upstream, route: Route, base: str, call: Call, dog: Watchdog
 async def relay_unary(resp: Response, route: Route, rid: str, dog: Watchdog) -> web.Response:
     data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
     try:
-        out = rewrite_json(data, route.alias)
+        out = rewrite_json(data, route.alias, route.model)
     except SSEError:
         raise UpstreamBadResponse(route.alias) from None
     if out[:1] != b"{":
@@ -229,7 +229,7 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
     """
     out = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": rid})
     await out.prepare(request)
-    rewriter = SSERewriter(route.model_echo, route.alias_echo, route.alias)
+    rewriter = SSERewriter(route.alias, route.model)
     failure: GatewayError | None = None
     read = resp.read
     write = out.write

@@ -1,23 +1,28 @@
-"""Server-Sent Events framing and the `model` rewrite: bytes in, bytes out, no I/O.
+"""Server-Sent Events framing and the response rewrite: bytes in, bytes out, no I/O.
 
-The hot path of the gateway. mlx_lm.server writes every event as
-`data: {json.dumps(obj)}\\n\\n`, so the top-level `"model": "<internal id>"` it echoes is a
-fixed byte string we can splice without decoding the JSON. The splice is used only when it
-provably gives the same object as a real JSON rewrite:
+The hot path of the gateway. What a client must see differs from what mlx_lm.server sends in
+three places (`rewrite_obj` is the reference): `model` is the public alias (mlx echoes the
+internal id, and the same id anywhere as a `model` key's value is replaced too), the
+`system_fingerprint` (mlx puts the node's OS, kernel and libc there) is an opaque token, and
+the stream's usage event is labelled `chat.completion.chunk` as OpenAI labels it.
 
-* the frame is a single `data: {...}` line,
-* the bytes `"model"` occur exactly once in it (no nested or duplicate `model` key), and
-* they are followed by exactly the echo we expect, with no `{` between the frame's opening
-  brace and them (so the key sits at the top level: a key cannot be inside a string, because
-  quotes inside JSON strings are escaped).
+mlx writes every event as `data: {json.dumps(obj)}\\n\\n`, so `"model": "<internal id>"` is a
+fixed byte string, and so is `"system_fingerprint": "<fp>"` once the first event has told us
+the value. A block of events read together is spliced with one `bytes.replace` per string,
+without decoding it, when that provably gives the same objects as the JSON path:
 
-The same holds for `"system_fingerprint"`, which mlx fills with the node's OS, kernel and
-libc: it is learned from the first event (JSON path) and then spliced to an opaque token.
-Anything else (comments aside, which pass through untouched) takes the JSON path. A frame
-that holds the expected bytes but is not valid JSON elsewhere is relayed as it came: checking
-would cost a full decode per event, and mlx only ever writes `json.dumps` output. Frames are
-split on blank lines ourselves, never by line reads, so one event may span many reads and one
-read may carry many events.
+* every `"model"` token in the block is followed by exactly the internal id's echo, and every
+  `"system_fingerprint"` token by the learned value (inside a JSON string a quote is escaped,
+  so these bytes can only be keys: `"a": "model"` ends in a quote, not a colon);
+* no event is a usage event (`"object": "chat.completion"`), and every `data:` holds an
+  object (so non-JSON data is still refused by the JSON path). Non-data lines (comments, `id:`)
+  get the same replacement on both paths, and a key split across `data:` lines fails the
+  count, so events need not be one line.
+
+Anything else takes the JSON path, event by event. An event that holds the expected bytes but
+is not valid JSON elsewhere is relayed as it came: checking would cost a full decode per event,
+and mlx only writes `json.dumps` output. Events are split on blank lines here, never by line
+reads, so one event may span many reads and one read may carry many events.
 """
 
 from __future__ import annotations
@@ -26,10 +31,9 @@ import hashlib
 import json
 
 DONE = b"data: [DONE]"
-_DATA_OBJ = b"data: {"
 _MODEL_KEY = b'"model"'
 _FP_KEY = b'"system_fingerprint"'
-_UNARY_OBJECT = b'"object": "chat.completion"'  # not a prefix of "...chunk": the quote closes
+_USAGE_OBJECT = b'"object": "chat.completion"'  # not a prefix of "...chunk": the quote closes
 
 
 class SSEError(ValueError):
@@ -37,47 +41,57 @@ class SSEError(ValueError):
 
 
 def mask_fingerprint(value: str) -> str:
-    """mlx's `system_fingerprint` names the node's OS, kernel and libc. Clients get a stable
-    opaque token instead: it still changes when the backend changes, as OpenAI's does."""
+    """A stable opaque token for mlx's fingerprint: it still changes when the backend does,
+    as OpenAI's does, without naming the node's OS, kernel or libc."""
     return "fp_" + hashlib.sha256(value.encode()).hexdigest()[:12]
 
 
-def rewrite_obj(obj: object, alias: str, stream: bool = False) -> bool:
-    """Set the top-level `model` (only if present) and mask `system_fingerprint`; in a stream,
-    mlx's usage event says `"object": "chat.completion"` where OpenAI (and typed clients) say
-    `chat.completion.chunk`. True if `obj` is a dict (the only shape we change)."""
+def echo(key: str, value: str) -> bytes:
+    """The bytes json.dumps writes for one `"key": "value"` pair (ASCII-escaped)."""
+    return json.dumps(key).encode() + b": " + json.dumps(value).encode()
+
+
+def rewrite_obj(obj: object, alias: str, internal: str, stream: bool = False) -> bool:
+    """The reference rewrite, in place. Top level: `model` (if present) becomes the alias; in
+    a stream, `"object": "chat.completion"` becomes `chat.completion.chunk`. At any depth: a
+    `model` equal to the internal id becomes the alias and every string `system_fingerprint`
+    is masked. True if `obj` is a dict (the only shape we change)."""
     if not isinstance(obj, dict):
         return False
+    stack: list[object] = [obj]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("model") == internal:
+                node["model"] = alias
+            fp = node.get("system_fingerprint")
+            if isinstance(fp, str):
+                node["system_fingerprint"] = mask_fingerprint(fp)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     if "model" in obj:
         obj["model"] = alias
     if stream and obj.get("object") == "chat.completion":
         obj["object"] = "chat.completion.chunk"
-    fp = obj.get("system_fingerprint")
-    if isinstance(fp, str):
-        obj["system_fingerprint"] = mask_fingerprint(fp)
     return True
 
 
-def rewrite_json(payload: bytes, alias: str) -> bytes:
-    """The reference rewrite of one JSON document (see `rewrite_obj`).
-
-    Raises SSEError when `payload` is not JSON.
-    """
+def rewrite_json(payload: bytes, alias: str, internal: str, stream: bool = False) -> bytes:
+    """`rewrite_obj` on one JSON document. Raises SSEError when `payload` is not JSON."""
     try:
         obj = json.loads(payload)
     except (ValueError, RecursionError):
         raise SSEError("event data is not JSON") from None
-    if rewrite_obj(obj, alias):
+    if rewrite_obj(obj, alias, internal, stream):
         return json.dumps(obj).encode()
     return payload
 
 
-def rewrite_body(body: bytes, alias: str) -> bytes:
-    """Rewrite a unary JSON response. Raises SSEError if it is not JSON.
-
-    Always the JSON path: one body per request, and decoding it is the validation we need.
-    """
-    return rewrite_json(body, alias)
+def _count(before: bytes, after: bytes, old: bytes, new: bytes) -> int:
+    """How many `old` became `new` in `before.replace(old, new) == after`."""
+    delta = len(new) - len(old)
+    return (len(after) - len(before)) // delta if delta else before.count(old)
 
 
 def _is_done(frame: bytes) -> bool:
@@ -97,14 +111,14 @@ class SSERewriter:
     everything else is ignored. Memory is bounded by `max_event` bytes of incomplete event.
     """
 
-    __slots__ = ("_alias", "_alias_echo", "_cr", "_echo", "_fp", "_fp_repl", "_tail", "done",
-                 "max_event")
+    __slots__ = ("_alias", "_alias_echo", "_cr", "_echo", "_fp", "_fp_repl", "_internal",
+                 "_tail", "done", "max_event")
 
-    def __init__(self, echo: bytes, alias_echo: bytes, alias: str,
-                 max_event: int = 8 * 1024 * 1024) -> None:
-        self._echo = echo
-        self._alias_echo = alias_echo
+    def __init__(self, alias: str, internal: str, max_event: int = 8 * 1024 * 1024) -> None:
         self._alias = alias
+        self._internal = internal
+        self._echo = echo("model", internal)
+        self._alias_echo = echo("model", alias)
         self._fp: bytes | None = None  # learned from the first event that carries it
         self._fp_repl = b""
         self._tail = b""
@@ -133,7 +147,15 @@ class SSERewriter:
         self._tail = data[end + 2:]
         if len(self._tail) > self.max_event:
             raise SSEError("event too large")
-        return self._rewrite_block(data[:end] if self._tail else data[:-2])
+        block = data[:end] if self._tail else data[:-2]
+        at = block.find(b"[DONE]")
+        if at < 0:
+            return self._rewrite(block)
+        start = at - 6  # the usual last read: [...events] data: [DONE]
+        if block[start:at] == b"data: " and (start == 0 or block[start - 2:start] == b"\n\n"):
+            self.done = True
+            return (self._rewrite(block[:start - 2]) if start else b"") + DONE + b"\n\n"
+        return self._rewrite_frames(block)
 
     def _normalize(self, data: bytes) -> bytes:
         """CRLF and CR line ends (allowed by SSE) become LF. A read ending in CR ends its line
@@ -146,55 +168,46 @@ class SSERewriter:
             self._cr = True
         return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
-    def _spliceable(self, frame: bytes) -> bool:
-        """Whether byte replacement of the echo (and the learned fingerprint) in this
-        `data: {...}` frame equals the JSON rewrite (see the module docstring)."""
-        pos = frame.find(self._echo, 7)
-        if pos < 0 or frame.count(_MODEL_KEY) != 1 or frame.find(b"{", 7, pos) >= 0:
-            return False
-        if _UNARY_OBJECT in frame:  # the usage event: JSON path fixes its `object`
-            return False
-        if self._fp is None:
-            return _FP_KEY not in frame
-        return frame.count(_FP_KEY) == 1 and frame.find(self._fp, 7, pos) > 0
-
-    def _splice(self, block: bytes) -> bytes:
+    def _splice(self, block: bytes) -> bytes | None:
+        """`block` with the echo and fingerprint replaced, or None when that would differ from
+        the JSON path (the module docstring's conditions). The replacements' counts come from
+        the length change, so each string costs one pass."""
+        if _USAGE_OBJECT in block or block.count(b"data:") != block.count(b"data: {"):
+            return None  # the usage event, or data that is not an object: JSON path
         out = block.replace(self._echo, self._alias_echo)
-        return out.replace(self._fp, self._fp_repl) if self._fp is not None else out
+        if _count(block, out, self._echo, self._alias_echo) != block.count(_MODEL_KEY):
+            return None
+        if self._fp is None:
+            return out if _FP_KEY not in block else None
+        done = out.replace(self._fp, self._fp_repl)
+        if _count(out, done, self._fp, self._fp_repl) != block.count(_FP_KEY):
+            return None
+        return done
 
-    def _rewrite_block(self, block: bytes) -> bytes:
-        """`block` is one or more complete frames joined by blank lines, without the last one.
+    def _rewrite(self, block: bytes) -> bytes:
+        """`block`: complete events joined by blank lines, without the last blank line and
+        without [DONE]."""
+        out = self._splice(block)
+        if out is not None:
+            return out + b"\n\n"
+        return self._rewrite_frames(block)
 
-        Runs of frames that pass the checks are spliced with one `replace` each; only the
-        frames that fail them take the JSON path.
-        """
-        frames = block.split(b"\n\n")
-        out: list[bytes] | None = None
-        run = 0  # first frame of the current spliceable run
-        echo, fp = self._echo, self._fp
-        for i, frame in enumerate(frames):
-            if b"\n" not in frame:
-                if frame[:7] == _DATA_OBJ:
-                    if self._spliceable(frame):
-                        continue
-                elif frame[:1] == b":" and echo not in frame and (fp is None or fp not in frame):
-                    continue  # a comment such as ": keepalive 3/40"
-            if out is None:
-                out = []
-            if i > run:
-                out.append(self._splice(b"\n\n".join(frames[run:i])))
-            run = i + 1
+    def _rewrite_frames(self, block: bytes) -> bytes:
+        """Event by event: splice where it is exact, the JSON path elsewhere."""
+        out = []
+        for frame in block.split(b"\n\n"):
             if _is_done(frame):
                 self.done = True
                 out.append(frame)
-                return b"\n\n".join(out) + b"\n\n"
-            out.append(self._rewrite_event(frame))
-            fp = self._fp  # the event may have taught us the fingerprint
-        if out is None:
-            return self._splice(block) + b"\n\n"
-        if run < len(frames):
-            out.append(self._splice(b"\n\n".join(frames[run:])))
+                break
+            spliced = self._splice(frame)
+            out.append(spliced if spliced is not None else self._rewrite_event(frame))
         return b"\n\n".join(out) + b"\n\n"
+
+    def _plain(self, line: bytes) -> bytes:
+        """A non-data line (comment, id:, event:) never shows the internal id either."""
+        out = line.replace(self._echo, self._alias_echo)
+        return out.replace(self._fp, self._fp_repl) if self._fp is not None else out
 
     def _rewrite_event(self, frame: bytes) -> bytes:
         """The JSON path for one event; learns the upstream's fingerprint on the way."""
@@ -208,28 +221,21 @@ class SSERewriter:
                 if first < 0:
                     first = i
         if first < 0:
-            return self._splice(frame)  # comments and other fields only
+            return self._plain(frame)  # comments and other fields only
         try:
             obj = json.loads(b"\n".join(data))
         except (ValueError, RecursionError):
             raise SSEError("event data is not JSON") from None
-        if not rewrite_obj_learning(obj, self._alias, self):
+        if isinstance(obj, dict) and isinstance(obj.get("system_fingerprint"), str):
+            self._learn(obj["system_fingerprint"])
+        if not rewrite_obj(obj, self._alias, self._internal, stream=True):
             return frame
         new = b"data: " + json.dumps(obj).encode()
-        kept = [new if i == first else self._splice(line) for i, line in enumerate(lines)
-                if i == first or not line.startswith(b"data:")]
-        return b"\n".join(kept)
+        return b"\n".join(new if i == first else self._plain(line)
+                          for i, line in enumerate(lines)
+                          if i == first or not line.startswith(b"data:"))
 
-    def learn(self, fingerprint: str) -> None:
+    def _learn(self, fingerprint: str) -> None:
         if self._fp is None:
-            key = b'"system_fingerprint": '
-            self._fp = key + json.dumps(fingerprint).encode()
-            self._fp_repl = key + json.dumps(mask_fingerprint(fingerprint)).encode()
-
-
-def rewrite_obj_learning(obj: object, alias: str, rewriter: SSERewriter) -> bool:
-    if isinstance(obj, dict):
-        fp = obj.get("system_fingerprint")
-        if isinstance(fp, str):
-            rewriter.learn(fp)
-    return rewrite_obj(obj, alias, stream=True)
+            self._fp = echo("system_fingerprint", fingerprint)
+            self._fp_repl = echo("system_fingerprint", mask_fingerprint(fingerprint))

@@ -72,16 +72,6 @@ def test_shipped_routes_use_default_timeouts_and_settings() -> None:
     assert table.settings == GatewaySettings()
 
 
-def test_model_echo_is_the_bytes_mlx_writes() -> None:
-    route = parse_routes(GOOD).resolve("a")
-    assert route is not None
-    assert route.model_echo == b'"model": "org/model-a"'
-    assert route.alias_echo == b'"model": "a"'
-
-
-# --- parsing strings ----------------------------------------------------------------------
-
-
 def test_upstreams_are_deduplicated_and_trailing_slash_stripped() -> None:
     table = parse_routes(GOOD)
     assert table.upstreams == ("http://h1.local:8081",)

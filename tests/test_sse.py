@@ -13,16 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maclustr.config import Route
-from maclustr.sse import SSEError, SSERewriter, mask_fingerprint, rewrite_body, rewrite_json
+from maclustr.sse import SSEError, SSERewriter, echo, mask_fingerprint, rewrite_json
 
 INTERNAL = "mlx-community/Qwen3-Coder-30B-A3B-Instruct-4bit"
 ALIAS = "maclustr-coder"
 ROUTE = Route(alias=ALIAS, model=INTERNAL, upstream="http://studio-1.local:8081")
+MODEL_ECHO = echo("model", INTERNAL)
 FP = "0.32.2-0.32.4-Linux-6.18.44-x86_64-with-glibc2.36-x86_64"
 
 
 def rewriter(route: Route = ROUTE, max_event: int = 8 * 1024 * 1024) -> SSERewriter:
-    return SSERewriter(route.model_echo, route.alias_echo, route.alias, max_event=max_event)
+    return SSERewriter(route.alias, route.model, max_event=max_event)
 
 
 def chunk(text: str | None, finish: str | None = None, model: str = INTERNAL) -> dict[str, Any]:
@@ -211,8 +212,8 @@ def test_data_without_space_after_colon() -> None:
 
 
 def test_comment_mentioning_internal_id_is_not_passed_verbatim() -> None:
-    out = feed_all([b": " + ROUTE.model_echo + b"\n\n" + data(EVENTS[0])])
-    assert ROUTE.model_echo not in out
+    out = feed_all([b": " + MODEL_ECHO + b"\n\n" + data(EVENTS[0])])
+    assert MODEL_ECHO not in out
 
 
 def test_other_fields_are_kept_in_order_around_the_rewritten_data() -> None:
@@ -240,9 +241,16 @@ def test_fingerprint_token_is_stable_and_distinct_per_backend() -> None:
 
 
 def test_non_json_data_raises() -> None:
-    for bad in (b"data: hello\n\n", b"data: {broken\n\n", b"data: {\"a\": 1\n\n"):
+    for bad in (b"data: hello\n\n", b"data: <html>\n\n", b"data: {\"model\": x}\n\n"):
         with pytest.raises(SSEError):
             rewriter().feed(bad)
+
+
+def test_broken_object_without_ids_is_relayed_as_is() -> None:
+    """The documented trade-off: an event that looks like an object and holds nothing to
+    rewrite is not decoded, so a broken one passes as it came."""
+    for bad in (b"data: {broken\n\n", b'data: {"a": 1\n\n'):
+        assert rewriter().feed(bad) == bad
 
 
 def test_non_json_data_after_good_events_raises() -> None:
@@ -281,7 +289,7 @@ UNARY = {"id": "chatcmpl-2", "system_fingerprint": FP, "object": "chat.completio
 
 
 def unary(body: bytes) -> bytes:
-    return rewrite_body(body, ALIAS)
+    return rewrite_json(body, ALIAS, INTERNAL)
 
 
 def test_rewrite_body_changes_only_model() -> None:
@@ -302,7 +310,7 @@ def test_rewrite_body_without_model_is_unchanged() -> None:
 
 
 def test_rewrite_body_refuses_non_json() -> None:
-    for body in (b"Not Found", b"", b"{" + ROUTE.model_echo + b", }", b"<html>", b"[" * 10**5):
+    for body in (b"Not Found", b"", b"{" + MODEL_ECHO + b", }", b"<html>", b"[" * 10**5):
         with pytest.raises(SSEError):
             unary(body)
 
@@ -341,15 +349,27 @@ def chunk_objects(draw: st.DrawFn) -> dict[str, Any]:
     return dict(items)
 
 
-def check_reference(obj: dict[str, Any], reference: dict[str, Any]) -> None:
-    """The reference itself: only `model` and a string `system_fingerprint` change."""
-    if "model" in obj:
-        assert reference["model"] == ALIAS
-    fp = obj.get("system_fingerprint")
-    if isinstance(fp, str):
-        assert reference["system_fingerprint"] == mask_fingerprint(fp)
-    assert {k: v for k, v in reference.items() if k not in TOP} == \
-        {k: v for k, v in obj.items() if k not in TOP}
+def expected(node: Any, internal: str, top: bool = True) -> Any:
+    """An independent statement of the rewrite: top-level `model` -> alias; at any depth a
+    `model` equal to the internal id -> alias and a string `system_fingerprint` masked; the
+    stream's usage `object` relabelled."""
+    if isinstance(node, list):
+        return [expected(v, internal, False) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: expected(v, internal, False) for k, v in node.items()}
+    if "model" in out and (top or node["model"] == internal):
+        out["model"] = ALIAS
+    if isinstance(node.get("system_fingerprint"), str):
+        out["system_fingerprint"] = mask_fingerprint(node["system_fingerprint"])
+    if top and node.get("object") == "chat.completion":
+        out["object"] = "chat.completion.chunk"
+    return out
+
+
+def check_reference(obj: dict[str, Any], reference: dict[str, Any], internal: str) -> None:
+    """The reference itself agrees with the independent statement of the rule."""
+    assert reference == expected(obj, internal)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -357,17 +377,17 @@ def check_reference(obj: dict[str, Any], reference: dict[str, Any]) -> None:
 def test_fast_path_equals_json_path(obj: dict[str, Any], model: str, ascii_only: bool) -> None:
     route = Route(alias=ALIAS, model=model, upstream="http://h:1")
     payload = json.dumps(obj, ensure_ascii=ascii_only).encode()
-    reference = json.loads(rewrite_json(payload, ALIAS))
+    reference = json.loads(rewrite_json(payload, ALIAS, route.model, stream=True))
 
-    rw = SSERewriter(route.model_echo, route.alias_echo, ALIAS)
+    rw = SSERewriter(ALIAS, route.model)
     out = rw.feed(b"data: " + payload + b"\n\n")
     assert out.startswith(b"data: ") and out.endswith(b"\n\n")
     assert json.loads(out[6:-2]) == reference
 
-    body = rewrite_body(payload, ALIAS)
+    body = rewrite_json(payload, ALIAS, route.model)
     assert json.loads(body) == reference
 
-    check_reference(obj, reference)
+    check_reference(obj, reference, route.model)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -381,7 +401,8 @@ def test_fast_path_equals_json_path_in_split_streams(objs: list[dict[str, Any]],
     assert fs[0] == b": keepalive 1/1"
     assert fs[-1] == b"data: [DONE]"
     got = [json.loads(f[6:]) for f in fs[1:-1]]
-    want = [json.loads(rewrite_json(json.dumps(o).encode(), ALIAS)) for o in objs]
+    want = [json.loads(rewrite_json(json.dumps(o).encode(), ALIAS, INTERNAL, stream=True))
+            for o in objs]
     assert got == want
 
 
@@ -393,11 +414,12 @@ def test_after_learning_a_fingerprint_splice_equals_json_path(
     """Once the rewriter has learned the node's fingerprint from a first mlx-shaped event,
     later events take the splice; each must still equal its own JSON rewrite."""
     route = Route(alias=ALIAS, model=model, upstream="http://h:1")
-    rw = SSERewriter(route.model_echo, route.alias_echo, ALIAS)
+    rw = SSERewriter(ALIAS, route.model)
     opening = chunk("x", model=model) | {"system_fingerprint": first}
     assert json.loads(rw.feed(data(opening))[6:]) == as_alias(opening)
     for obj in objs:
         out = rw.feed(b"data: " + json.dumps(obj).encode() + b"\n\n")
-        reference = json.loads(rewrite_json(json.dumps(obj).encode(), ALIAS))
+        reference = json.loads(rewrite_json(json.dumps(obj).encode(), ALIAS, route.model,
+                                            stream=True))
         assert json.loads(out[6:-2]) == reference
-        check_reference(obj, reference)
+        check_reference(obj, reference, route.model)
