@@ -197,6 +197,7 @@ _JS = """
     cell.appendChild(dot); cell.appendChild(document.createTextNode(status));
   }
   function refresh(){
+    if (document.hidden) { setTimeout(refresh, 5000); return; }  // no pings for hidden tabs
     fetch('/health?deep=true', {cache: 'no-store', headers: {'Accept': 'application/json'}})
       .then(function(r){ return r.json(); })
       .then(function(h){

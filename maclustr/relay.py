@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -220,34 +221,74 @@ async def relay_unary(resp: Response, route: Route, rid: str, dog: Watchdog) -> 
                                            "X-Request-Id": rid, "Server": SERVER})
 
 
+CLIENT_HIGH_WATER = 256 * 1024  # bytes queued for a slow client before the upstream pauses
+CLIENT_LOW_WATER = 64 * 1024
+
+
 async def relay_stream(request: web.Request, up: Upstream, resp: Response, route: Route,
                        rid: str, dog: Watchdog) -> web.StreamResponse:
-    """Relay an event stream: each read's complete events are rewritten and written at once.
+    """Relay an event stream. Each upstream read is rewritten and written to the client inside
+    the socket callback (`Response.pump`): no buffering and no task switch per read, so an
+    event reaches the client the moment its last byte arrives.
 
-    Backpressure: `out.write` waits while the client is slow, and we do not read upstream
-    meanwhile, so the upstream socket is paused (bounded memory per stream).
+    Backpressure: past CLIENT_HIGH_WATER bytes queued for a slow client, reading from the
+    upstream pauses until the client has taken all but CLIENT_LOW_WATER, so memory per stream
+    stays bounded and TCP flow control reaches the model server.
     """
     out = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": rid})
-    await out.prepare(request)
+    await out.prepare(request)  # sends the headers now (aiohttp: StreamResponse)
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client gone")
     rewriter = SSERewriter(route.alias, route.model)
-    failure: GatewayError | None = None
-    read = resp.read
-    write = out.write
+    # aiohttp chose the framing in prepare(): chunked for HTTP/1.1, close-delimited for 1.0.
+    chunked = out.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    write = transport.write
+    buffered = transport.get_write_buffer_size
     touch = dog.touch
+    state = {"bad": False, "full": False}
+
+    def sink(data: bytes) -> None:
+        touch()
+        try:
+            chunk = rewriter.feed(data)
+        except SSEError:
+            state["bad"] = True
+            resp.pause()
+            resp.halt()
+            return
+        if chunk:
+            if transport.is_closing():
+                resp.pause()
+                resp.halt()
+                return
+            write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if buffered() > CLIENT_HIGH_WATER:
+                state["full"] = True
+                resp.pause()
+                resp.halt()
+        if rewriter.done:
+            resp.halt()
+
+    failure: GatewayError | None = None
     try:
+        resp.pump(sink)
         while True:
-            chunk = await read()
-            if not chunk:
-                break
-            touch()
-            data = rewriter.feed(chunk)
-            if data:
-                await write(data)
-                touch()
-            if rewriter.done:
-                break
-        if not rewriter.done:
-            failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
+            await resp.wait()
+            if state["bad"]:
+                failure = UpstreamBadResponse(route.alias)
+            elif rewriter.done:
+                pass
+            elif transport.is_closing():
+                raise ConnectionResetError("client gone")
+            elif state["full"]:
+                await _drained(transport, buffered, dog)
+                state["full"] = False
+                resp.resume()
+                continue
+            else:
+                failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
+            break
     except asyncio.CancelledError:
         if dog.fired:
             dog.absorb()
@@ -257,8 +298,6 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
             raise
         else:
             raise
-    except SSEError:
-        failure = UpstreamBadResponse(route.alias)
     except OSError:
         if _client_gone(request):
             raise
@@ -269,6 +308,20 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
         return out
     await out.write_eof()
     return out
+
+
+async def _drained(transport: asyncio.BaseTransport, buffered: Callable[[], int],
+                   dog: Watchdog) -> None:
+    """Wait for a slow client to take its queued bytes. Polls: this runs only under
+    backpressure. Progress counts as activity for the idle timeout; a client that takes
+    nothing for `idle` seconds is timed out by the watchdog."""
+    last = buffered()
+    while last > CLIENT_LOW_WATER and not transport.is_closing():
+        await asyncio.sleep(0.005)
+        now = buffered()
+        if now < last:
+            dog.touch()
+        last = now
 
 
 async def _finish_with(request: web.Request, out: web.StreamResponse,

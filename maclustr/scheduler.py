@@ -98,6 +98,10 @@ class _FairQueue:
                 del self._by_key[key]
 
 
+def _granted(f: asyncio.Future[Replica]) -> bool:
+    return f.done() and not f.cancelled() and f.exception() is None
+
+
 def conversation_prefix(payload: dict[str, Any]) -> str | None:
     """A stable hash of what every later turn of a conversation starts with: the system prompt
     and the first user message (chat), or the prompt's first 512 characters (completions)."""
@@ -192,14 +196,14 @@ class Scheduler:
             return await asyncio.wait_for(asyncio.shield(w.future), route.queue_timeout)
         except asyncio.TimeoutError:
             q.remove(key, w)
-            if w.future.done():  # granted at the last moment: hand the slot back
+            if _granted(w.future):  # granted at the last moment: hand the slot back
                 self.release(w.future.result(), ok=None)
             w.future.cancel()
             raise Overloaded(route.alias, "no slot freed up in time",
                              retry_after=max(1, math.ceil(route.queue_timeout / 4))) from None
         except asyncio.CancelledError:  # the client left while queued: leave at once
             q.remove(key, w)
-            if w.future.done() and not w.future.cancelled():
+            if _granted(w.future):
                 self.release(w.future.result(), ok=None)
             w.future.cancel()
             raise
@@ -233,13 +237,20 @@ class Scheduler:
             seen.popitem(last=False)
 
     def _pump(self) -> None:
-        """Hand free slots to queued requests, oldest first, keys in turn."""
+        """Hand free slots to queued requests, oldest first, keys in turn. When a model has
+        lost its last replica, its queued requests get the 503 at once instead of waiting
+        out their queue_timeout."""
         for q in self._queues.values():
             while q.size:
                 w = q.peek()
                 assert w is not None
                 if w.future.done():
                     q.pop()
+                    continue
+                if self.all_down(w.route):
+                    q.pop()
+                    w.future.set_exception(
+                        ModelUnavailable(w.route.alias, self.retry_after(w.route)))
                     continue
                 r = self.pick(w.route, w.prefix)
                 if r is None:

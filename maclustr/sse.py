@@ -153,8 +153,9 @@ class SSERewriter:
             return self._rewrite(block)
         start = at - 6  # the usual last read: [...events] data: [DONE]
         if block[start:at] == b"data: " and (start == 0 or block[start - 2:start] == b"\n\n"):
+            head = self._rewrite(block[:start - 2]) if start else b""
             self.done = True
-            return (self._rewrite(block[:start - 2]) if start else b"") + DONE + b"\n\n"
+            return head + DONE + b"\n\n"
         return self._rewrite_frames(block)
 
     def _normalize(self, data: bytes) -> bytes:
@@ -185,23 +186,51 @@ class SSERewriter:
         return done
 
     def _rewrite(self, block: bytes) -> bytes:
-        """`block`: complete events joined by blank lines, without the last blank line and
-        without [DONE]."""
+        """`block`: complete events joined by blank lines, without the last blank line.
+
+        One splice for the whole block when exact. Otherwise the usage event (once per
+        stream) is cut out and rewritten alone, and the rest goes event by event, with one
+        more try at a whole-block splice once the first event has taught us the fingerprint.
+        """
         out = self._splice(block)
         if out is not None:
             return out + b"\n\n"
-        return self._rewrite_frames(block)
+        at = block.find(_USAGE_OBJECT)
+        if at < 0:
+            return self._rewrite_frames(block)
+        start = block.rfind(b"\n\n", 0, at)
+        start = 0 if start < 0 else start + 2
+        end = block.find(b"\n\n", at)
+        end = len(block) if end < 0 else end
+        parts = [self._rewrite(block[:start - 2])] if start else []
+        if not self.done:
+            parts.append(self._rewrite_frames(block[start:end]))
+        if end < len(block) and not self.done:
+            parts.append(self._rewrite(block[end + 2:]))
+        return b"".join(parts)
 
     def _rewrite_frames(self, block: bytes) -> bytes:
         """Event by event: splice where it is exact, the JSON path elsewhere."""
         out = []
+        retry = self._fp is None  # learning the fingerprint may make the rest spliceable
+        offset = 0
         for frame in block.split(b"\n\n"):
+            offset += len(frame) + 2
             if _is_done(frame):
                 self.done = True
                 out.append(frame)
                 break
             spliced = self._splice(frame)
-            out.append(spliced if spliced is not None else self._rewrite_event(frame))
+            if spliced is not None:
+                out.append(spliced)
+                continue
+            out.append(self._rewrite_event(frame))
+            if retry and self._fp is not None and offset < len(block):
+                retry = False
+                rest = self._splice(block[offset:])
+                if rest is not None:
+                    out.append(rest)
+                    break
         return b"\n\n".join(out) + b"\n\n"
 
     def _plain(self, line: bytes) -> bytes:

@@ -68,6 +68,26 @@ class Response:
     async def read(self) -> bytes:
         return await self._conn.read_body()
 
+    def pump(self, sink: Callable[[bytes], None]) -> None:
+        """From now on, hand body bytes to `sink` as they arrive, inside the socket callback:
+        no buffering and no task switch per read (the stream relay's fast path). `sink`
+        must not raise; it may call `halt()` and `pause()`."""
+        self._conn.pump(sink)
+
+    async def wait(self) -> None:
+        """With a sink: until the body ends or `halt()` is called; raises if it broke."""
+        await self._conn.wait()
+
+    def halt(self) -> None:
+        """Wake `wait()` (from the sink)."""
+        self._conn.halt()
+
+    def pause(self) -> None:
+        self._conn.pause()
+
+    def resume(self) -> None:
+        self._conn.resume()
+
     def close(self) -> None:
         """Drop the connection unless the response was read completely and may be reused."""
         self._conn.finish()
@@ -97,6 +117,8 @@ class _Conn(asyncio.Protocol):
         self._body_done = False
         self._keep_alive = False
         self.idle_since = 0.0
+        self._sink: Callable[[bytes], None] | None = None
+        self._halted = False
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
@@ -198,6 +220,12 @@ class _Conn(asyncio.Protocol):
                 self._body_done = True
             else:
                 self._remaining -= len(data)
+        if self._sink is not None:
+            if data:
+                self._sink(data)
+            if self._body_done:
+                self._wake()
+            return
         if data:
             self._buf.append(data)
             self._buffered += len(data)
@@ -253,12 +281,47 @@ class _Conn(asyncio.Protocol):
             finally:
                 self._waiter = None
 
+    def pump(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf = []
+            self._buffered = 0
+            sink(data)
+        self.resume()
+
+    def halt(self) -> None:
+        self._halted = True
+        self._wake()
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    async def wait(self) -> None:
+        while not (self._halted or self._body_done or self._lost or self._exc is not None):
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self._halted = False
+        if self._exc is not None:
+            raise self._exc
+
     def finish(self) -> None:
         """Return to the pool if the exchange completed cleanly, else drop the socket."""
         tr = self.transport
         if tr is None or self._lost:
             return
         if self._body_done and self._keep_alive and not self._buf and self._exc is None:
+            self.resume()
             self._reset_for_reuse()
             self._client.release(self)
         else:
@@ -272,6 +335,8 @@ class _Conn(asyncio.Protocol):
         self._body_done = False
         self._keep_alive = False
         self._got_bytes = False
+        self._sink = None
+        self._halted = False
         self.idle_since = time.monotonic()
 
     @property
