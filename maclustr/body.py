@@ -43,6 +43,11 @@ def parse_request(body: bytes) -> dict[str, Any]:
         raise BadRequest(f"'model' must be a string, not {_json_type(model)}.", param="model")
     if not model.strip():
         raise BadRequest("'model' must not be empty.", param="model")
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        # mlx_lm.server refuses it too; checking here keeps the relay's stream/unary choice
+        # in step with what the upstream will do.
+        raise BadRequest("'stream' must be a boolean.", param="stream")
     return payload
 
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 import re
 from html import unescape
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 from conftest import KEY, KEY2, FakeMLX, routes_yaml
+
+from maclustr.config import load_routes
+from maclustr.page import render_page
 
 FOUR = ("maclustr-coder", "maclustr-general", "maclustr-reasoning", "maclustr-fast")
 URL_RE = re.compile(r"https?://[^\s\"'<>`\\)]+")
@@ -209,3 +213,13 @@ async def test_openapi_json_is_public_and_lists_live_aliases(make_gateway: Any,
     assert doc["openapi"].startswith("3.1")
     assert doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]["model"][
         "enum"] == list(FOUR)
+
+
+def test_page_for_the_shipped_routes_hides_every_internal_name() -> None:
+    table = load_routes(Path(__file__).resolve().parent.parent / "routes.yaml")
+    html = render_page(table, "https://llm.maclustr.io")
+    for r in table.routes:
+        assert r.model not in html and r.upstream not in html
+        assert f"<code>{r.alias}</code>" in html
+    assert "studio-" not in html and "mlx-community" not in html and ".local" not in html
+    assert "30B (MoE · 3B active)" in html
