@@ -13,7 +13,12 @@ Scenarios: (a) unary chat via wrk, c=64 and c=16 (req/s, p50/p99) and c=1 (added
 (b) 64-chunk streams, unpaced, c=16 via wrk (streams/s, chunks/s); (c) 64-chunk streams
 paced 20 ms, c=16 via aiohttp (TTFB p50/p99, added per-chunk latency vs direct); (d) N slow
 streams at 1 chunk/s (RSS, CPU, all complete); (e) CPU microseconds per relayed event (from
-b) and per unary request (from a); (f) the real tiny mlx_lm.server through maclustr vs direct.
+b) and per unary request (from a); (f) the real tiny mlx_lm.server through maclustr vs direct;
+(g) queueing (issue 7): 32 clients against an upstream that serves 2 streams at a time, maclustr
+with max_concurrency 2 / max_queue 16 / queue_timeout 2 (completed, p50/p99, 429s with
+Retry-After, longest wait vs queue_timeout), direct as the no-queue reference; (h) prompt-cache
+affinity: two real tiny mlx_lm.server replicas behind one maclustr, TTFT of later conversation
+turns with affinity vs round-robin, with the replicas' cached_tokens.
 
 Run: `make bench` (full, < 8 min), `python bench/run.py --quick` (seconds),
 `--only maclustr,direct`, `--scenarios a,b,e`, `--http11` (keep-alive upstream),
@@ -27,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -71,10 +77,20 @@ class Sizes:
     slow_s: int = 30
     real_requests: int = 3
     real_tokens: int = 256
+    queue_s: float = 10.0  # (g) how long the clients keep sending
+    queue_clients: int = 32
+    affinity_convs: int = 3  # (h) conversations, interleaved turn by turn
+    affinity_turns: int = 6
 
 
 QUICK = Sizes(rounds=1, wrk_s=1.0, seq_s=1.0, paced_streams=16, slow_streams=100, slow_s=3,
-              real_requests=1, real_tokens=64)
+              real_requests=1, real_tokens=64, queue_s=3.0, affinity_convs=2,
+              affinity_turns=4)
+
+# (g): the saturated upstream serves 2 streams at a time (20 events x 20 ms, ~0.4 s each);
+# maclustr's route in front of it uses exactly these admission limits.
+QUEUE_LIMITS = {"max_concurrency": 2, "max_queue": 16, "queue_timeout": 2}
+QUEUE_MARGIN_S = 0.25  # how far past queue_timeout a wait may run before it counts as a miss
 
 
 # ---------------------------------------------------------------- processes and /proc
@@ -297,12 +313,15 @@ class Upstreams:
         return f"http://127.0.0.1:{self.ports[kind]}"
 
 
-def start_upstreams(pin: Pinning, sizes: Sizes, http11: bool, chunk_size: int = 8
-                    ) -> Upstreams:
+def start_upstreams(pin: Pinning, sizes: Sizes, http11: bool, chunk_size: int = 8,
+                    queue: bool = False) -> Upstreams:
     ups = Upstreams()
     specs = {"fast": ["--chunks", "64", "--chunk-size", str(chunk_size)],
              "paced": ["--chunks", "64", "--pace-ms", "20", "--stamp"],
              "slow": ["--chunks", str(sizes.slow_s + 1), "--pace-ms", "1000"]}  # lasts slow_s
+    if queue:  # (g): at most 2 streams at a time, ~0.4 s each
+        specs["queue"] = ["--chunks", "20", "--pace-ms", "20",
+                          "--max-concurrent", str(QUEUE_LIMITS["max_concurrency"])]
     for kind, extra in specs.items():
         port = free_port()
         cmd = [PY, str(BENCH / "upstream.py"), "--port", str(port), *extra]
@@ -522,10 +541,13 @@ def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = Fal
     # mlx_lm.server (bench-real, last) keeps the product's defaults. Builds without these
     # keys get the plain file.
     lift = ["    max_concurrency: 100000", "    max_queue: 100000"]
+    queue_url = ups.url("queue") if "queue" in ups.ports else None
     lifted: list[str] = []
     for line in lines:
         lifted.append(line)
-        if line.startswith("    upstream: ") and not line.endswith(f":{ups.real_port}"):
+        if queue_url and line == f"    upstream: {queue_url}":  # (g) measures admission
+            lifted += [f"    {k}: {v}" for k, v in QUEUE_LIMITS.items()]
+        elif line.startswith("    upstream: ") and not line.endswith(f":{ups.real_port}"):
             lifted += lift
     routes.write_text("\n".join(lifted) + "\n")
     check = subprocess.run([str(exe), "check", "--routes", str(routes)], capture_output=True,
@@ -849,6 +871,251 @@ def scenario_f(t: Target, sizes: Sizes, pin: Pinning) -> dict[str, float]:
             "requests": float(len(results))}
 
 
+async def queue_client(session: Any, url: str, data: bytes, headers: dict[str, str],
+                       deadline: float, out: list[dict[str, Any]]) -> None:
+    """(g) one client: request after request until the deadline; on 429 it waits what
+    Retry-After says (as the OpenAI SDKs do), bounded by the deadline."""
+    for _ in range(10000):
+        if time.monotonic() >= deadline:
+            return
+        t0 = time.monotonic()
+        rec: dict[str, Any] = {"status": 0}
+        try:
+            async with session.post(url, data=data, headers=headers) as r:
+                rec["status"] = r.status
+                rec["head_s"] = time.monotonic() - t0  # queue wait + the upstream's head
+                rec["retry_after"] = r.headers.get("Retry-After")
+                if r.status != 200:
+                    raw = await r.read()
+                    rec["why"] = ("queue full" if b"queue is full" in raw
+                                  else "queue_timeout" if b"in time" in raw
+                                  else raw[:80].decode(errors="replace"))
+                else:
+                    buf, done = b"", False
+                    async for piece in r.content.iter_any():
+                        if "ttfb_s" not in rec and b"data: " in buf + piece:
+                            rec["ttfb_s"] = time.monotonic() - t0
+                        buf = (buf + piece)[-64:]
+                        if b"data: [DONE]" in buf:
+                            done = True
+                    rec["done"] = done
+                rec["total_s"] = time.monotonic() - t0
+        except Exception as e:
+            rec["error"] = repr(e)[:120]
+            rec["total_s"] = time.monotonic() - t0
+        out.append(rec)
+        if rec["status"] == 429:
+            try:
+                wait = float(rec.get("retry_after") or 1)
+            except ValueError:
+                wait = 1.0
+            await asyncio.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+        elif rec["status"] != 200:
+            await asyncio.sleep(0.05)  # an error: do not spin
+
+
+def scenario_g(t: Target, sizes: Sizes, pin: Pinning) -> dict[str, Any]:
+    """(g) 32 clients for queue_s seconds against an upstream that serves 2 at a time."""
+    import aiohttp
+
+    async def run() -> list[dict[str, Any]]:
+        url = t.urls["queue"] + "/v1/chat/completions"
+        data = body(t.models["queue"], True)
+        hdrs = {"Content-Type": "application/json", **t.headers}
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + sizes.queue_s
+        conn = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
+            await asyncio.gather(*(queue_client(s, url, data, hdrs, deadline, out)
+                                   for _ in range(sizes.queue_clients)))
+        return out
+
+    cpu0 = cpu_seconds(t.pids)
+    t0 = time.monotonic()
+    recs = asyncio.run(run())
+    wall = time.monotonic() - t0
+    ok = [r for r in recs if r["status"] == 200 and r.get("done")]
+    limited = [r for r in recs if r["status"] == 429]
+    other = [r for r in recs if r not in ok and r not in limited]
+    lat = [r["total_s"] * 1e3 for r in ok]
+    heads = [r["head_s"] for r in recs if "head_s" in r]
+    qt = float(QUEUE_LIMITS["queue_timeout"])
+    return {
+        "clients": float(sizes.queue_clients), "seconds": sizes.queue_s, "wall_s": wall,
+        "requests": float(len(recs)), "completed": float(len(ok)),
+        "completed_per_s": len(ok) / wall if wall else math.nan,
+        "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+        "ttfb_p50_ms": pct([r["ttfb_s"] * 1e3 for r in ok if "ttfb_s" in r], 50),
+        "rejected_429": float(len(limited)),
+        "rejected_429_with_retry_after": float(sum(1 for r in limited if r["retry_after"])),
+        "rejected_queue_full": float(sum(1 for r in limited if r["why"] == "queue full")),
+        "rejected_queue_timeout": float(sum(1 for r in limited
+                                            if r["why"] == "queue_timeout")),
+        "retry_after_values": ",".join(sorted({str(r["retry_after"]) for r in limited})),
+        "max_wait_s": max(heads, default=math.nan),
+        "max_wait_ok_s": max((r["head_s"] for r in ok), default=math.nan),
+        "max_wait_429_s": max((r["head_s"] for r in limited), default=math.nan),
+        "queue_timeout_s": qt,
+        "waits_over_timeout": float(sum(1 for h in heads if h > qt + QUEUE_MARGIN_S)),
+        "errors": float(len(other)),
+        "first_error": next((str(r.get("error") or f"HTTP {r['status']}") for r in other), ""),
+        "cpu_s": cpu_seconds(t.pids) - cpu0,
+    }
+
+
+# (h) prompt-cache affinity with two real mlx_lm.server replicas of one model
+AFF_WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega vector "
+             "matrix tensor kernel buffer socket stream token cache")
+
+
+def conversation_text(seed: int, words: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    vocab = AFF_WORDS.split()
+    return " ".join(rng.choice(vocab) for _ in range(words))
+
+
+async def chat_turn(session: Any, url: str, headers: dict[str, str],
+                    payload: dict[str, Any]) -> dict[str, float]:
+    """One streamed turn: time to the first token, and the usage event's cache figures."""
+    t0 = time.monotonic()
+    ttft = math.nan
+    usage: dict[str, Any] = {}
+    buf = b""
+    async with session.post(url, json=payload, headers=headers) as r:
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {(await r.read())[:200]!r}")
+        async for piece in r.content.iter_any():
+            buf += piece
+            *events, buf = buf.replace(b"\r\n", b"\n").split(b"\n\n")
+            for ev in events:
+                if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
+                    continue
+                obj = json.loads(ev[6:])
+                if obj.get("choices") and math.isnan(ttft):
+                    ttft = time.monotonic() - t0
+                if obj.get("usage"):
+                    usage = obj["usage"]
+    details = usage.get("prompt_tokens_details") or {}
+    return {"ttft_ms": ttft * 1e3, "prompt_tokens": float(usage.get("prompt_tokens", math.nan)),
+            "cached_tokens": float(details.get("cached_tokens", math.nan))}
+
+
+async def conversations(base: str, headers: dict[str, str], alias_for: Callable[[int], str],
+                        sizes: Sizes, seed: int) -> list[list[dict[str, float]]]:
+    """sizes.affinity_convs conversations of affinity_turns turns, interleaved turn by turn
+    (conv 1 turn 1, conv 2 turn 1, ..., conv 1 turn 2, ...): each has its own ~1,300-token
+    system prompt and adds a ~100-token user message (a tool result) per turn.
+    alias_for(request number) names the model to ask for that request."""
+    import aiohttp
+
+    hist: list[list[dict[str, str]]] = [
+        [{"role": "system", "content": conversation_text(seed + c, 300)}]
+        for c in range(sizes.affinity_convs)]
+    out: list[list[dict[str, float]]] = [[] for _ in hist]
+    n = 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        for turn in range(sizes.affinity_turns):
+            for c, msgs in enumerate(hist):
+                msgs.append({"role": "user", "content": f"turn {turn}: "
+                             + conversation_text(seed * 1000 + c * 100 + turn, 24)})
+                payload = {"model": alias_for(n), "messages": msgs, "stream": True,
+                           "max_tokens": 4, "stream_options": {"include_usage": True}}
+                n += 1
+                out[c].append(await chat_turn(s, base + "/v1/chat/completions", headers,
+                                              payload))
+                msgs.append({"role": "assistant", "content": "Noted, continuing."})
+    return out
+
+
+def fixed_alias(alias: str, _n: int) -> str:
+    return alias
+
+
+def scenario_h(sizes: Sizes, pin: Pinning) -> dict[str, Any]:
+    """(h) two mlx_lm.server replicas of one tiny model (independent prompt caches) behind one
+    maclustr: alias bench-pair lists both (affinity, the default), bench-r1 / bench-r2 one
+    each; round-robin = alternate bench-r1 / bench-r2 per request. Distinct seeds per mode,
+    so the modes never share a cached prefix."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import real_mlx
+    import tiny_model
+
+    model_dir = WORK / "tiny-model"
+    if not (model_dir / "config.json").exists():
+        tiny_model.make_tiny_model(model_dir)
+    exe = Path(PY).parent / "maclustr"
+    procs: list[Proc] = []
+    try:
+        reps = []
+        old = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, pin.upstream)
+        try:
+            for i in (1, 2):
+                port = free_port()
+                log = WORK / "logs" / f"mlx-replica-{i}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                procs.append(Proc(f"mlx-replica-{i}",
+                                  real_mlx.start_mlx_server(model_dir, port, log), log))
+                reps.append(f"http://127.0.0.1:{port}")
+        finally:
+            os.sched_setaffinity(0, old)
+        for url, proc in zip(reps, procs, strict=True):
+            real_mlx.wait_healthy(url, timeout=60, proc=proc.popen)
+        d = WORK / "maclustr-h"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "routes.yaml").write_text(
+            "models:\n"
+            f"  bench-pair:\n    model: {model_dir}\n    upstreams: [{reps[0]}, {reps[1]}]\n"
+            f"  bench-r1:\n    model: {model_dir}\n    upstream: {reps[0]}\n"
+            f"  bench-r2:\n    model: {model_dir}\n    upstream: {reps[1]}\n")
+        port = free_port()
+        gw = spawn("maclustr-h", [str(exe), "serve", "--routes", str(d / "routes.yaml"),
+                                  "--port", str(port)], pin, "target",
+                   env=dict(os.environ, MACLUSTR_API_KEY=KEY))
+        procs.append(gw)
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health", gw, 60)
+        hdrs = {"Authorization": f"Bearer {KEY}"}
+        one = Sizes(affinity_convs=1, affinity_turns=1)
+        for alias in ("bench-r1", "bench-r2"):  # load the weights on both replicas
+            asyncio.run(conversations(base, hdrs, functools.partial(fixed_alias, alias),
+                                      one, 999))
+        modes: dict[str, Callable[[int], str]] = {
+            "affinity": lambda _n: "bench-pair",
+            "round-robin": lambda n: ("bench-r1", "bench-r2")[n % 2],
+            "one replica": lambda _n: "bench-r1",
+        }
+        res: dict[str, Any] = {}
+        for i, (mode, alias_for) in enumerate(modes.items()):
+            runs = asyncio.run(conversations(base, hdrs, alias_for, sizes, 10 * (i + 1)))
+            later = [turn for conv in runs for turn in conv[1:]]
+            first = [conv[0] for conv in runs]
+            res[mode] = {
+                "ttft_later_p50_ms": med([x["ttft_ms"] for x in later]),
+                "ttft_later_mean_ms": statistics.fmean([x["ttft_ms"] for x in later])
+                if later else math.nan,
+                "ttft_first_p50_ms": med([x["ttft_ms"] for x in first]),
+                "ttft_by_turn_ms": [med([conv[k]["ttft_ms"] for conv in runs])
+                                    for k in range(sizes.affinity_turns)],
+                "later_prompt_tokens": sum(x["prompt_tokens"] for x in later),
+                "later_cached_tokens": sum(x["cached_tokens"] for x in later),
+                "turns": float(sum(len(c) for c in runs)),
+            }
+            r = res[mode]
+            r["later_cached_share"] = (r["later_cached_tokens"] / r["later_prompt_tokens"]
+                                       if r["later_prompt_tokens"] else math.nan)
+        a, rr = res["affinity"]["ttft_later_p50_ms"], res["round-robin"]["ttft_later_p50_ms"]
+        res["rr_over_affinity"] = rr / a if a else math.nan
+        res["conversations"], res["turns"] = sizes.affinity_convs, sizes.affinity_turns
+        return res
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
 def summarize_collapsed(path: Path, top: int = 25) -> str:
     """Top frames by self and inclusive samples from py-spy's collapsed-stack output."""
     self_n: dict[str, int] = {}
@@ -977,7 +1244,7 @@ def build_tables(report: dict[str, Any]) -> str:
             f"| {'' if is_direct else fmt(g('a.c64_cpu_us_per_req'), 0)} "
             f"| {'' if is_direct else fmt(g('b.cpu_us_per_event'), 1)} "
             f"| {'' if is_direct else fmt(report['rss'].get(name, math.nan), 0)} |")
-    out = "\n".join(lines)
+    out = "\n".join(lines) if set(report["scenarios"]) & {"a", "b", "c"} else ""
     notes = []
     for name, by_s in report["raw"].items():
         for s, runs in by_s.items():
@@ -1018,6 +1285,73 @@ def build_tables(report: dict[str, Any]) -> str:
                     f"| {fmt(r['decode_tokens_s'], 0)} | {fmt(r['events'], 0)} "
                     f"| {fmt(r['complete'], 0)}/"
                     f"{fmt(r['requests'], 0)} |\n")
+    out += queue_tables(report)
+    return out.lstrip("\n")
+
+
+def queue_tables(report: dict[str, Any]) -> str:
+    """The (g) and (h) tables (issue 7): admission control and prompt-cache affinity."""
+    out = ""
+    if report.get("queue"):
+        lim = QUEUE_LIMITS
+        out += ("\n\n(g) queueing: an upstream that serves "
+                f"{lim['max_concurrency']} streams at a time (20 events × 20 ms, ~0.4 s "
+                "each; it holds the rest), clients sending back to back, honouring "
+                "Retry-After on 429; maclustr's route: "
+                + ", ".join(f"`{k}: {v}`" for k, v in lim.items())
+                + f". Wait = time to the response head; over = waits longer than "
+                f"queue_timeout + {QUEUE_MARGIN_S} s.\n\n"
+                "| target | clients × s | completed (/s) | latency p50 / p99 ms | TTFB p50 ms "
+                "| 429 (with Retry-After) | 429 queue full / queue timeout | max wait s "
+                "(ok / 429) | over | errors |\n|---|---|---|---|---|---|---|---|---|---|\n")
+        for name, r in report["queue"].items():
+            if "skipped" in r:
+                out += f"| {name} | {r['skipped']} |" + " |" * 8 + "\n"
+                continue
+            direct = name == "direct"
+            ra = f", Retry-After {r['retry_after_values']}" if r["retry_after_values"] else ""
+            of = "" if direct else " of " + fmt(r["requests"], 0)
+            err = " " + r["first_error"] if r["first_error"] else ""
+            out += (f"| {name}{' (no queue: the upstream holds)' if direct else ''} "
+                    f"| {fmt(r['clients'], 0)} × {fmt(r['seconds'], 0)} "
+                    f"| {fmt(r['completed'], 0)} ({fmt(r['completed_per_s'], 1)}) "
+                    f"| {fmt(r['p50_ms'], 0)} / {fmt(r['p99_ms'], 0)} "
+                    f"| {fmt(r['ttfb_p50_ms'], 0)} "
+                    f"| {fmt(r['rejected_429'], 0)} ({fmt(r['rejected_429_with_retry_after'], 0)}"
+                    f"{ra}"
+                    f") | {fmt(r['rejected_queue_full'], 0)} / "
+                    f"{fmt(r['rejected_queue_timeout'], 0)} "
+                    f"| {fmt(r['max_wait_s'], 2)} ({fmt(r['max_wait_ok_s'], 2)} / "
+                    f"{fmt(r['max_wait_429_s'], 2)}) "
+                    f"| {fmt(r['waits_over_timeout'], 0)}{of} "
+                    f"| {fmt(r['errors'], 0)}{err} |\n")
+    a = report.get("cache_affinity")
+    if a:
+        if "skipped" in a:
+            return out + f"\n\n(h) prompt-cache affinity: {a['skipped']}\n"
+        out += ("\n\n(h) prompt-cache affinity, real tiny mlx_lm.server: two replicas of one "
+                f"model (independent prompt caches) behind one maclustr; "
+                f"{a['conversations']} conversations × {a['turns']} turns, interleaved turn "
+                "by turn, each a ~1,300-token system prompt plus ~100 tokens per turn, "
+                "streamed, max_tokens 4. affinity = one alias listing both replicas "
+                "(the default routing); round-robin = two one-replica aliases, alternated "
+                "per request; one replica = every request to the same replica (the ceiling). "
+                "Cached = `usage.prompt_tokens_details.cached_tokens` of turns 2+.\n\n"
+                "| routing | TTFT turns 2+ p50 (mean) ms | TTFT turn 1 p50 ms "
+                "| TTFT per turn ms (median over conversations) "
+                "| cached / prompt tokens, turns 2+ |\n|---|---|---|---|---|\n")
+        for mode in ("affinity", "round-robin", "one replica"):
+            r = a.get(mode)
+            if not r:
+                continue
+            out += (f"| {mode} | {fmt(r['ttft_later_p50_ms'], 1)} "
+                    f"({fmt(r['ttft_later_mean_ms'], 1)}) "
+                    f"| {fmt(r['ttft_first_p50_ms'], 1)} "
+                    f"| {' / '.join(fmt(x, 0) for x in r['ttft_by_turn_ms'])} "
+                    f"| {fmt(r['later_cached_tokens'], 0)} / {fmt(r['later_prompt_tokens'], 0)}"
+                    f" ({fmt(100 * r['later_cached_share'], 0)} %) |\n")
+        out += (f"\nround-robin / affinity, TTFT of turns 2+: "
+                f"{fmt(a['rr_over_affinity'], 2)}×\n")
     return out
 
 
@@ -1029,7 +1363,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run")
     p.add_argument("--only", default=",".join(ALL_TARGETS),
                    help=f"targets (default: %(default)s; also: {','.join(EXTRA_TARGETS)})")
-    p.add_argument("--scenarios", default="a,b,c,d,e,f", help="(default: %(default)s)")
+    p.add_argument("--scenarios", default="a,b,c,d,e,f,g,h", help="(default: %(default)s)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
     p.add_argument("--slow-seconds", type=int, help="(d) duration (default 30, quick 3)")
     p.add_argument("--slow-streams", type=int, help="(d) streams (default 1000, quick 100)")
@@ -1090,9 +1424,10 @@ def main(argv: list[str] | None = None) -> int:
         "upstream_mode": ("HTTP/1.1 keep-alive" if args.http11 else "HTTP/1.0 close-delimited")
         + f", {args.chunk_size}-byte content per chunk",
         "targets": names, "scenarios": sorted(scen), "target_info": {}, "raw": {},
-        "medians": {}, "ratios": {}, "rss": {}, "slow": {}, "real": {}, "versions": {}}
+        "medians": {}, "ratios": {}, "rss": {}, "slow": {}, "real": {}, "queue": {},
+        "cache_affinity": {}, "versions": {}}
     try:
-        ups = start_upstreams(pin, sizes, args.http11, args.chunk_size)
+        ups = start_upstreams(pin, sizes, args.http11, args.chunk_size, queue="g" in scen)
         if "f" in scen:
             print("  starting the real tiny mlx_lm.server for (f) ...", flush=True)
             start_real_mlx(ups, pin)
@@ -1196,6 +1531,32 @@ def main(argv: list[str] | None = None) -> int:
                 report["real"][name]["requests"] = sum(r["requests"] for r in rs)
                 report["real"][name]["complete"] = sum(r["complete"] for r in rs)
                 report["raw"].setdefault(name, {})["f"] = rs
+
+        if "g" in scen:
+            print(f"  (g) {sizes.queue_clients} clients for {sizes.queue_s:.0f} s against an "
+                  f"upstream serving {QUEUE_LIMITS['max_concurrency']} at a time ...",
+                  flush=True)
+            for t in live:
+                if t.name != "direct" and not t.name.startswith("maclustr"):
+                    continue
+                settle(t.pids)
+                try:
+                    report["queue"][t.name] = scenario_g(t, sizes, pin)
+                except Exception as e:
+                    report["queue"][t.name] = {"skipped": f"failed: {e!r}"[:200]}
+                print(f"      {t.name}: {report['queue'][t.name]}", flush=True)
+        if "h" in scen:
+            if any(t.name.startswith("maclustr") for t in live):
+                print(f"  (h) prompt-cache affinity: {sizes.affinity_convs} conversations x "
+                      f"{sizes.affinity_turns} turns, two real mlx_lm.server replicas ...",
+                      flush=True)
+                try:
+                    report["cache_affinity"] = scenario_h(sizes, pin)
+                except Exception as e:
+                    report["cache_affinity"] = {"skipped": f"failed: {e!r}"[:300]}
+            else:
+                report["cache_affinity"] = {"skipped": "maclustr not among the targets"}
+            print(f"      {report['cache_affinity']}", flush=True)
 
         if args.profile:
             for t in live:

@@ -12,12 +12,14 @@ close-delimited. Bodies use `json.dumps` default spacing, the internal `model` p
 (one write each, like mlx's flush per token), the usage event `{"object": "chat.completion",
 "choices": [], ...}` when `stream_options.include_usage` is set, then `data: [DONE]`.
 `--http11` answers HTTP/1.1 with keep-alive (chunked streams) to measure pooled relays.
+`--max-concurrent N` serves at most N streams at a time and holds the rest (connection open,
+no byte sent) until one ends, FIFO: an upstream that is saturated, for scenario (g).
 
 A slow reader gets backpressure: the stream pauses while the transport is above its high
 water mark (mlx's blocking `wfile.write` behaves the same way).
 
 Usage: python bench/upstream.py --port P [--chunks 64] [--chunk-size 8] [--pace-ms 0]
-       [--unary-chunks 16] [--http11] [--stamp]
+       [--unary-chunks 16] [--http11] [--stamp] [--max-concurrent N]
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class Upstream(asyncio.Protocol):
     stamp: bool
     http11: bool
     clock: Clock
+    gate: asyncio.Semaphore | None = None  # --max-concurrent: streams served at a time
 
     def __init__(self) -> None:
         self.buf = bytearray()
@@ -226,7 +229,15 @@ class Upstream(asyncio.Protocol):
         def frame(data: bytes) -> bytes:
             return b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
 
+        gate = self.gate
+        held = False
         try:
+            if gate is not None:  # saturated: hold the request, send nothing yet
+                await gate.acquire()
+                held = True
+                t = self.transport
+                if t is None:
+                    return
             t.write(self._head(b"200 OK", b"text/event-stream", extra) + b"\r\n"
                     + frame(b.keepalive))
             events = b.events + ([b.usage] if usage else []) + [b.done]
@@ -257,6 +268,8 @@ class Upstream(asyncio.Protocol):
         except asyncio.CancelledError:
             return
         finally:
+            if held and gate is not None:
+                gate.release()
             self.task = None
             self.busy = False
         if not close and self.buf and self.transport is not None:
@@ -269,6 +282,8 @@ async def serve(args: argparse.Namespace) -> None:
     Upstream.http11 = args.http11
     Upstream.stamp = args.stamp
     Upstream.clock = Clock()
+    if args.max_concurrent > 0:
+        Upstream.gate = asyncio.Semaphore(args.max_concurrent)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Upstream, args.host, args.port, backlog=4096)
     print(f"fake upstream on http://{args.host}:{args.port} chunks={args.chunks} "
@@ -287,6 +302,8 @@ def main() -> None:
     p.add_argument("--unary-chunks", type=int, default=16,
                    help="unary content is this many chunks of text")
     p.add_argument("--http11", action="store_true", help="HTTP/1.1 keep-alive answers")
+    p.add_argument("--max-concurrent", type=int, default=0,
+                   help="serve at most N streams at a time, hold the rest (0: no limit)")
     p.add_argument("--stamp", action="store_true",
                    help="content = send time (time.monotonic) to measure relay latency")
     args = p.parse_args()

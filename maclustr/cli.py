@@ -40,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=9000, help="port (default: %(default)s)")
     serve.add_argument("--log-level", default=os.environ.get("MACLUSTR_LOG_LEVEL", "info"),
                        choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                       help="event loop: uvloop when installed (auto, the default; pip install "
+                            "'maclustr[fast]'), or the standard asyncio loop")
     serve.add_argument("--reload-interval", type=float, default=1.0,
                        help="seconds between checks of the routes file (0 disables polling; "
                             "SIGHUP always reloads)")
@@ -191,12 +194,16 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"maclustr serve: {e}", file=sys.stderr)
         return 2
-    try:
-        import uvloop  # optional extra: maclustr[fast]
+    if args.loop != "asyncio":
+        try:
+            import uvloop  # optional extra: maclustr[fast]
 
-        uvloop.install()
-    except ImportError:
-        pass
+            uvloop.install()
+        except ImportError:
+            if args.loop == "uvloop":
+                print("maclustr serve: --loop uvloop but uvloop is not installed "
+                      "(pip install 'maclustr[fast]')", file=sys.stderr)
+                return 2
     log.info("keys loaded: %s", ", ".join(sorted(fingerprint(k) for k in keys)))
     try:
         asyncio.run(_serve(args, table, KeyRing(keys)))

@@ -143,19 +143,34 @@ async def relay(request: web.Request, up: Upstream, route: Route,
         while True:
             tried.append(replica.url)
             retry = len(tried) < min(MAX_ATTEMPTS, len(route.upstreams))
+            failed: UpstreamFailed | None = None
+            resp = None
             try:
                 resp = await _open(up, route, replica.url, call, dog)
-            except UpstreamFailed:
-                if not retry or (nxt := sched.take(route, call.prefix, tried)) is None:
+            except UpstreamFailed as e:
+                if not retry:
                     raise
+                failed = e
             else:
-                if resp.status not in (502, 503) or not retry or (
-                        nxt := sched.take(route, call.prefix, tried)) is None:
+                if resp.status not in (502, 503) or not retry:
                     break
+            # This replica failed before the client saw a byte: free it and try another,
+            # waiting for a slot if the others are busy but up.
+            if sched.all_down(route, tried):
+                if failed is not None:
+                    raise failed
+                break  # relay this replica's 502/503 as the answer
+            if resp is not None:
                 resp.close()
             sched.release(replica, ok=False)
+            replica = None  # released: the finally below must not release it again
+            nxt = sched.take(route, call.prefix, tried)
+            if nxt is None:
+                dog.rearm(route.queue_timeout + 5, "waiting for a slot")
+                nxt = await sched.acquire(route, call.key, call.prefix, tuple(tried))
             replica = nxt
             dog.rearm(t.connect, "connect")
+        assert resp is not None
         try:
             dog.rearm(t.idle, "idle between bytes")
             if resp.status >= 400:

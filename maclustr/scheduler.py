@@ -62,6 +62,7 @@ class _Waiter:
     route: Route
     prefix: str | None
     future: asyncio.Future[Replica]
+    exclude: tuple[str, ...] = ()  # replicas this request already failed on
 
 
 class _FairQueue:
@@ -165,9 +166,10 @@ class Scheduler:
         self._turn[route.alias] = turn + 1
         return ties[turn % len(ties)]
 
-    def all_down(self, route: Route) -> bool:
+    def all_down(self, route: Route, exclude: Iterable[str] = ()) -> bool:
         now = time.monotonic()
-        return not any(self.replica(u).usable(now) for u in route.upstreams)
+        return not any(self.replica(u).usable(now) for u in route.upstreams
+                       if u not in exclude)
 
     def retry_after(self, route: Route) -> int:
         now = time.monotonic()
@@ -176,21 +178,23 @@ class Scheduler:
 
     # --- slots ------------------------------------------------------------------------------
 
-    async def acquire(self, route: Route, key: str, prefix: str | None) -> Replica:
-        """A slot on a replica; waits in the model's queue when every replica is full."""
+    async def acquire(self, route: Route, key: str, prefix: str | None,
+                      exclude: tuple[str, ...] = ()) -> Replica:
+        """A slot on a replica (not one of `exclude`); waits in the model's queue when every
+        replica is full."""
         q = self._queues.get(route.alias)
         if q is None or not q.size:
-            r = self.pick(route, prefix)
+            r = self.pick(route, prefix, exclude)
             if r is not None:
                 r.in_flight += 1
                 return r
-        if self.all_down(route):
+        if self.all_down(route, exclude):
             raise ModelUnavailable(route.alias, self.retry_after(route))
         if q is None:
             q = self._queues[route.alias] = _FairQueue()
         if q.size >= route.max_queue:
             raise Overloaded(route.alias, "its queue is full", retry_after=1)
-        w = _Waiter(route, prefix, asyncio.get_running_loop().create_future())
+        w = _Waiter(route, prefix, asyncio.get_running_loop().create_future(), exclude)
         q.push(key, w)
         try:
             return await asyncio.wait_for(asyncio.shield(w.future), route.queue_timeout)
@@ -247,12 +251,12 @@ class Scheduler:
                 if w.future.done():
                     q.pop()
                     continue
-                if self.all_down(w.route):
+                if self.all_down(w.route, w.exclude):
                     q.pop()
                     w.future.set_exception(
                         ModelUnavailable(w.route.alias, self.retry_after(w.route)))
                     continue
-                r = self.pick(w.route, w.prefix)
+                r = self.pick(w.route, w.prefix, w.exclude)
                 if r is None:
                     break
                 q.pop()

@@ -131,12 +131,20 @@ json_values = st.recursive(
 @given(extra=st.dictionaries(st.text(max_size=10), json_values, max_size=6),
        model=st.text(min_size=1).filter(str.strip))
 def test_upstream_body_property_only_model_differs(extra: dict[str, Any], model: str) -> None:
-    request = {**{k: v for k, v in extra.items() if k != "model"}, "model": model}
+    request = {**{k: v for k, v in extra.items() if k not in ("model", "stream")},
+               "model": model}
     payload = parse_request(json.dumps(request).encode())
     sent = json.loads(upstream_body(payload, INTERNAL))
     assert sent.pop("model") == INTERNAL
     request.pop("model")
     assert sent == request
+
+
+def test_non_boolean_stream_is_refused() -> None:
+    for v in ("true", 1, [True], {}):
+        with pytest.raises(BadRequest) as e:
+            parse_request(json.dumps({"model": "m", "stream": v}).encode())
+        assert e.value.param == "stream"
 
 
 def test_wants_stream_only_for_true() -> None:
