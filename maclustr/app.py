@@ -34,7 +34,7 @@ from .relay import OUTCOME, Call, Upstream, relay
 from .reload import RoutesHolder
 from .scheduler import Scheduler, conversation_prefix
 from .upstream import Client
-from .warmup import Warmer
+from .warmup import Warmer, generate_one
 
 log = logging.getLogger("maclustr.access")
 
@@ -265,7 +265,14 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
             warmer.warm_table(holder.current, only_url=url)
 
     async def probe(url: str) -> bool:
-        ok, _ = await health.ping(client, url, holder.current.settings.health_timeout)
+        """A replica returns from exile when its /health answers, and (probe_generate) when
+        it also produces a token: /health alone says ok while generation is wedged."""
+        table = holder.current
+        ok, _ = await health.ping(client, url, table.settings.health_timeout)
+        if ok and table.settings.probe_generate:
+            route = next((r for r in table.routes if url in r.upstreams), None)
+            if route is not None:
+                ok = await generate_one(client, route, url, table.settings.generate_timeout)
         return ok
 
     scheduler = Scheduler(probe, on_return)

@@ -27,7 +27,7 @@ MLX_DECODE_CONCURRENCY = 32  # mlx_lm.server's --decode-concurrency default (mlx
 TIMEOUT_KEYS = frozenset({"connect", "first_byte", "idle"})
 GATEWAY_KEYS = frozenset(
     {"max_body_bytes", "shutdown_grace", "cors_origins", "public_url", "health_timeout",
-     "generate_timeout"}
+     "generate_timeout", "probe_generate"}
 )
 
 
@@ -84,6 +84,7 @@ class GatewaySettings:
     public_url: str | None = None
     health_timeout: float = 2.0
     generate_timeout: float = 10.0  # /health?deep=generate: seconds for one token
+    probe_generate: bool = False  # passive-health probe also asks for one token (wedged check)
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,8 @@ class _Parser:
             if "health_timeout" in items else d.health_timeout,
             generate_timeout=self.number(items["generate_timeout"], "gateway.generate_timeout")
             if "generate_timeout" in items else d.generate_timeout,
+            probe_generate=self.boolean(items["probe_generate"], "gateway.probe_generate")
+            if "probe_generate" in items else d.probe_generate,
         )
 
     def nodes(self, node: yaml.Node) -> tuple[Node, ...]:

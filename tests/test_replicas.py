@@ -213,6 +213,43 @@ async def test_failover_from_refused_port(make_gateway: Any, fake2: FakeMLX) -> 
     assert time.monotonic() - t0 < 2
 
 
+async def test_failover_waits_for_a_busy_healthy_replica(make_gateway: Any,
+                                                         fake2: FakeMLX) -> None:
+    """Replica 1 refuses connections and replica 2 is at max_concurrency: the request waits
+    for replica 2's slot instead of failing with 502."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    fake2.push(Behavior(delay=0.4), Behavior())  # the first request holds the only slot
+    gw = await make_gateway(routes([dead, fake2.url], extra="max_concurrency: 1"))
+    busy = asyncio.ensure_future(gw.client.post(CHAT, chat("holder")))
+    await wait_for(lambda: posts(fake2) == 1)
+    ans = await gw.client.post(CHAT, chat("waiter"))
+    assert ans.status == 200, ans.body[:300]
+    assert (await busy).status == 200
+    assert contents(fake2) == ["holder", "waiter"]
+
+
+async def test_generate_probe_keeps_a_wedged_replica_out(
+        make_gateway: Any, fake: FakeMLX, fake2: FakeMLX, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """With probe_generate, a replica whose /health is fine but which never yields a token
+    stays out after its cool-down; without it, /health alone would bring it back."""
+    monkeypatch.setattr(sched_mod, "COOLDOWN", 0.2)
+    gw = await make_gateway(routes([fake.url, fake2.url],
+                                   top="gateway: {probe_generate: true, generate_timeout: 0.3}"))
+    rep = gw.app[UPSTREAM].scheduler.replica(fake.url)
+    fake.default = Behavior(kind="error", status=503, error_body=b'{"error": "wedged"}')
+    for i in range(12):  # until fake has failed three times in a row (ties alternate)
+        assert (await gw.client.post(CHAT, chat(f"x{i}"))).status == 200  # fake2 serves
+        if rep.checking:
+            break
+    assert rep.checking
+    fake.default = Behavior(kind="hang")  # /health still answers; generation never does
+    await asyncio.sleep(1.0)  # several cool-downs and probes
+    assert rep.checking, "a replica that yields no token came back"
+    fake.default = Behavior()
+    await wait_for(lambda: not rep.checking, timeout=3)
+
+
 async def test_upstream_500_is_not_retried_elsewhere(
         make_gateway: Any, fake: FakeMLX, fake2: FakeMLX) -> None:
     """Only connect failures and 502/503 fail over: a 500 is the answer."""
