@@ -339,8 +339,8 @@ def start_real_mlx(ups: Upstreams, pin: Pinning) -> None:
     """The real tiny mlx_lm.server for (f), built with tests/tiny_model.py."""
     sys.path.insert(0, str(ROOT / "tests"))
     try:
-        import real_mlx  # type: ignore[import-not-found]
-        import tiny_model  # type: ignore[import-not-found]
+        import real_mlx
+        import tiny_model
     except ImportError as e:
         ups.real_error = f"cannot import tests/tiny_model.py or real_mlx.py: {e}"
         return
@@ -802,7 +802,7 @@ def scenario_b(t: Target, sizes: Sizes, pin: Pinning) -> dict[str, float]:
     return out
 
 
-def scenario_c(t: Target, sizes: Sizes, pin: Pinning) -> dict[str, float]:
+def scenario_c(t: Target, sizes: Sizes, pin: Pinning) -> dict[str, Any]:
     cpu0 = cpu_seconds(t.pids)
     # 16 workers, starts spread over one stream's length (64 x 20 ms)
     results = asyncio.run(stream_load(t, "paced", sizes.paced_streams, 16, 64,
@@ -1003,34 +1003,33 @@ async def chat_turn(session: Any, url: str, headers: dict[str, str],
             "cached_tokens": float(details.get("cached_tokens", math.nan))}
 
 
-async def conversations(base: str, headers: dict[str, str], alias_for: Callable[[int], str],
+async def conversations(base: str, headers: dict[str, str],
+                        alias_for: Callable[[int, int], str],
                         sizes: Sizes, seed: int) -> list[list[dict[str, float]]]:
     """sizes.affinity_convs conversations of affinity_turns turns, interleaved turn by turn
     (conv 1 turn 1, conv 2 turn 1, ..., conv 1 turn 2, ...): each has its own ~1,300-token
     system prompt and adds a ~100-token user message (a tool result) per turn.
-    alias_for(request number) names the model to ask for that request."""
+    alias_for(conversation, turn) names the model to ask for that request."""
     import aiohttp
 
     hist: list[list[dict[str, str]]] = [
         [{"role": "system", "content": conversation_text(seed + c, 300)}]
         for c in range(sizes.affinity_convs)]
     out: list[list[dict[str, float]]] = [[] for _ in hist]
-    n = 0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
         for turn in range(sizes.affinity_turns):
             for c, msgs in enumerate(hist):
                 msgs.append({"role": "user", "content": f"turn {turn}: "
                              + conversation_text(seed * 1000 + c * 100 + turn, 24)})
-                payload = {"model": alias_for(n), "messages": msgs, "stream": True,
+                payload = {"model": alias_for(c, turn), "messages": msgs, "stream": True,
                            "max_tokens": 4, "stream_options": {"include_usage": True}}
-                n += 1
                 out[c].append(await chat_turn(s, base + "/v1/chat/completions", headers,
                                               payload))
                 msgs.append({"role": "assistant", "content": "Noted, continuing."})
     return out
 
 
-def fixed_alias(alias: str, _n: int) -> str:
+def fixed_alias(alias: str, _c: int, _t: int) -> str:
     return alias
 
 
@@ -1066,11 +1065,20 @@ def scenario_h(sizes: Sizes, pin: Pinning) -> dict[str, Any]:
             real_mlx.wait_healthy(url, timeout=60, proc=proc.popen)
         d = WORK / "maclustr-h"
         d.mkdir(parents=True, exist_ok=True)
+        # maclustr wants one alias per internal model id: the one-replica aliases name the
+        # same weights through symlinks. A replica reloads when the model id changes, so
+        # each mode warms its replicas up first and then keeps to one id per replica.
+        links = []
+        for i in (1, 2):
+            link = WORK / f"tiny-model-r{i}"
+            if not link.is_symlink():
+                link.symlink_to(model_dir.name)
+            links.append(link)
         (d / "routes.yaml").write_text(
             "models:\n"
             f"  bench-pair:\n    model: {model_dir}\n    upstreams: [{reps[0]}, {reps[1]}]\n"
-            f"  bench-r1:\n    model: {model_dir}\n    upstream: {reps[0]}\n"
-            f"  bench-r2:\n    model: {model_dir}\n    upstream: {reps[1]}\n")
+            f"  bench-r1:\n    model: {links[0]}\n    upstream: {reps[0]}\n"
+            f"  bench-r2:\n    model: {links[1]}\n    upstream: {reps[1]}\n")
         port = free_port()
         gw = spawn("maclustr-h", [str(exe), "serve", "--routes", str(d / "routes.yaml"),
                                   "--port", str(port)], pin, "target",
@@ -1080,16 +1088,19 @@ def scenario_h(sizes: Sizes, pin: Pinning) -> dict[str, Any]:
         wait_http(base + "/health", gw, 60)
         hdrs = {"Authorization": f"Bearer {KEY}"}
         one = Sizes(affinity_convs=1, affinity_turns=1)
-        for alias in ("bench-r1", "bench-r2"):  # load the weights on both replicas
-            asyncio.run(conversations(base, hdrs, functools.partial(fixed_alias, alias),
-                                      one, 999))
-        modes: dict[str, Callable[[int], str]] = {
-            "affinity": lambda _n: "bench-pair",
-            "round-robin": lambda n: ("bench-r1", "bench-r2")[n % 2],
-            "one replica": lambda _n: "bench-r1",
+        # round-robin: each conversation changes replica every turn (what a global
+        # round-robin does to interleaved conversations, whatever their number)
+        modes: dict[str, tuple[Callable[[int, int], str], tuple[str, ...]]] = {
+            "affinity": (lambda _c, _t: "bench-pair", ("bench-pair", "bench-pair")),
+            "round-robin": (lambda c, t: ("bench-r1", "bench-r2")[(c + t) % 2],
+                            ("bench-r1", "bench-r2")),
+            "one replica": (lambda _c, _t: "bench-r1", ("bench-r1",)),
         }
         res: dict[str, Any] = {}
-        for i, (mode, alias_for) in enumerate(modes.items()):
+        for i, (mode, (alias_for, warm)) in enumerate(modes.items()):
+            for j, alias in enumerate(warm):  # (re)load the weights, throwaway prompts
+                asyncio.run(conversations(base, hdrs, functools.partial(fixed_alias, alias),
+                                          one, 900 + 10 * i + j))
             runs = asyncio.run(conversations(base, hdrs, alias_for, sizes, 10 * (i + 1)))
             later = [turn for conv in runs for turn in conv[1:]]
             first = [conv[0] for conv in runs]
@@ -1310,7 +1321,7 @@ def queue_tables(report: dict[str, Any]) -> str:
                 continue
             direct = name == "direct"
             ra = f", Retry-After {r['retry_after_values']}" if r["retry_after_values"] else ""
-            of = "" if direct else " of " + fmt(r["requests"], 0)
+            of = " of " + fmt(r["requests"], 0)
             err = " " + r["first_error"] if r["first_error"] else ""
             out += (f"| {name}{' (no queue: the upstream holds)' if direct else ''} "
                     f"| {fmt(r['clients'], 0)} × {fmt(r['seconds'], 0)} "
@@ -1334,8 +1345,9 @@ def queue_tables(report: dict[str, Any]) -> str:
                 f"{a['conversations']} conversations × {a['turns']} turns, interleaved turn "
                 "by turn, each a ~1,300-token system prompt plus ~100 tokens per turn, "
                 "streamed, max_tokens 4. affinity = one alias listing both replicas "
-                "(the default routing); round-robin = two one-replica aliases, alternated "
-                "per request; one replica = every request to the same replica (the ceiling). "
+                "(the default routing); round-robin = two one-replica aliases, each "
+                "conversation alternating between them turn by turn; one replica = every "
+                "request to the same replica (reference: one cache, all conversations). "
                 "Cached = `usage.prompt_tokens_details.cached_tokens` of turns 2+.\n\n"
                 "| routing | TTFT turns 2+ p50 (mean) ms | TTFT turn 1 p50 ms "
                 "| TTFT per turn ms (median over conversations) "
@@ -1515,16 +1527,16 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 with contextlib.suppress(Exception):  # first request loads the weights
                     asyncio.run(stream_load(t, "real", 1, 1, 1, max_tokens=8))
-            runs: dict[str, list[dict[str, float]]] = {}
+            real_runs: dict[str, list[dict[str, float]]] = {}
             for _ in range(sizes.rounds):
                 for t in live:
                     if t.name in report["real"] or "real" not in t.urls:
                         continue
                     try:
-                        runs.setdefault(t.name, []).append(scenario_f(t, sizes, pin))
+                        real_runs.setdefault(t.name, []).append(scenario_f(t, sizes, pin))
                     except Exception as e:
                         report["real"][t.name] = {"skipped": f"failed: {e!r}"[:200]}
-            for name, rs in runs.items():
+            for name, rs in real_runs.items():
                 if name in report["real"]:
                     continue
                 report["real"][name] = {k: med([r[k] for r in rs]) for k in rs[0]}

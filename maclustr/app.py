@@ -44,6 +44,7 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 STARTED = web.AppKey("started", int)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 IN_FLIGHT = web.AppKey("in_flight", set)  # handler tasks, for the shutdown grace
+DEEP_HEALTH = web.AppKey("deep_health", health.DeepCache)
 RID = web.RequestKey("rid", str)
 ALIAS = web.RequestKey("alias", str)
 KEY_FP = web.RequestKey("key_fingerprint", str)
@@ -214,7 +215,7 @@ async def get_health(request: web.Request) -> web.Response:
         return json_response(report, status=200 if report["status"] == "ok" else 503)
     if deep in ("1", "true", "yes"):
         up = request.app[UPSTREAM]
-        report = await health.deep(table, up.client, up.scheduler)
+        report = await request.app[DEEP_HEALTH].get(table, up.client, up.scheduler)
         return json_response(report, status=200 if report["status"] == "ok" else 503)
     return json_response(health.shallow(table))
 
@@ -243,6 +244,7 @@ def make_app(holder: RoutesHolder, keys: KeyRing) -> web.Application:
     app[STARTED] = int(time.time())
     app[SHUTTING_DOWN] = asyncio.Event()
     app[IN_FLIGHT] = set()
+    app[DEEP_HEALTH] = health.DeepCache()
     app.cleanup_ctx.append(_upstream_client)
     app.router.add_post("/v1/chat/completions", completions_handler("/v1/chat/completions"))
     app.router.add_post("/v1/completions", completions_handler("/v1/completions"))

@@ -89,3 +89,35 @@ async def deep(table: RouteTable, client: Client, scheduler: Scheduler,
     up = sum(1 for m in models.values() if m["status"] == "up")
     overall = "ok" if up == len(models) else "degraded" if up else "down"
     return {"status": overall, "models": models}
+
+
+class DeepCache:
+    """Deep-health answers for `ttl` seconds, with concurrent callers sharing one check.
+
+    /health is public and the front page polls it from every open browser; without this,
+    each poll would ping every model server."""
+
+    def __init__(self, ttl: float = 1.0) -> None:
+        self.ttl = ttl
+        self._at = 0.0
+        self._report: dict[str, Any] | None = None
+        self._key: tuple[RouteTable, int] | None = None
+        self._running: asyncio.Future[dict[str, Any]] | None = None
+
+    async def get(self, table: RouteTable, client: Client,
+                  scheduler: Scheduler) -> dict[str, Any]:
+        """Fresh when the table or the scheduler's replica states changed since."""
+        key = (table, scheduler.version)
+        now = time.monotonic()
+        if self._report is not None and self._key == key and now - self._at < self.ttl:
+            return self._report
+        if self._running is not None and self._key == key:
+            return await asyncio.shield(self._running)
+        self._key = key
+        self._running = asyncio.ensure_future(deep(table, client, scheduler))
+        try:
+            report = await asyncio.shield(self._running)
+        finally:
+            self._running = None
+        self._report, self._at = report, time.monotonic()
+        return report

@@ -132,6 +132,7 @@ class Scheduler:
         self._affinity: dict[str, OrderedDict[str, str]] = {}
         self._turn: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.version = 0  # bumped whenever a replica's reported state changes
 
     def replica(self, url: str) -> Replica:
         r = self.replicas.get(url)
@@ -268,6 +269,7 @@ class Scheduler:
     def _eject(self, r: Replica) -> None:
         r.down_until = time.monotonic() + COOLDOWN
         r.checking = True
+        self.version += 1
         log.warning("a replica failed %d times in a row: out for %.0f s, then probed",
                     r.failures, COOLDOWN)
         task = asyncio.ensure_future(self._recover(r))
@@ -281,6 +283,7 @@ class Scheduler:
                 r.failures = 0
                 r.checking = False
                 r.down_until = 0.0
+                self.version += 1
                 log.info("a replica passed its probe and serves again")
                 if self._on_return is not None:
                     self._on_return(r.url)

@@ -27,6 +27,7 @@ reads, so one event may span many reads and one read may carry many events.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -40,6 +41,7 @@ class SSEError(ValueError):
     """The upstream's event stream cannot be relayed (not JSON, or an event too large)."""
 
 
+@functools.lru_cache(maxsize=64)  # a handful of distinct values: one per upstream build
 def mask_fingerprint(value: str) -> str:
     """A stable opaque token for mlx's fingerprint: it still changes when the backend does,
     as OpenAI's does, without naming the node's OS, kernel or libc."""

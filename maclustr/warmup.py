@@ -61,6 +61,7 @@ class Warmer:
                 if only_url is None and state.get(route.model) in ("warm", "loading"):
                     continue
                 state[route.model] = "loading"
+                self._scheduler.version += 1
                 task = asyncio.ensure_future(self._warm(route, url))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -68,6 +69,7 @@ class Warmer:
     async def _warm(self, route: Route, url: str) -> None:
         ok = await generate_one(self._client, route, url, route.timeouts.first_byte)
         self._scheduler.replica(url).warm[route.model] = "warm" if ok else "failed"
+        self._scheduler.version += 1
         log.info("warm-up of %s on a replica: %s", route.alias, "done" if ok else "failed")
 
     def close(self) -> None:

@@ -419,8 +419,14 @@ async def test_deep_health_shows_replica_states_without_addresses(
     before = (await gw.client.get("/health?deep=true")).json()
     assert [r["status"] for r in before["models"][ALIAS]["replicas"]] == ["down", "up"]
     fake.health = None
-    before = (await gw.client.get("/health?deep=true")).json()
-    assert [r["status"] for r in before["models"][ALIAS]["replicas"]] == ["up", "up"]
+    states: list[str] = []
+    for _ in range(40):  # deep results are cached up to 1 s (DeepCache)
+        before = (await gw.client.get("/health?deep=true")).json()
+        states = [r["status"] for r in before["models"][ALIAS]["replicas"]]
+        if states == ["up", "up"]:
+            break
+        await asyncio.sleep(0.05)
+    assert states == ["up", "up"]
     no_addresses(ans := await gw.client.get("/health?deep=true"), fake.url, fake2.url)
     assert ans.json()["models"][ALIAS]["status"] == "up"
     fake.health = Behavior(kind="error", status=503)
@@ -797,3 +803,18 @@ async def test_one_replica_form_still_works(make_gateway: Any, fake: FakeMLX) ->
     gw = await make_gateway(text)
     assert (await gw.client.post(CHAT, chat("single"))).status == 200
     assert contents(fake) == ["single"]
+
+
+async def test_deep_health_is_shared_by_concurrent_and_quick_callers(
+        make_gateway: Any, fake: FakeMLX, fake2: FakeMLX) -> None:
+    """The public page polls /health?deep=true from every browser: within a second, callers
+    share one check instead of each pinging every server."""
+    gw = await make_gateway(routes([fake.url, fake2.url]))
+
+    def pings() -> int:
+        return sum(1 for r in fake.requests if r.path == "/health")
+
+    answers = await asyncio.gather(*(gw.client.get("/health?deep=true") for _ in range(8)))
+    answers.append(await gw.client.get("/health?deep=true"))
+    assert all(a.status == 200 for a in answers)
+    assert pings() == 1
