@@ -292,6 +292,20 @@ def dedent(s: str) -> str:
     return textwrap.dedent(s).lstrip("\n")
 
 
+async def read_until(resp: aiohttp.ClientResponse, done: Any, timeout: float) -> bytes:
+    """Read a response body until `done(seen)`; fails if it ends first or time runs out."""
+
+    async def go() -> bytes:
+        seen = b""
+        while not done(seen):
+            chunk = await resp.content.readany()
+            assert chunk, f"stream ended early: {seen[-300:]!r}"
+            seen += chunk
+        return seen
+
+    return await asyncio.wait_for(go(), timeout)
+
+
 async def wait_for(pred: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
     """Eventually-style assert: poll `pred()` until true or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from conftest import AUTH, Behavior, FakeMLX, Gateway, RealMLX, real_routes, routes_yaml
+from conftest import read_until as read_until_seen
 
 CHAT = "/v1/chat/completions"
 
@@ -20,21 +20,6 @@ CHAT = "/v1/chat/completions"
 def chat(stream: bool, alias: str = "maclustr-coder", **extra: Any) -> dict[str, Any]:
     return {"model": alias, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
             **extra}
-
-
-async def read_until_seen(resp: aiohttp.ClientResponse, done: Callable[[bytes], bool],
-                     timeout: float) -> bytes:
-    """Read the body until `done(seen)`; fails if the stream ends first or time runs out."""
-
-    async def go() -> bytes:
-        seen = b""
-        while not done(seen):
-            chunk = await resp.content.readany()
-            assert chunk, f"stream ended early: {seen[-300:]!r}"
-            seen += chunk
-        return seen
-
-    return await asyncio.wait_for(go(), timeout)
 
 
 async def assert_upstream_closed_soon(fake: FakeMLX, gone_at: float) -> None:

@@ -8,13 +8,12 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import AUTH, Behavior, FakeMLX, routes_yaml
+from conftest import AUTH, Behavior, FakeMLX, read_until, routes_yaml
 
 CHAT = "/v1/chat/completions"
 A = "maclustr-coder"
@@ -64,21 +63,6 @@ async def read_rest(resp: aiohttp.ClientResponse) -> bytes:
     except aiohttp.ClientPayloadError:
         pass
     return b"".join(parts)
-
-
-async def read_until(resp: aiohttp.ClientResponse, done: Callable[[bytes], bool],
-                     timeout: float) -> bytes:
-    """Read the body until `done(seen)`; fails if the stream ends first or time runs out."""
-
-    async def go() -> bytes:
-        seen = b""
-        while not done(seen):
-            chunk = await resp.content.readany()
-            assert chunk, f"stream ended early: {seen[-300:]!r}"
-            seen += chunk
-        return seen
-
-    return await asyncio.wait_for(go(), timeout)
 
 
 async def _start_stream(gp: Any) -> tuple[aiohttp.ClientSession, aiohttp.ClientResponse, bytes]:
