@@ -29,6 +29,7 @@ MAX_HEAD = 64 * 1024
 POOL_PER_SERVER = 32
 IDLE_POOL_SECONDS = 30.0
 DNS_TTL = 10.0
+_HEX = b"0123456789abcdefABCDEF"
 
 
 class UpstreamError(ConnectionError):
@@ -380,7 +381,9 @@ class _Dechunker:
             i = j + 1
             if self._state == 0:
                 size = line.split(b";", 1)[0].strip()
-                self._need = int(size, 16)  # ValueError on garbage
+                if not size or len(size) > 16 or size.strip(_HEX):
+                    raise ValueError("bad chunk size")  # int() would take "-1" or "+a"
+                self._need = int(size, 16)
                 self._state = 1 if self._need else 3
             elif self._state == 2:
                 if line:
