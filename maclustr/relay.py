@@ -31,7 +31,7 @@ from .errors import (
 )
 from .headers import SERVER, SSE_HEADERS, upstream_headers
 from .scheduler import Replica, Scheduler
-from .sse import SSEError, SSERewriter, rewrite_json
+from .sse import SSEError, SSERewriter, rewrite_body
 from .upstream import Client, Response
 
 log = logging.getLogger("maclustr.relay")
@@ -187,7 +187,7 @@ async def relay(request: web.Request, up: Upstream, route: Route,
             elif call.stream or ctype != "application/json":
                 raise UpstreamBadResponse(route.alias)
             else:
-                out = await relay_unary(resp, route, call.rid, dog)
+                out = await relay_unary(resp, route, replica, call.rid, dog)
                 ok = True
         finally:
             resp.close()  # mid-body this drops the socket: the server stops generating
@@ -224,10 +224,12 @@ async def _open(up: Upstream, route: Route, base: str, call: Call, dog: Watchdog
         raise UpstreamFailed(route.alias) from None
 
 
-async def relay_unary(resp: Response, route: Route, rid: str, dog: Watchdog) -> web.Response:
+async def relay_unary(resp: Response, route: Route, replica: Replica, rid: str,
+                      dog: Watchdog) -> web.Response:
     data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
     try:
-        out = rewrite_json(data, route.alias, route.model)
+        out, replica.fingerprint = rewrite_body(data, route.alias, route.model,
+                                                replica.fingerprint)
     except SSEError:
         raise UpstreamBadResponse(route.alias) from None
     if out[:1] != b"{":

@@ -49,6 +49,7 @@ class Replica:
     checking: bool = False  # out until a probe passes
     served: int = 0
     warm: dict[str, str] = field(default_factory=dict)  # internal model -> loading/warm/failed
+    fingerprint: str | None = None  # its system_fingerprint, once seen (lets unary splice)
 
     def usable(self, now: float) -> bool:
         return not self.checking and self.down_until <= now

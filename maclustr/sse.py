@@ -48,6 +48,7 @@ def mask_fingerprint(value: str) -> str:
     return "fp_" + hashlib.sha256(value.encode()).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=1024)
 def echo(key: str, value: str) -> bytes:
     """The bytes json.dumps writes for one `"key": "value"` pair (ASCII-escaped)."""
     return json.dumps(key).encode() + b": " + json.dumps(value).encode()
@@ -88,6 +89,36 @@ def rewrite_json(payload: bytes, alias: str, internal: str, stream: bool = False
     if rewrite_obj(obj, alias, internal, stream):
         return json.dumps(obj).encode()
     return payload
+
+
+def rewrite_body(body: bytes, alias: str, internal: str, fingerprint: str | None
+                 ) -> tuple[bytes, str | None]:
+    """A unary response: (rewritten body, the upstream's fingerprint: this body's, else the
+    one already known).
+
+    With the replica's fingerprint already known, the stream's splice applies (same proof:
+    every `"model"` key carries the internal id's echo, every fingerprint key the known
+    value); otherwise, or when the counts disagree, the JSON path, which also learns the
+    fingerprint. Raises SSEError when the body is not JSON (on the JSON path).
+    """
+    if fingerprint is not None and body[:1] == b"{" and body[-1:] == b"}":
+        internal_echo, fp = echo("model", internal), echo("system_fingerprint", fingerprint)
+        out = body.replace(internal_echo, echo("model", alias))
+        n = _count(body, out, internal_echo, echo("model", alias))
+        if n and n == body.count(_MODEL_KEY):
+            masked = echo("system_fingerprint", mask_fingerprint(fingerprint))
+            done = out.replace(fp, masked)
+            if _count(out, done, fp, masked) == body.count(_FP_KEY):
+                return done, fingerprint
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        raise SSEError("response is not JSON") from None
+    fp_value = obj.get("system_fingerprint") if isinstance(obj, dict) else None
+    learned = fp_value if isinstance(fp_value, str) else fingerprint
+    if not rewrite_obj(obj, alias, internal):
+        return body, learned
+    return json.dumps(obj).encode(), learned
 
 
 def _count(before: bytes, after: bytes, old: bytes, new: bytes) -> int:

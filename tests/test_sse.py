@@ -13,7 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maclustr.config import Route
-from maclustr.sse import SSEError, SSERewriter, echo, mask_fingerprint, rewrite_json
+from maclustr.sse import (
+    SSEError,
+    SSERewriter,
+    echo,
+    mask_fingerprint,
+    rewrite_body,
+    rewrite_json,
+)
 
 INTERNAL = "mlx-community/Qwen3-Coder-30B-A3B-Instruct-4bit"
 ALIAS = "maclustr-coder"
@@ -423,3 +430,17 @@ def test_after_learning_a_fingerprint_splice_equals_json_path(
                                             stream=True))
         assert json.loads(out[6:-2]) == reference
         check_reference(obj, reference, route.model)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(obj=chunk_objects(), model=st.sampled_from(IDS), known=st.sampled_from(FPS))
+def test_unary_splice_with_known_fingerprint_equals_json_path(
+        obj: dict[str, Any], model: str, known: str) -> None:
+    """Once a replica's fingerprint is known, unary bodies take the splice; whatever the
+    body holds, the result equals the JSON rewrite (or the splice steps aside)."""
+    payload = json.dumps(obj).encode()
+    reference = json.loads(rewrite_json(payload, ALIAS, model))
+    out, learned = rewrite_body(payload, ALIAS, model, known)
+    assert json.loads(out) == reference
+    fp = obj.get("system_fingerprint")
+    assert learned == (fp if isinstance(fp, str) else known)
