@@ -269,7 +269,9 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
         touch()
         try:
             chunk = rewriter.feed(data)
-        except SSEError:
+        except Exception as e:  # runs inside data_received: never let it escape
+            if not isinstance(e, SSEError):
+                log.exception("%s relay of %s failed", rid, route.alias)
             state["bad"] = True
             resp.pause()
             resp.halt()

@@ -235,12 +235,17 @@ class SSERewriter:
         start = 0 if start < 0 else start + 2
         end = block.find(b"\n\n", at)
         end = len(block) if end < 0 else end
-        parts = [self._rewrite(block[:start - 2])] if start else []
+        parts = [self._splice_or_frames(block[:start - 2])] if start else []
         if not self.done:
             parts.append(self._rewrite_frames(block[start:end]))
         if end < len(block) and not self.done:
-            parts.append(self._rewrite(block[end + 2:]))
+            parts.append(self._splice_or_frames(block[end + 2:]))
         return b"".join(parts)
+
+    def _splice_or_frames(self, block: bytes) -> bytes:
+        """No further cutting (bounded work whatever an upstream sends)."""
+        out = self._splice(block)
+        return out + b"\n\n" if out is not None else self._rewrite_frames(block)
 
     def _rewrite_frames(self, block: bytes) -> bytes:
         """Event by event: splice where it is exact, the JSON path elsewhere."""
