@@ -61,7 +61,9 @@ PY = sys.executable
 MODEL = "/Users/admin/models/qwen3-coder-30b"
 KEY = "bench-key-0123456789"
 ALL_TARGETS = ["direct", "nginx", "caddy", "litellm", "maclustr"]
-EXTRA_TARGETS = ["maclustr-quiet"]  # --log-level warning: the access log's share
+# maclustr-quiet: --log-level warning (the access log's share); maclustr-asyncio: the
+# standard event loop instead of uvloop (the optional extra's share)
+EXTRA_TARGETS = ["maclustr-quiet", "maclustr-asyncio"]
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -517,8 +519,9 @@ def start_litellm(ups: Upstreams, pin: Pinning, http11: bool,
     return t
 
 
-def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = False) -> Target:
-    name = "maclustr-quiet" if quiet else "maclustr"
+def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = False,
+                   loop: str = "auto") -> Target:
+    name = "maclustr-quiet" if quiet else "maclustr-asyncio" if loop == "asyncio" else "maclustr"
     t = Target(name)
     exe = Path(PY).parent / "maclustr"
     if not exe.exists():
@@ -564,8 +567,11 @@ def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = Fal
     cmd = [str(exe), "serve", "--routes", str(d / "routes.yaml"), "--port", str(port)]
     if quiet:
         cmd += ["--log-level", "warning"]
+    if loop != "auto":
+        cmd += ["--loop", loop]
     t.procs.append(spawn(name, cmd, pin, "target", env=dict(os.environ, MACLUSTR_API_KEY=KEY)))
     t.note += "`maclustr serve`" + (" --log-level warning" if quiet else " (info: access log)")
+    t.note += f" --loop {loop}" if loop != "auto" else ""
     return t
 
 
@@ -573,6 +579,7 @@ STARTERS: dict[str, Callable[..., Target]] = {
     "direct": start_direct, "nginx": start_nginx, "caddy": start_caddy,
     "litellm": start_litellm, "maclustr": start_maclustr,
     "maclustr-quiet": lambda u, p, h: start_maclustr(u, p, h, quiet=True),
+    "maclustr-asyncio": lambda u, p, h: start_maclustr(u, p, h, loop="asyncio"),
 }
 
 
