@@ -188,6 +188,7 @@ async def relay(request: web.Request, up: Upstream, route: Route,
                 raise UpstreamBadResponse(route.alias)
             else:
                 out = await relay_unary(resp, route, replica, call.rid, dog)
+                request[OUTCOME] = "done"
                 ok = True
         finally:
             resp.close()  # mid-body this drops the socket: the server stops generating
