@@ -209,15 +209,14 @@ async def get_model(request: web.Request) -> web.Response:
 async def get_health(request: web.Request) -> web.Response:
     table = request.app[ROUTES].current
     deep = request.query.get("deep", "").lower()
+    up = request.app[UPSTREAM]
     if deep == "generate":
-        up = request.app[UPSTREAM]
         report = await health.deep(table, up.client, up.scheduler, generate=True)
-        return json_response(report, status=200 if report["status"] == "ok" else 503)
-    if deep in ("1", "true", "yes"):
-        up = request.app[UPSTREAM]
+    elif deep in ("1", "true", "yes"):
         report = await request.app[DEEP_HEALTH].get(table, up.client, up.scheduler)
-        return json_response(report, status=200 if report["status"] == "ok" else 503)
-    return json_response(health.shallow(table))
+    else:
+        return json_response(health.shallow(table))
+    return json_response(report, status=200 if report["status"] == "ok" else 503)
 
 
 async def front_page(request: web.Request) -> web.Response:

@@ -100,9 +100,12 @@ class UpstreamRejected(GatewayError):
 class UpstreamFailed(GatewayError):
     status, type, code = 502, "server_error", "upstream_unavailable"
 
-    def __init__(self, alias: str, why: str = "is unreachable or failed") -> None:
+    def __init__(self, alias: str, why: str = "is unreachable or failed",
+                 detail: str = "") -> None:
+        """`detail`: the server's own words, already scrubbed."""
+        said = f": {detail}" if detail else ""
         super().__init__(
-            f"Model '{alias}' {why}. It may be loading or down; check /health?deep=true."
+            f"Model '{alias}' {why}{said}. It may be loading or down; check /health?deep=true."
         )
 
 
@@ -165,16 +168,14 @@ _LOCAL_HOST = re.compile(r"\b[\w-]+\.(?:local|lan|internal|home|corp)\b", re.IGN
 _MAX_MESSAGE = 300
 
 
-def scrub(text: str, *, alias: str, model: str, upstream: str,
+def scrub(text: str, *, alias: str, model: str, upstreams: Iterable[str],
           secrets: Iterable[str] = ()) -> str:
     """Make an upstream's message safe to show a client.
 
-    Each of `secrets` becomes `<redacted>`; the internal model id becomes the alias; the
-    upstream's URL, host and port, and anything
-    shaped like a URL, filesystem path, host:port or IP address become `<internal>`. The result
-    is one short line and may be empty.
+    Each of `secrets` becomes `<redacted>`; the internal model id becomes the alias; every
+    replica's URL, host and port, and anything shaped like a URL, filesystem path, host:port
+    or IP address become `<internal>`. The result is one short line and may be empty.
     """
-    parts = urlsplit(upstream)
 
     def bounded(name: str) -> str:
         return rf"(?<![\w.-]){re.escape(name)}(?![\w-])"
@@ -185,7 +186,8 @@ def scrub(text: str, *, alias: str, model: str, upstream: str,
             out = out.replace(secret, "<redacted>")
     out = re.sub(bounded(model), alias, out) if model else out
     out = _URL.sub("<internal>", out)
-    names = [parts.netloc, parts.hostname or "", str(parts.port or "")]
+    names = {n for u in upstreams for p in (urlsplit(u),)
+             for n in (p.netloc, p.hostname or "", str(p.port or ""))}
     for name in sorted((n for n in names if n), key=len, reverse=True):
         out = re.sub(bounded(name), "<internal>", out)
     out = _HOSTPORT.sub("<internal>", out)

@@ -393,17 +393,13 @@ async def _upstream_error(resp: Response, route: Route, dog: Watchdog) -> Gatewa
         raw = b""
     text = _error_text(raw)
     key = _upstream_key(route)
-    clean = scrub(text, alias=route.alias, model=route.model, upstream=route.upstream,
+    clean = scrub(text, alias=route.alias, model=route.model, upstreams=route.upstreams,
                   secrets=(key,) if key else ())
     log.warning("upstream for %s answered %d", route.alias, resp.status)
     if 400 <= resp.status < 500 and resp.status not in (401, 403, 407):
         msg = f"Model '{route.alias}' rejected the request"
         return UpstreamRejected(resp.status, f"{msg}: {clean}" if clean else f"{msg}.")
-    why = f"failed (upstream status {resp.status})"
-    err = UpstreamFailed(route.alias, why)
-    if clean:
-        err.message = f"Model '{route.alias}' {why}: {clean}"
-    return err
+    return UpstreamFailed(route.alias, f"failed (upstream status {resp.status})", clean)
 
 
 def _error_text(raw: bytes) -> str:

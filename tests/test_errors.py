@@ -34,7 +34,7 @@ UPSTREAM = "http://studio-1.local:8081"
 
 
 def clean(text: str) -> str:
-    return scrub(text, alias=ALIAS, model=INTERNAL, upstream=UPSTREAM)
+    return scrub(text, alias=ALIAS, model=INTERNAL, upstreams=[UPSTREAM])
 
 
 CASES: list[tuple[GatewayError, int, str, str]] = [
@@ -222,3 +222,9 @@ def test_no_secret_survives_scrub_glued_to_punctuation(prefix: str, suffix: str,
     out = clean(f"failed {prefix}{secret}{suffix} now")
     for forbidden in FORBIDDEN:
         assert forbidden not in out, out
+
+
+def test_scrub_removes_every_replica_not_just_the_first() -> None:
+    out = scrub("studio-2 refused; see studio-1", alias=ALIAS, model=INTERNAL,
+                upstreams=["http://studio-1:8081", "http://studio-2:8081"])
+    assert "studio" not in out
