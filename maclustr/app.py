@@ -47,7 +47,7 @@ IN_FLIGHT = web.AppKey("in_flight", set)  # handler tasks, for the shutdown grac
 DEEP_HEALTH = web.AppKey("deep_health", health.DeepCache)
 RID = web.RequestKey("rid", str)
 ALIAS = web.RequestKey("alias", str)
-KEY_FP = web.RequestKey("key_fingerprint", str)
+KEY_NAME = web.RequestKey("key_name", str)  # never the secret
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON = {"Content-Type": "application/json", "Server": SERVER}
@@ -117,7 +117,7 @@ async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
             _cors(request, resp, origins)
     if log.isEnabledFor(logging.INFO):
         log.info("%s key=%s %s %s model=%s status=%d ms=%.1f outcome=%s", rid,
-                 request.get(KEY_FP, "-"), request.method, request.path,
+                 request.get(KEY_NAME, "-"), request.method, request.path,
                  request.get(ALIAS, "-"), resp.status, (time.perf_counter() - start) * 1e3,
                  request.get(OUTCOME, "-"))
     return resp
@@ -136,10 +136,10 @@ def _cors(request: web.Request, resp: web.StreamResponse, origins: tuple[str, ..
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/v1/") and request.method != "OPTIONS":
-        fp = request.app[KEYS].check(bearer_token(request.headers.get("Authorization")))
-        if fp is None:
+        name = request.app[KEYS].check(bearer_token(request.headers.get("Authorization")))
+        if name is None:
             raise InvalidApiKey()
-        request[KEY_FP] = fp
+        request[KEY_NAME] = name
     return await handler(request)
 
 
@@ -174,7 +174,7 @@ def completions_handler(path: str) -> Handler:
         request[ALIAS] = route.alias
         prefix = conversation_prefix(payload) if len(route.upstreams) > 1 else None
         call = Call(path=path, stream=wants_stream(payload), rid=request[RID],
-                    key=request.get(KEY_FP, "-"), prefix=prefix,
+                    key=request.get(KEY_NAME, "-"), prefix=prefix,
                     body=upstream_body(payload, route.model))
         return await relay(request, app[UPSTREAM], route, call)
 

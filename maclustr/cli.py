@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .auth import KeyRing, fingerprint, parse_keys
+from .auth import KeyConfigError, KeyRing, parse_keys
 from .config import ConfigError, RouteTable, load_routes
 
 if TYPE_CHECKING:
@@ -184,10 +184,15 @@ def configure_logging(level: str) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level.upper())
-    keys = parse_keys(os.environ.get("MACLUSTR_API_KEY"))
+    try:
+        keys = parse_keys(os.environ.get("MACLUSTR_API_KEY"))
+    except KeyConfigError as e:
+        print(f"maclustr serve: MACLUSTR_API_KEY: {e}", file=sys.stderr)
+        return 2
     if not keys:
         print("maclustr serve: MACLUSTR_API_KEY is not set (or empty); refusing to run an "
-              "open gateway. Set it to one or more comma-separated keys.", file=sys.stderr)
+              "open gateway. Set it to one or more comma-separated keys (name:secret or "
+              "secret).", file=sys.stderr)
         return 2
     try:
         table = load_routes(args.routes)
@@ -204,9 +209,10 @@ def run_serve(args: argparse.Namespace) -> int:
                 print("maclustr serve: --loop uvloop but uvloop is not installed "
                       "(pip install 'maclustr[fast]')", file=sys.stderr)
                 return 2
-    log.info("keys loaded: %s", ", ".join(sorted(fingerprint(k) for k in keys)))
+    ring = KeyRing(keys)
+    log.info("keys loaded: %s", ", ".join(ring.names))
     try:
-        asyncio.run(_serve(args, table, KeyRing(keys)))
+        asyncio.run(_serve(args, table, ring))
     except OSError as e:
         print(f"maclustr serve: cannot listen on {args.host}:{args.port}: {e.strerror}",
               file=sys.stderr)
