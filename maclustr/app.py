@@ -1,7 +1,8 @@
 """Wiring: routes, the two middlewares, shared objects on typed AppKeys, session lifecycle.
 
-Request order: `frame` (request id, CORS, every error rendered as an OpenAI envelope, one
-access-log line) → `authenticate` (bearer key on /v1/*) → handler.
+Request order: `frame` (request id, CORS, every error rendered as an OpenAI envelope, or
+Anthropic's on /v1/messages*; one access-log line) → `authenticate` (bearer key on /v1/*, or
+x-api-key on /v1/messages*) → handler.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
-from . import health
+from . import anthropic, health
 from .auth import KeyRing, bearer_token
 from .body import check_content_type, parse_request, upstream_body, wants_stream
+from .config import Route, RouteTable
+from .dialect import Dialect
 from .errors import (
     BodyTooLarge,
     GatewayError,
@@ -59,8 +62,18 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
                         headers={**_JSON, **(headers or {})})
 
 
-def error_response(err: GatewayError) -> web.Response:
-    return web.Response(body=err.to_body(), status=err.status, headers={**_JSON, **err.headers})
+# Paths whose clients expect another error envelope than OpenAI's (the Responses API uses
+# OpenAI's own, so it needs no entry).
+_ERROR_SHAPES: tuple[tuple[str, Callable[[GatewayError], tuple[int, bytes]]], ...] = (
+    ("/v1/messages", anthropic.error_answer),
+)
+
+
+def error_response(err: GatewayError, path: str = "") -> web.Response:
+    status, body = next((shape(err) for prefix, shape in _ERROR_SHAPES
+                         if path.startswith(prefix)), (err.status, b""))
+    return web.Response(body=body or err.to_body(), status=status,
+                        headers={**_JSON, **err.headers})
 
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> GatewayError:
@@ -98,16 +111,16 @@ async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         else:
             resp = await handler(request)
     except GatewayError as e:
-        resp = error_response(e)
+        resp = error_response(e, request.path)
     except web.HTTPException as e:
-        resp = error_response(_from_http_exception(e, request))
+        resp = error_response(_from_http_exception(e, request), request.path)
     except (asyncio.CancelledError, ConnectionError):
         log.info("%s %s %s model=%s client gone after %.1f ms", rid, request.method,
                  request.path, request.get(ALIAS, "-"), (time.perf_counter() - start) * 1e3)
         raise
     except Exception:
         log.exception("%s %s %s failed", rid, request.method, request.path)
-        resp = error_response(GatewayError())
+        resp = error_response(GatewayError(), request.path)
     finally:
         in_flight.discard(task)
     if not resp.prepared:
@@ -136,11 +149,19 @@ def _cors(request: web.Request, resp: web.StreamResponse, origins: tuple[str, ..
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/v1/") and request.method != "OPTIONS":
-        name = request.app[KEYS].check(bearer_token(request.headers.get("Authorization")))
+        token = bearer_token(request.headers.get("Authorization"))
+        anthropic_path = request.path.startswith("/v1/messages")
+        if token is None and anthropic_path:  # Anthropic clients send x-api-key
+            token = request.headers.get("x-api-key", "").strip() or None
+        name = request.app[KEYS].check(token)
         if name is None:
-            raise InvalidApiKey()
+            raise InvalidApiKey(_ANTHROPIC_KEY_HELP) if anthropic_path else InvalidApiKey()
         request[KEY_NAME] = name
     return await handler(request)
+
+
+_ANTHROPIC_KEY_HELP = ("Invalid or missing API key. Send 'x-api-key: <key>' or "
+                       "'Authorization: Bearer <key>' with a key from MACLUSTR_API_KEY.")
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -179,6 +200,55 @@ def completions_handler(path: str) -> Handler:
         return await relay(request, app[UPSTREAM], route, call)
 
     return handle
+
+
+def _route_for(table: RouteTable, payload: dict[str, Any]) -> Route:
+    route = table.resolve(payload["model"])
+    if route is None:
+        raise ModelNotFound(payload["model"], table.aliases)
+    return route
+
+
+async def _translated_request(request: web.Request) -> tuple[RouteTable, dict[str, Any]]:
+    table = request.app[ROUTES].current  # one snapshot for the whole request
+    check_content_type(request.content_type if "Content-Type" in request.headers else "")
+    return table, parse_request(await read_body(request, table.settings.max_body_bytes))
+
+
+async def relay_chat(request: web.Request, route: Route, chat: dict[str, Any],
+                     dialect: Dialect) -> web.StreamResponse:
+    """Send a translated request (already a chat completion) through the ordinary relay:
+    routing, queueing, failover, timeouts, disconnect and shutdown are the same."""
+    request[ALIAS] = route.alias
+    prefix = conversation_prefix(chat) if len(route.upstreams) > 1 else None
+    call = Call(path="/v1/chat/completions", stream=wants_stream(chat), rid=request[RID],
+                key=request.get(KEY_NAME, "-"), prefix=prefix,
+                body=json.dumps(chat).encode(), dialect=dialect)
+    return await relay(request, request.app[UPSTREAM], route, call)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages: Anthropic's Messages API, unary or streamed, over chat completions.
+    Routed by path alone (Claude Code adds `?beta=true`) and the body's `model`."""
+    table, payload = await _translated_request(request)
+    route = _route_for(table, payload)
+    chat = anthropic.to_chat(payload, route.model)
+    estimate = anthropic.estimate_tokens(chat)
+    alias = route.alias
+    dialect = Dialect(stream=lambda: anthropic.AnthropicStream(alias, estimate),
+                      unary=lambda c: anthropic.from_chat(c, alias, estimate))
+    return await relay_chat(request, route, chat, dialect)
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """POST /v1/messages/count_tokens: an estimate (anthropic.estimate_tokens says how); the
+    tokenizer lives with the model on its node, and asking it would cost a prompt pass."""
+    table, payload = await _translated_request(request)
+    route = _route_for(table, payload)
+    request[ALIAS] = route.alias
+    payload.pop("stream", None)
+    return json_response({"input_tokens": anthropic.estimate_tokens(
+        anthropic.to_chat(payload, route.model))})
 
 
 def _model_card(request: web.Request, alias: str) -> dict[str, Any]:
@@ -247,6 +317,8 @@ def make_app(holder: RoutesHolder, keys: KeyRing) -> web.Application:
     app.cleanup_ctx.append(_upstream_client)
     app.router.add_post("/v1/chat/completions", completions_handler("/v1/chat/completions"))
     app.router.add_post("/v1/completions", completions_handler("/v1/completions"))
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_get("/v1/models", list_models, allow_head=False)
     app.router.add_get("/v1/models/{model:.+}", get_model, allow_head=False)
     app.router.add_get("/health", get_health)

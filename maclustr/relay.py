@@ -5,6 +5,11 @@ every failure before the response starts to one GatewayError, then either relay 
 body or relay an event stream frame by frame. Once stream bytes have reached the client a
 failure can only be reported in-band: one final `data: {"error": ...}` event, then the
 connection is closed.
+
+A translated request (Call.dialect: Anthropic Messages, OpenAI Responses) is an ordinary chat
+completion by the time it gets here; only the last step differs: the stream's bytes go through
+the dialect's ChatEventRewriter instead of SSERewriter, a unary body through its translator,
+and the in-band error is the dialect's own.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .config import Route
+from .dialect import ChatEventRewriter, Dialect
 from .errors import (
     GatewayError,
     ShuttingDown,
@@ -115,6 +121,7 @@ class Call:
     rid: str
     key: str
     prefix: str | None
+    dialect: Dialect | None = None  # a translated API (Anthropic, Responses); None: OpenAI
 
 
 MAX_ATTEMPTS = 3  # replicas tried for one request, before any byte reached the client
@@ -182,10 +189,16 @@ async def relay(request: web.Request, up: Upstream, route: Route,
             if ctype == "text/event-stream":
                 if not call.stream:
                     raise UpstreamBadResponse(route.alias)
-                out = await relay_stream(request, up, resp, route, call.rid, dog)
+                rewriter = (SSERewriter(route.alias, route.model) if call.dialect is None
+                            else ChatEventRewriter(call.dialect.stream()))
+                out = await relay_stream(request, up, resp, route, call.rid, dog, rewriter)
                 ok = _VERDICT.get(request.get(OUTCOME, ""), False)
             elif call.stream or ctype != "application/json":
                 raise UpstreamBadResponse(route.alias)
+            elif call.dialect is not None:
+                out = await relay_translated(resp, route, call.dialect, call.rid, dog)
+                request[OUTCOME] = "done"
+                ok = True
             else:
                 out = await relay_unary(resp, route, replica, call.rid, dog)
                 request[OUTCOME] = "done"
@@ -239,15 +252,39 @@ async def relay_unary(resp: Response, route: Route, replica: Replica, rid: str,
                                            "X-Request-Id": rid, "Server": SERVER})
 
 
+async def relay_translated(resp: Response, route: Route, dialect: Dialect, rid: str,
+                           dog: Watchdog) -> web.Response:
+    """A unary chat completion, translated into the client's dialect (which names the alias
+    and nothing of the upstream's own answer but its content and usage)."""
+    data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
+    try:
+        completion = json.loads(data)
+    except (ValueError, RecursionError):
+        raise UpstreamBadResponse(route.alias) from None
+    if not isinstance(completion, dict):
+        raise UpstreamBadResponse(route.alias)
+    try:
+        answer = dialect.unary(completion)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise UpstreamBadResponse(route.alias) from None
+    return web.Response(body=json.dumps(answer).encode(),
+                        headers={"Content-Type": "application/json", "X-Request-Id": rid,
+                                 "Server": SERVER})
+
+
 CLIENT_HIGH_WATER = 256 * 1024  # bytes queued for a slow client before the upstream pauses
 CLIENT_LOW_WATER = 64 * 1024
 
 
 async def relay_stream(request: web.Request, up: Upstream, resp: Response, route: Route,
-                       rid: str, dog: Watchdog) -> web.StreamResponse:
+                       rid: str, dog: Watchdog, rewriter: SSERewriter | ChatEventRewriter
+                       ) -> web.StreamResponse:
     """Relay an event stream. Each upstream read is rewritten and written to the client inside
     the socket callback (`Response.pump`): no buffering and no task switch per read, so an
     event reaches the client the moment its last byte arrives.
+
+    `rewriter` is the OpenAI passthrough (SSERewriter) or a dialect's ChatEventRewriter;
+    both take upstream bytes at any cut and return the client's bytes.
 
     Backpressure: past CLIENT_HIGH_WATER bytes queued for a slow client, reading from the
     upstream pauses until the client has taken all but CLIENT_LOW_WATER, so memory per stream
@@ -258,7 +295,6 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client gone")
-    rewriter = SSERewriter(route.alias, route.model)
     # aiohttp chose the framing in prepare(): chunked for HTTP/1.1, close-delimited for 1.0.
     chunked = out.headers.get("Transfer-Encoding", "").lower() == "chunked"
     write = transport.write
@@ -314,7 +350,7 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
             dog.absorb()
             failure = UpstreamTimeout(route.alias, dog.phase)
         elif up.shutting_down.is_set() and not _client_gone(request):
-            await _finish_with(request, out, ShuttingDown())
+            await _finish_with(request, out, ShuttingDown(), rewriter)
             raise
         else:
             raise
@@ -324,7 +360,7 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
         failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
     request[OUTCOME] = "done" if failure is None else failure.code
     if failure is not None:
-        await _finish_with(request, out, failure)
+        await _finish_with(request, out, failure, rewriter)
         return out
     await out.write_eof()
     return out
@@ -345,12 +381,14 @@ async def _drained(transport: asyncio.BaseTransport, buffered: Callable[[], int]
 
 
 async def _finish_with(request: web.Request, out: web.StreamResponse,
-                       error: GatewayError) -> None:
+                       error: GatewayError, rewriter: SSERewriter | ChatEventRewriter) -> None:
     """End a started stream with one error event, then close the connection without the
     chunked terminator: nothing follows the error, and no client mistakes the connection
-    for reusable or the body for complete (Go's ErrAbortHandler, in effect)."""
+    for reusable or the body for complete (Go's ErrAbortHandler, in effect). A dialect says
+    it its own way (Anthropic `event: error`, Responses `response.failed`)."""
+    last = error.to_sse() if isinstance(rewriter, SSERewriter) else rewriter.fail(error)
     with contextlib.suppress(OSError, asyncio.TimeoutError, RuntimeError):
-        await asyncio.wait_for(out.write(error.to_sse()), 5)
+        await asyncio.wait_for(out.write(last), 5)
     if request.transport is not None:
         request.transport.close()  # flushes what is buffered, then closes
 

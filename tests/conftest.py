@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import httpx2
 import pytest
 from aiohttp import web
 
@@ -120,6 +121,44 @@ class GatewayClient:
     def record(self, ans: Answer) -> Answer:
         self.answers.append(ans)
         return ans
+
+
+class _TeeAsyncStream(httpx2.AsyncByteStream):
+    def __init__(self, inner: Any, on_done: Any) -> None:
+        self.inner, self.on_done = inner, on_done
+        self.parts: list[bytes] = []
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.inner:
+            self.parts.append(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        self.on_done(b"".join(self.parts))
+        await self.inner.aclose()
+
+
+class RecordingTransport(httpx2.AsyncHTTPTransport):
+    """Records every answer an SDK (anthropic, openai: both on httpx2) reads from the
+    gateway into `client.answers`, so the leak check sees SDK traffic too."""
+
+    def __init__(self, client: GatewayClient) -> None:
+        super().__init__()
+        self.client = client
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        resp = await super().handle_async_request(request)
+        status, headers = resp.status_code, dict(resp.headers)
+        return httpx2.Response(
+            status_code=status, headers=resp.headers, extensions=resp.extensions,
+            stream=_TeeAsyncStream(resp.stream, lambda body: self.client.record(
+                Answer(status, headers, body))))
+
+
+def sdk_http_client(gw: Gateway) -> httpx2.AsyncClient:
+    """An httpx2 client for an SDK pointed at `gw`, recording every answer."""
+    return httpx2.AsyncClient(transport=RecordingTransport(gw.client),
+                              timeout=httpx2.Timeout(60.0))
 
 
 def internal_strings(table: RouteTable) -> set[str]:

@@ -36,6 +36,7 @@ import struct
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
@@ -117,6 +118,13 @@ class Behavior:
     content_type: str | None = None
     text: str | None = None
     finish_reason: str | None = None  # None: "length" if max_tokens cut it short, else "stop"
+    # What a reasoning / tool-calling model adds (chat only), as mlx-lm 0.32.2 emits it:
+    # `reasoning` texts stream first as `delta.reasoning` chunks; each of `tool_calls`
+    # ({"name": str, "arguments": dict, "id"?: str}) arrives whole in one chunk after the text
+    # (mlx writes nothing while inside the tool markers), and a "stop" finish becomes
+    # "tool_calls". Unary: `message.reasoning` and `message.tool_calls`.
+    reasoning: tuple[str, ...] = ()
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 class _PeerClosed(Exception):
@@ -227,9 +235,10 @@ class FakeMLX:
     """A real HTTP server on 127.0.0.1 that answers like ``mlx_lm.server``.
 
     Use as ``async with FakeMLX() as fake:`` and point the gateway at ``fake.url``.
-    Which :class:`Behavior` answers a completion request: a :meth:`by_model` rule for the
-    request's ``model`` if one matches (it never consumes the queue), else the next
-    :meth:`push`-ed behaviour (FIFO, one per request), else :attr:`default`.
+    Which :class:`Behavior` answers a completion request: :attr:`rule` (a function of the
+    decoded body returning a Behavior or None) when set and it answers, else a
+    :meth:`by_model` rule for the request's ``model`` if one matches (it never consumes the
+    queue), else the next :meth:`push`-ed behaviour (FIFO, one per request), else :attr:`default`.
     ``GET /health`` uses :attr:`health` when set, else answers ``200 {"status": "ok"}``.
     """
 
@@ -242,6 +251,7 @@ class FakeMLX:
         self.port = 0
         self._queue: deque[Behavior] = deque()
         self._by_model: dict[str, Behavior] = {}
+        self.rule: Callable[[Any], Behavior | None] | None = None
         self._server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -316,6 +326,10 @@ class FakeMLX:
         await asyncio.wait_for(until(), timeout)
 
     def _pick(self, rec: Recorded) -> Behavior:
+        if self.rule is not None:
+            chosen = self.rule(rec.json)
+            if chosen is not None:
+                return chosen
         model = rec.json.get("model") if isinstance(rec.json, dict) else None
         if isinstance(model, str) and model in self._by_model:
             return self._by_model[model]
@@ -595,6 +609,24 @@ class _Reply:
             n, cut = max(0, limit), True
         self.finish = b.finish_reason or ("length" if cut else "stop")
         self.tokens = [b.text if b.text is not None else _word(i) for i in range(n)]
+        self.reasoning = list(b.reasoning) if kind == "chat" else []
+        self.calls = [self._call(c, i) for i, c in enumerate(b.tool_calls)] \
+            if kind == "chat" else []
+        if self.calls and self.finish == "stop":
+            self.finish = "tool_calls"
+
+    def _call(self, call: dict[str, Any], index: int) -> dict[str, Any]:
+        """mlx's ToolCallFormatter._format: arguments as a JSON string (ensure_ascii off),
+        the model's id or a uuid4, and `index` only when streaming."""
+        out: dict[str, Any] = {
+            "function": {"name": call["name"],
+                         "arguments": json.dumps(call["arguments"], ensure_ascii=False)},
+            "type": "function",
+            "id": call.get("id") or str(uuid.uuid4()),
+        }
+        if self.stream:
+            out["index"] = index
+        return out
 
     def _object(self, chunk: bool) -> str:
         if self.kind == "text":
@@ -612,7 +644,7 @@ class _Reply:
         }
 
     def _usage(self) -> dict[str, Any]:
-        n = len(self.tokens)
+        n = len(self.tokens) + len(self.reasoning) + 8 * len(self.calls)
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": n,
@@ -620,15 +652,20 @@ class _Reply:
             "prompt_tokens_details": {"cached_tokens": 0},
         }
 
-    def _chunk(self, text: str, finish: str | None) -> dict[str, Any]:
+    def _chunk(self, text: str, finish: str | None, *, reasoning: str = "",
+               calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         resp = self._base(finish)
         choice = resp["choices"][0]
         if self.kind == "chat":
             # mlx-lm 0.32.2 generate_response: "content" only when non-empty in a stream
-            # delta; "reasoning"/"tool_calls" only when present (never, here).
+            # delta; "reasoning"/"tool_calls" only when present.
             delta: dict[str, Any] = {"role": "assistant"}
             if text:
                 delta["content"] = text
+            if reasoning:
+                delta["reasoning"] = reasoning
+            if calls:
+                delta["tool_calls"] = calls
             choice["delta"] = delta
         else:
             choice["text"] = text
@@ -636,7 +673,9 @@ class _Reply:
 
     def events(self) -> list[dict[str, Any]]:
         """Every ``data:`` payload of the stream, in order, before ``[DONE]``."""
-        out = [self._chunk(t, None) for t in self.tokens]
+        out = [self._chunk("", None, reasoning=r) for r in self.reasoning]
+        out += [self._chunk(t, None) for t in self.tokens]
+        out += [self._chunk("", None, calls=[c]) for c in self.calls]
         out.append(self._chunk("", self.finish))
         opts = self.body.get("stream_options")
         if isinstance(opts, dict) and opts.get("include_usage"):
@@ -657,7 +696,12 @@ class _Reply:
         resp["usage"] = self._usage()
         choice = resp["choices"][0]
         if self.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text if text else None}
+            msg: dict[str, Any] = {"role": "assistant", "content": text if text else None}
+            if self.reasoning:
+                msg["reasoning"] = "".join(self.reasoning)
+            if self.calls:
+                msg["tool_calls"] = self.calls
+            choice["message"] = msg
         else:
             choice["text"] = text
         return resp

@@ -1,0 +1,496 @@
+"""Anthropic's Messages API (`POST /v1/messages`) as chat completions. Pure.
+
+Request in, chat request out (`to_chat`); chat chunks in, Messages events out
+(`AnthropicStream`); a unary chat completion in, a Message out (`from_chat`). What a local
+model cannot honour (`thinking`, `context_management`, `output_config`, `metadata`,
+`cache_control`, `tool_choice` other than "none", server-side tools) is dropped rather than
+refused; what it cannot read (images, documents) is refused clearly, except inside a tool
+result, where a placeholder keeps the agent's loop going.
+
+mlx_lm.server facts this relies on (../shared/agent-clients.md): a list `content` must be
+all text (so blocks are flattened to one string), templates often accept one system message
+only and only first (so every system text is folded into it), a whole tool call arrives in
+one chunk, reasoning arrives as `delta.reasoning`, and usage only with
+`stream_options.include_usage`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .dialect import encode_event
+from .errors import BadRequest, GatewayError, UpstreamRejected
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+# Claude Code's first system block is billing metadata that changes between requests; it is
+# no instruction, and keeping it would defeat the upstream's prompt cache.
+_BILLING_PREFIX = "x-anthropic-billing-header:"
+_TEXT_ONLY = "This model reads text only; send the image as text or use another model."
+_IMAGE_PLACEHOLDER = "[image omitted: this model reads text only]"
+# Assistant blocks a local model cannot replay: signed reasoning, Anthropic-hosted tool runs.
+_DROPPED_ASSISTANT = frozenset({"thinking", "redacted_thinking", "server_tool_use",
+                                "web_search_tool_result", "web_fetch_tool_result",
+                                "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result",
+                                "container_upload"})
+
+
+# --- request ------------------------------------------------------------------------------
+
+
+def to_chat(req: dict[str, Any], model: str) -> dict[str, Any]:
+    """The upstream chat request for a Messages request. Raises BadRequest."""
+    messages = req.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array.", param="messages")
+    system = _system(req.get("system"))
+    chat_messages: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadRequest(f"{where} must be an object.", param=where)
+        role = m.get("role")
+        content = m.get("content")
+        if role == "system":  # mid-conversation system text: folded into the first message
+            system += [t for t in [_flat_text(content, where)] if t]
+        elif role == "user":
+            chat_messages += _user(content, where)
+        elif role == "assistant":
+            chat_messages += _assistant(content, where)
+        else:
+            raise BadRequest(f"{where}.role must be 'user', 'assistant' or 'system'.",
+                             param=f"{where}.role")
+    if system:
+        chat_messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
+    chat: dict[str, Any] = {"model": model, "messages": chat_messages}
+    tools = _tools(req.get("tools"))
+    choice = req.get("tool_choice")
+    if tools and not (isinstance(choice, dict) and choice.get("type") == "none"):
+        chat["tools"] = tools
+    _number(req, chat, "max_tokens", "max_tokens", integer=True, low=1)
+    _number(req, chat, "temperature", "temperature", low=0)
+    _number(req, chat, "top_p", "top_p", low=0)
+    _number(req, chat, "top_k", "top_k", integer=True, low=0)
+    stops = req.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise BadRequest("'stop_sequences' must be an array of non-empty strings.",
+                             param="stop_sequences")
+        if stops:
+            chat["stop"] = stops
+    stream = req.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean.", param="stream")
+    if stream:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}  # usage for message_delta
+    return chat
+
+
+def _system(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list):
+        texts = _texts(value, "system")
+        return [t for t in texts if t and not t.startswith(_BILLING_PREFIX)]
+    raise BadRequest("'system' must be a string or an array of text blocks.", param="system")
+
+
+def _texts(blocks: list[Any], where: str) -> list[str]:
+    out = []
+    for j, b in enumerate(blocks):
+        if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(
+                b.get("text"), str):
+            raise BadRequest(f"{where}[{j}] must be a text block.", param=where)
+        out.append(b["text"])
+    return out
+
+
+def _flat_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n\n".join(_texts(content, f"{where}.content"))
+    raise BadRequest(f"{where}.content must be a string or an array of text blocks.",
+                     param=f"{where}.content")
+
+
+def _user(content: Any, where: str) -> list[dict[str, Any]]:
+    """Tool results become `tool` messages (they answer the previous assistant turn, so they
+    come first); the text blocks become one user message."""
+    if isinstance(content, str):
+        return [{"role": "user", "content": content}]
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}.content must be a string or an array of blocks.",
+                         param=f"{where}.content")
+    tools: list[dict[str, Any]] = []
+    texts: list[str] = []
+    for j, b in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "text" and isinstance(b.get("text"), str):
+            texts.append(b["text"])
+        elif kind == "tool_result":
+            tools.append(_tool_result(b, at))
+        elif kind in ("image", "document"):
+            raise BadRequest(f"{at}: {_TEXT_ONLY}", param=at)
+        elif kind in ("thinking", "redacted_thinking"):
+            continue
+        else:
+            raise BadRequest(f"{at} has an unsupported block type {str(kind)[:40]!r}.",
+                             param=at)
+    if texts or not tools:
+        tools.append({"role": "user", "content": "\n\n".join(texts)})
+    return tools
+
+
+def _tool_result(b: dict[str, Any], at: str) -> dict[str, Any]:
+    call_id = b.get("tool_use_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise BadRequest(f"{at}.tool_use_id must be a non-empty string.", param=at)
+    content = b.get("content")
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        parts = []
+        for k, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif kind in ("image", "document"):
+                parts.append(_IMAGE_PLACEHOLDER)
+            else:
+                raise BadRequest(f"{at}.content[{k}] must be a text block.", param=at)
+        text = "\n\n".join(parts)
+    else:
+        raise BadRequest(f"{at}.content must be a string or an array of blocks.", param=at)
+    if b.get("is_error") is True:
+        text = "Error: " + text
+    return {"role": "tool", "tool_call_id": call_id, "content": text}
+
+
+def _assistant(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"role": "assistant", "content": content}]
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}.content must be a string or an array of blocks.",
+                         param=f"{where}.content")
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for j, b in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "text" and isinstance(b.get("text"), str):
+            texts.append(b["text"])
+        elif kind == "tool_use":
+            name, call_id, args = b.get("name"), b.get("id"), b.get("input", {})
+            if not isinstance(name, str) or not isinstance(call_id, str):
+                raise BadRequest(f"{at} needs a string 'id' and 'name'.", param=at)
+            calls.append({"id": call_id, "type": "function",
+                          "function": {"name": name, "arguments": json.dumps(args)}})
+        elif kind in _DROPPED_ASSISTANT:
+            continue
+        else:
+            raise BadRequest(f"{at} has an unsupported block type {str(kind)[:40]!r}.",
+                             param=at)
+    if not texts and not calls:
+        return []  # only reasoning: nothing the model can be shown
+    msg: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts)}
+    if calls:
+        msg["tool_calls"] = calls
+    return [msg]
+
+
+def _tools(value: Any) -> list[dict[str, Any]]:
+    """Client tools become chat functions; server tools (typed, no input_schema, e.g.
+    `web_search_20250305`) run at Anthropic and are dropped."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest("'tools' must be an array.", param="tools")
+    out = []
+    for i, t in enumerate(value):
+        if not isinstance(t, dict):
+            raise BadRequest(f"tools[{i}] must be an object.", param="tools")
+        if t.get("type") not in (None, "custom") and "input_schema" not in t:
+            continue
+        name = t.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"tools[{i}].name must be a non-empty string.", param="tools")
+        schema = t.get("input_schema")
+        if schema is None:
+            schema = {"type": "object", "properties": {}}
+        if not isinstance(schema, dict):
+            raise BadRequest(f"tools[{i}].input_schema must be an object.", param="tools")
+        fn: dict[str, Any] = {"name": name, "parameters": schema}
+        if isinstance(t.get("description"), str):
+            fn["description"] = t["description"]
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _number(req: dict[str, Any], chat: dict[str, Any], key: str, to: str, *,
+            integer: bool = False, low: float = 0) -> None:
+    value = req.get(key)
+    if value is None:
+        return
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or value < low:
+        kind = "an integer" if integer else "a number"
+        raise BadRequest(f"'{key}' must be {kind} >= {low:g}.", param=key)
+    chat[to] = value
+
+
+def estimate_tokens(chat: dict[str, Any]) -> int:
+    """An estimate of the prompt's tokens, without the model's tokenizer (it lives on the
+    nodes): UTF-8 bytes of every message text, tool call and tool definition / 4, plus 4 per
+    message for the template's role markers. BPE tokenizers average 3-4.5 bytes per token on
+    English and code, so this errs high, which is the safe side for context budgeting."""
+    size = 0
+    for m in chat.get("messages", ()):
+        size += 16 + len(str(m.get("content") or "").encode())
+        for c in m.get("tool_calls", ()):
+            size += len(json.dumps(c["function"]).encode())
+    for t in chat.get("tools", ()):
+        size += len(json.dumps(t["function"]).encode())
+    return max(1, (size + 3) // 4)
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+def message_id() -> str:
+    return "msg_" + os.urandom(12).hex()
+
+
+def _usage(usage: dict[str, Any] | None, input_estimate: int, output_estimate: int
+           ) -> dict[str, int]:
+    """Anthropic counts cached prompt tokens apart from `input_tokens`."""
+    if not isinstance(usage, dict):
+        return {"input_tokens": input_estimate, "output_tokens": output_estimate}
+    prompt = _int(usage.get("prompt_tokens"), input_estimate)
+    details = usage.get("prompt_tokens_details")
+    cached = _int(details.get("cached_tokens") if isinstance(details, dict) else 0, 0)
+    cached = min(cached, prompt)
+    return {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached,
+            "output_tokens": _int(usage.get("completion_tokens"), output_estimate)}
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else default
+
+
+def _arguments(raw: Any) -> str:
+    """A tool call's arguments as a JSON object text (what `input_json_delta` carries)."""
+    if isinstance(raw, dict):
+        return json.dumps(raw)
+    if isinstance(raw, str) and raw.strip():
+        return raw
+    return "{}"
+
+
+def _tool_id(call: dict[str, Any]) -> str:
+    cid = call.get("id")
+    return cid if isinstance(cid, str) and cid else "toolu_" + os.urandom(12).hex()
+
+
+def from_chat(completion: dict[str, Any], alias: str, input_estimate: int = 0
+              ) -> dict[str, Any]:
+    """A unary chat completion as an Anthropic Message. Raises ValueError/KeyError/TypeError
+    on a completion without a choice (the relay reports a bad upstream answer)."""
+    choice = completion["choices"][0]
+    msg = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    reasoning = msg.get("reasoning") or msg.get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    text = msg.get("content")
+    if isinstance(text, str) and text:
+        content.append({"type": "text", "text": text})
+    for call in msg.get("tool_calls") or ():
+        fn = call["function"]
+        args = json.loads(_arguments(fn.get("arguments")))
+        if not isinstance(args, dict):
+            raise ValueError("tool arguments are not an object")
+        content.append({"type": "tool_use", "id": _tool_id(call), "name": fn["name"],
+                        "input": args})
+    reason = choice.get("finish_reason") or "stop"
+    out_estimate = max(1, len(json.dumps(content)) // 4)
+    return {"id": message_id(), "type": "message", "role": "assistant", "model": alias,
+            "content": content, "stop_reason": STOP_REASONS.get(reason, "end_turn"),
+            "stop_sequence": None,
+            "usage": _usage(completion.get("usage"), input_estimate, out_estimate)}
+
+
+class AnthropicStream:
+    """Chat chunks -> Messages events: exactly one message_start (at the first sign of life,
+    a keep-alive included), blocks with increasing indexes that never mix kinds (thinking,
+    text, tool_use each get their own), and message_delta held until the upstream's [DONE],
+    so it carries the usage chunk's counts."""
+
+    def __init__(self, alias: str, input_estimate: int = 0) -> None:
+        self.alias = alias
+        self.input_estimate = input_estimate
+        self.usage: dict[str, Any] | None = None
+        self.id = message_id()
+        self._started = False
+        self._index = -1
+        self._open: str | None = None  # "thinking" | "text" | "tool_use" | None
+        self._tool_key: Any = None  # the upstream's index of the open tool call
+        self._finish: str | None = None
+        self._chars = 0  # generated characters: an output estimate if usage never comes
+
+    def feed(self, chunk: dict[str, Any]) -> list[bytes]:
+        out = self._start()
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return out
+        choice = choices[0]
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            reasoning = delta.get("reasoning") or delta.get("reasoning_content")
+            if isinstance(reasoning, str) and reasoning:
+                out += self._block("thinking", {"type": "thinking", "thinking": "",
+                                                "signature": ""})
+                out.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
+                self._chars += len(reasoning)
+            text = delta.get("content")
+            if isinstance(text, str) and text:
+                out += self._block("text", {"type": "text", "text": ""})
+                out.append(self._delta({"type": "text_delta", "text": text}))
+                self._chars += len(text)
+            for call in delta.get("tool_calls") or ():
+                if isinstance(call, dict):
+                    out += self._tool(call)
+        finish = choice.get("finish_reason")
+        if isinstance(finish, str) and finish:  # may share a chunk with content: split
+            out += self._close()
+            self._finish = finish
+        return out
+
+    def keepalive(self) -> list[bytes]:
+        return [*self._start(), encode_event("ping", {"type": "ping"})]
+
+    def finish(self) -> list[bytes]:
+        out = self._start() + self._close()
+        usage = _usage(self.usage, self.input_estimate, max(1, self._chars // 4))
+        reason = STOP_REASONS.get(self._finish or "stop", "end_turn")
+        out.append(encode_event("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": None},
+            "usage": usage}))
+        out.append(encode_event("message_stop", {"type": "message_stop"}))
+        return out
+
+    def fail(self, err: GatewayError) -> list[bytes]:
+        return [encode_event("error", error_object(err))]
+
+    def _start(self) -> list[bytes]:
+        if self._started:
+            return []
+        self._started = True
+        return [encode_event("message_start", {"type": "message_start", "message": {
+            "id": self.id, "type": "message", "role": "assistant", "model": self.alias,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.input_estimate, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0, "output_tokens": 1}}})]
+
+    def _block(self, kind: str, start: dict[str, Any]) -> list[bytes]:
+        if self._open == kind:
+            return []
+        out = self._close()
+        self._index += 1
+        self._open = kind
+        out.append(encode_event("content_block_start", {
+            "type": "content_block_start", "index": self._index, "content_block": start}))
+        return out
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return encode_event("content_block_delta", {
+            "type": "content_block_delta", "index": self._index, "delta": delta})
+
+    def _close(self) -> list[bytes]:
+        if self._open is None:
+            return []
+        self._open = None
+        self._tool_key = None
+        return [encode_event("content_block_stop", {"type": "content_block_stop",
+                                                    "index": self._index})]
+
+    def _tool(self, call: dict[str, Any]) -> list[bytes]:
+        """mlx sends a whole call per chunk: block start with `input: {}`, one
+        input_json_delta with the complete arguments. A backend that streams a call in pieces
+        (same index, no new id) gets its pieces appended to the open block."""
+        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+        assert isinstance(fn, dict)
+        raw = fn.get("arguments")
+        key = call.get("index")
+        out: list[bytes] = []
+        continued = (self._open == "tool_use" and key is not None and key == self._tool_key
+                     and not call.get("id"))
+        if not continued:
+            out += self._close()
+            self._index += 1
+            self._open = "tool_use"
+            self._tool_key = key
+            name = fn.get("name") if isinstance(fn.get("name"), str) else ""
+            out.append(encode_event("content_block_start", {
+                "type": "content_block_start", "index": self._index,
+                "content_block": {"type": "tool_use", "id": _tool_id(call), "name": name,
+                                  "input": {}}}))
+        part = raw if isinstance(raw, str) else (json.dumps(raw) if raw is not None else "")
+        if part:
+            out.append(self._delta({"type": "input_json_delta", "partial_json": part}))
+            self._chars += len(part)
+        return out
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def error_status(err: GatewayError) -> int:
+    """mlx_lm.server answers 404 when it cannot build the prompt (a template error, bad tool
+    arguments in the history): that is the request's fault, not a missing model or path."""
+    if err.status == 404 and isinstance(err, UpstreamRejected):
+        return 400
+    return err.status
+
+
+def error_type(err: GatewayError) -> str:
+    """Anthropic's error type for our status."""
+    s = error_status(err)
+    if s == 401:
+        return "authentication_error"
+    if s == 403:
+        return "permission_error"
+    if s == 404:
+        return "not_found_error"
+    if s == 413:
+        return "request_too_large"
+    if s in (429, 503):
+        return "overloaded_error"
+    if s >= 500:
+        return "api_error"
+    return "invalid_request_error"
+
+
+def error_object(err: GatewayError) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": error_type(err), "message": err.message}}
+
+
+def error_body(err: GatewayError) -> bytes:
+    return json.dumps(error_object(err)).encode()
+
+
+def error_answer(err: GatewayError) -> tuple[int, bytes]:
+    """Status and body of the error answer on /v1/messages*."""
+    return error_status(err), error_body(err)

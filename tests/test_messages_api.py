@@ -1,0 +1,376 @@
+"""POST /v1/messages and /v1/messages/count_tokens over HTTP, driven by the official
+`anthropic` SDK against the in-process gateway in front of the fake upstream (scripted tool
+calls, reasoning, failures). The real mlx_lm.server and the real `claude` CLI are in
+test_messages_real.py and test_claude_cli.py.
+
+Every answer the SDK reads is recorded (conftest.sdk_http_client) for the leak check.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import pytest
+from conftest import KEY, Behavior, FakeMLX, Gateway, sdk_http_client
+
+BASH_ARGS = {"command": "echo hi && ls -la /tmp", "description": "Say hi, list \u00e9t\u00e9"}
+
+
+def sdk(gw: Gateway, key: str = KEY) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0,
+                                    http_client=sdk_http_client(gw))
+
+
+def events_of(body: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) per SSE event of an Anthropic stream."""
+    out = []
+    for frame in body.split(b"\n\n"):
+        if not frame.strip():
+            continue
+        name, data = "", b""
+        for line in frame.split(b"\n"):
+            if line.startswith(b"event: "):
+                name = line[7:].decode()
+            elif line.startswith(b"data: "):
+                data = line[6:]
+        out.append((name, json.loads(data)))
+    return out
+
+
+def check_sequence(events: list[tuple[str, dict[str, Any]]]) -> None:
+    """Anthropic's grammar: one message_start first, blocks start/delta/stop with increasing
+    indexes and never interleaved, message_delta then message_stop last."""
+    names = [n for n, _ in events if n != "ping"]
+    assert names[0] == "message_start" and names.count("message_start") == 1
+    assert names[-2:] == ["message_delta", "message_stop"]
+    open_index, last = None, -1
+    for name, data in events:
+        assert data["type"] == name
+        if name == "content_block_start":
+            assert open_index is None and data["index"] == last + 1
+            open_index = last = data["index"]
+        elif name == "content_block_delta":
+            assert data["index"] == open_index
+        elif name == "content_block_stop":
+            assert data["index"] == open_index
+            open_index = None
+    assert open_index is None
+
+
+async def test_create_unary(gateway: Gateway, fake: FakeMLX) -> None:
+    fake.push(Behavior(events=3, text="ok "))
+    async with sdk(gateway) as client:
+        msg = await client.messages.create(
+            model="maclustr-coder", max_tokens=50, system="Be brief.",
+            messages=[{"role": "user", "content": "Hi"}])
+    assert msg.model == "maclustr-coder"
+    assert msg.type == "message" and msg.role == "assistant"
+    assert [b.type for b in msg.content] == ["text"]
+    assert msg.content[0].text == "ok ok ok "  # type: ignore[union-attr]
+    assert msg.stop_reason == "end_turn"
+    assert msg.usage.output_tokens == 3 and msg.usage.input_tokens > 0
+    sent = fake.requests[-1]
+    assert sent.path == "/v1/chat/completions"
+    assert sent.json["model"].startswith("/Users/admin/models/")
+    assert sent.json["messages"] == [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "Hi"}]
+    assert sent.json["max_tokens"] == 50 and "stream" not in sent.json
+
+
+async def test_stream_with_sdk_helper(gateway: Gateway, fake: FakeMLX) -> None:
+    fake.push(Behavior(events=4, keepalives=2))
+    async with sdk(gateway) as client, client.messages.stream(
+            model="maclustr-coder", max_tokens=50,
+            messages=[{"role": "user", "content": "Hi"}]) as stream:
+        text = "".join([t async for t in stream.text_stream])
+        final = await stream.get_final_message()
+    assert text == "The quick\ufffd brown"
+    assert final.content[0].text == text  # type: ignore[union-attr]
+    assert final.model == "maclustr-coder" and final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == 4
+    sent = fake.requests[-1].json
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    events = events_of(gateway.client.answers[-1].body)
+    check_sequence(events)
+    names = [n for n, _ in events]
+    assert names[:3] == ["message_start", "ping", "ping"]  # keep-alives become pings
+    start = events[0][1]["message"]
+    assert start["model"] == "maclustr-coder" and start["usage"]["input_tokens"] > 0
+
+
+async def test_stream_raw_events_and_usage_held_for_message_delta(
+        gateway: Gateway, fake: FakeMLX) -> None:
+    fake.push(Behavior(events=2, text="x"))
+    async with sdk(gateway) as client:
+        stream = await client.messages.create(
+            model="maclustr-fast", max_tokens=50, stream=True,
+            messages=[{"role": "user", "content": "Hi"}])
+        types = [e.type async for e in stream]
+    assert types == ["message_start", "content_block_start", "content_block_delta",
+                     "content_block_delta", "content_block_stop", "message_delta",
+                     "message_stop"]
+    events = events_of(gateway.client.answers[-1].body)
+    delta = events[-2][1]
+    assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    # the fake's usage chunk (prompt_tokens = len(json(messages)) // 4) arrives after the
+    # finish chunk: message_delta waited for it
+    prompt = len(json.dumps(fake.requests[-1].json["messages"])) // 4
+    assert delta["usage"]["input_tokens"] == prompt and delta["usage"]["output_tokens"] == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tool_call_reaches_sdk_with_exact_arguments(
+        gateway: Gateway, fake: FakeMLX, stream: bool) -> None:
+    fake.push(Behavior(events=1, text="Let me check.",
+                       tool_calls=({"name": "Bash", "arguments": BASH_ARGS, "id": "call_7"},)))
+    tools: Any = [{"name": "Bash", "description": "Run a shell command",
+                   "input_schema": {"type": "object",
+                                    "properties": {"command": {"type": "string"}},
+                                    "required": ["command"]},
+                   "cache_control": {"type": "ephemeral"}}]
+    messages: Any = [{"role": "user", "content": "list /tmp"}]
+    async with sdk(gateway) as client:
+        if stream:
+            async with client.messages.stream(model="maclustr-coder", max_tokens=100,
+                                              tools=tools, messages=messages) as s:
+                msg = await s.get_final_message()
+        else:
+            msg = await client.messages.create(model="maclustr-coder", max_tokens=100,
+                                               tools=tools, messages=messages)
+    assert [b.type for b in msg.content] == ["text", "tool_use"]
+    use = msg.content[1]
+    assert use.type == "tool_use"
+    assert use.name == "Bash" and use.input == BASH_ARGS and use.id == "call_7"
+    assert msg.stop_reason == "tool_use"
+    sent = fake.requests[-1].json
+    assert sent["tools"] == [{"type": "function", "function": {
+        "name": "Bash", "parameters": tools[0]["input_schema"],
+        "description": "Run a shell command"}}]
+    if stream:
+        events = events_of(gateway.client.answers[-1].body)
+        check_sequence(events)
+        deltas = [d["delta"] for n, d in events if n == "content_block_delta"
+                  and d["delta"]["type"] == "input_json_delta"]
+        assert len(deltas) == 1 and json.loads(deltas[0]["partial_json"]) == BASH_ARGS
+
+
+async def test_tool_result_round_trip(gateway: Gateway, fake: FakeMLX) -> None:
+    """Turn 2 of a tool loop: the assistant's tool_use and the user's tool_result (string and
+    blocks) become an assistant tool_calls message and tool messages; thinking is dropped."""
+    fake.push(Behavior(events=1, text="done"))
+    async with sdk(gateway) as client:
+        msg = await client.messages.create(
+            model="maclustr-coder", max_tokens=20,
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "run it"}]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                     "input": {"command": "echo hi"}},
+                    {"type": "tool_use", "id": "toolu_2", "name": "Bash",
+                     "input": {"command": "pwd"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "hi",
+                     "cache_control": {"type": "ephemeral"}},
+                    {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True,
+                     "content": [{"type": "text", "text": "no such dir"}]}]},
+            ])
+    assert msg.content[0].text == "done"  # type: ignore[union-attr]
+    sent = fake.requests[-1].json["messages"]
+    assert sent[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "toolu_1", "type": "function",
+         "function": {"name": "Bash", "arguments": '{"command": "echo hi"}'}},
+        {"id": "toolu_2", "type": "function",
+         "function": {"name": "Bash", "arguments": '{"command": "pwd"}'}}]}
+    assert sent[2:] == [{"role": "tool", "tool_call_id": "toolu_1", "content": "hi"},
+                        {"role": "tool", "tool_call_id": "toolu_2",
+                         "content": "Error: no such dir"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_reasoning_becomes_thinking_block(gateway: Gateway, fake: FakeMLX,
+                                                stream: bool) -> None:
+    fake.push(Behavior(events=2, text="42", reasoning=("Let me", " think.")))
+    async with sdk(gateway) as client:
+        args: Any = {"model": "maclustr-coder", "max_tokens": 50,
+                     "thinking": {"type": "adaptive"},
+                     "messages": [{"role": "user", "content": "?"}]}
+        if stream:
+            async with client.messages.stream(**args) as s:
+                msg = await s.get_final_message()
+        else:
+            msg = await client.messages.create(**args)
+    assert [b.type for b in msg.content] == ["thinking", "text"]
+    assert msg.content[0].thinking == "Let me think."  # type: ignore[union-attr]
+    assert msg.content[1].text == "4242"  # type: ignore[union-attr]
+    assert "thinking" not in fake.requests[-1].json
+
+
+async def test_count_tokens(gateway: Gateway, fake: FakeMLX) -> None:
+    async with sdk(gateway) as client:
+        short = await client.messages.count_tokens(
+            model="maclustr-coder", messages=[{"role": "user", "content": "Hi"}])
+        long = await client.messages.count_tokens(
+            model="maclustr-coder", system="You are terse. " * 50,
+            messages=[{"role": "user", "content": "Hi " * 400}])
+    assert 1 <= short.input_tokens < 20
+    assert 400 <= long.input_tokens <= 2000  # ~1.6 KB of text, ~4 bytes per token
+    assert fake.requests == []  # an estimate: the upstream is not asked
+
+
+async def test_x_api_key_query_string_and_claude_code_body(gateway: Gateway,
+                                                            fake: FakeMLX) -> None:
+    """What Claude Code sends: x-api-key, ?beta=true, system blocks with a billing header and
+    cache_control, a mid-conversation system message, fields a local model cannot honour."""
+    fake.push(Behavior(events=1, text="pong"))
+    body = {
+        "model": "maclustr-coder", "max_tokens": 32000, "stream": True,
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1"},
+                   {"type": "text", "text": "You are Claude Code.",
+                    "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "<system-reminder>ctx</system-reminder>"},
+                {"type": "text", "text": "say pong", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": "Mid-conversation note."},
+        ],
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "metadata": {"user_id": "{\"device_id\":\"d\"}"},
+        "tools": [],
+    }
+    ans = await gateway.client.post("/v1/messages?beta=true", body, auth=False,
+                                    headers={"x-api-key": KEY,
+                                             "anthropic-version": "2023-06-01"})
+    assert ans.status == 200, ans.body
+    assert ans.headers["Content-Type"].startswith("text/event-stream")
+    events = events_of(ans.body)
+    check_sequence(events)
+    assert [d["delta"]["text"] for n, d in events if n == "content_block_delta"] == ["pong"]
+    sent = fake.requests[-1].json
+    assert sent["messages"] == [
+        {"role": "system", "content": "You are Claude Code.\n\nMid-conversation note."},
+        {"role": "user", "content": "<system-reminder>ctx</system-reminder>\n\nsay pong"}]
+    assert sent["max_tokens"] == 32000
+    for ignored in ("thinking", "context_management", "output_config", "metadata", "tools"):
+        assert ignored not in sent
+
+
+async def test_head_root_without_auth(gateway: Gateway) -> None:
+    ans = await gateway.client.request("HEAD", "/", auth=False)
+    assert ans.status == 200 and ans.body == b""
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({}, 401), ({"x-api-key": "wrong"}, 401), ({"Authorization": "Bearer wrong"}, 401),
+    ({"x-api-key": KEY}, 200), ({"Authorization": f"Bearer {KEY}"}, 200)])
+async def test_auth_on_messages(gateway: Gateway, fake: FakeMLX, headers: dict[str, str],
+                                status: int) -> None:
+    ans = await gateway.client.post("/v1/messages", {
+        "model": "maclustr-coder", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "Hi"}]}, auth=False, headers=headers)
+    assert ans.status == status
+    if status == 401:
+        assert ans.json() == {"type": "error", "error": {
+            "type": "authentication_error", "message": ans.json()["error"]["message"]}}
+        assert "x-api-key" in ans.json()["error"]["message"]
+
+
+async def test_x_api_key_only_on_messages(gateway: Gateway) -> None:
+    ans = await gateway.client.post("/v1/chat/completions", {
+        "model": "maclustr-coder", "messages": [{"role": "user", "content": "Hi"}]},
+        auth=False, headers={"x-api-key": KEY})
+    assert ans.status == 401 and ans.json()["error"]["code"] == "invalid_api_key"
+
+
+async def test_sdk_error_types(gateway: Gateway, fake: FakeMLX) -> None:
+    async with sdk(gateway) as client, sdk(gateway, key="nope") as bad:
+        with pytest.raises(anthropic.NotFoundError) as nf:
+            await client.messages.create(model="claude-opus-4-8", max_tokens=5,
+                                         messages=[{"role": "user", "content": "Hi"}])
+        with pytest.raises(anthropic.AuthenticationError):
+            await bad.messages.create(model="maclustr-coder", max_tokens=5,
+                                      messages=[{"role": "user", "content": "Hi"}])
+        with pytest.raises(anthropic.BadRequestError) as br:
+            await client.messages.create(model="maclustr-coder", max_tokens=5, messages=[])
+    assert nf.value.body == {"type": "error", "error": {
+        "type": "not_found_error",
+        "message": "Model 'claude-opus-4-8' not found. Available models: maclustr-coder, "
+                   "maclustr-fast"}}
+    assert br.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    (b"not json", "not valid JSON"),
+    (b'{"model": "maclustr-coder"}', "'messages'"),
+    (b'{"model": "maclustr-coder", "messages": [{"role": "bot", "content": "x"}]}', "role"),
+    (b'{"model": "maclustr-coder", "messages": [{"role": "user", "content": [{"type": '
+     b'"image", "source": {}}]}]}', "text only"),
+    (b'{"model": "maclustr-coder", "max_tokens": "9", "messages": []}', "messages"),
+    (b'{"model": "maclustr-coder", "max_tokens": 0, "messages": [{"role": "user", '
+     b'"content": "x"}]}', "max_tokens"),
+])
+async def test_bad_requests_in_anthropic_shape(gateway: Gateway, fake: FakeMLX, body: bytes,
+                                               fragment: str) -> None:
+    ans = await gateway.client.request("POST", "/v1/messages", data=body,
+                                       headers={"Content-Type": "application/json"})
+    assert ans.status == 400
+    err = ans.json()
+    assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
+    assert fragment in err["error"]["message"]
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(("behavior", "status", "etype"), [
+    (Behavior(kind="error", status=404, error_body=b'{"error": "template failed"}'), 400,
+     "invalid_request_error"),
+    (Behavior(kind="error", status=429, error_body=b'{"error": "busy"}'), 429,
+     "overloaded_error"),
+    (Behavior(kind="error", status=500, error_body=b'{"error": "boom"}'), 502, "api_error"),
+    (Behavior(kind="drop"), 502, "api_error"),
+])
+async def test_upstream_errors_in_anthropic_shape(gateway: Gateway, fake: FakeMLX,
+                                                  behavior: Behavior, status: int,
+                                                  etype: str) -> None:
+    fake.push(behavior)
+    ans = await gateway.client.post("/v1/messages", {
+        "model": "maclustr-coder", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "Hi"}]})
+    assert ans.status == status, ans.body
+    assert ans.json()["type"] == "error" and ans.json()["error"]["type"] == etype
+
+
+async def test_upstream_dies_mid_stream_ends_with_error_event(gateway: Gateway,
+                                                              fake: FakeMLX) -> None:
+    fake.push(Behavior(events=5, die_after=2))
+    ans = await gateway.client.post("/v1/messages", {
+        "model": "maclustr-coder", "max_tokens": 50, "stream": True,
+        "messages": [{"role": "user", "content": "Hi"}]})
+    assert ans.status == 200 and not ans.complete
+    events = events_of(ans.body)
+    assert events[0][0] == "message_start"
+    assert events[-1] == ("error", {"type": "error", "error": {
+        "type": "api_error", "message": events[-1][1]["error"]["message"]}})
+    assert "message_stop" not in [n for n, _ in events]
+    async with sdk(gateway) as client:
+        fake.push(Behavior(events=5, die_after=2))
+        with pytest.raises(anthropic.APIStatusError):
+            async with client.messages.stream(
+                    model="maclustr-coder", max_tokens=50,
+                    messages=[{"role": "user", "content": "Hi"}]) as s:
+                async for _ in s:
+                    pass
+
+
+async def test_garbage_stream_ends_with_error_event(gateway: Gateway, fake: FakeMLX) -> None:
+    fake.push(Behavior(kind="raw", raw=b"HTTP/1.0 200 OK\r\nContent-type: text/event-stream"
+                       b"\r\n\r\ndata: {not json}\n\n"))
+    ans = await gateway.client.post("/v1/messages", {
+        "model": "maclustr-coder", "max_tokens": 50, "stream": True,
+        "messages": [{"role": "user", "content": "Hi"}]})
+    assert ans.status == 200
+    assert events_of(ans.body)[-1][0] == "error"
