@@ -123,17 +123,23 @@ async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         resp = error_response(GatewayError(), request.path)
     finally:
         in_flight.discard(task)
-    if not resp.prepared:
-        resp.headers["X-Request-Id"] = rid
-        origins = request.app[ROUTES].current.settings.cors_origins
-        if origins:
-            _cors(request, resp, origins)
     if log.isEnabledFor(logging.INFO):
         log.info("%s key=%s %s %s model=%s status=%d ms=%.1f outcome=%s", rid,
                  request.get(KEY_NAME, "-"), request.method, request.path,
                  request.get(ALIAS, "-"), resp.status, (time.perf_counter() - start) * 1e3,
                  request.get(OUTCOME, "-"))
     return resp
+
+
+async def stamp(request: web.Request, resp: web.StreamResponse) -> None:
+    """on_response_prepare: request id and CORS on every answer, including a stream the
+    relay prepares itself (a middleware sees it only after its headers are sent)."""
+    rid = request.get(RID)
+    if rid is not None:
+        resp.headers["X-Request-Id"] = rid
+    origins = request.app[ROUTES].current.settings.cors_origins
+    if origins:
+        _cors(request, resp, origins)
 
 
 def _cors(request: web.Request, resp: web.StreamResponse, origins: tuple[str, ...]) -> None:
@@ -314,6 +320,7 @@ def make_app(holder: RoutesHolder, keys: KeyRing) -> web.Application:
     app[SHUTTING_DOWN] = asyncio.Event()
     app[IN_FLIGHT] = set()
     app[DEEP_HEALTH] = health.DeepCache()
+    app.on_response_prepare.append(stamp)
     app.cleanup_ctx.append(_upstream_client)
     app.router.add_post("/v1/chat/completions", completions_handler("/v1/chat/completions"))
     app.router.add_post("/v1/completions", completions_handler("/v1/completions"))

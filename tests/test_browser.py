@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import KEY, FakeMLX
+from conftest import KEY, Behavior, FakeMLX
 
 from maclustr.config import load_routes
 
@@ -171,3 +171,78 @@ async def test_page_in_chromium_shows_live_status_and_copies_a_working_curl_line
     assert not [m for m in console_errors if "status of 503" not in m], console_errors
     for shot in ("page-desktop.png", "page-dark.png", "page-phone.png"):
         assert (tmp_path / shot).stat().st_size > 10_000
+
+
+_FETCH_ALL = """
+async ({url, key}) => {
+  const out = {};
+  async function go(name, body, auth) {
+    const headers = {'Content-Type': 'application/json'};
+    if (auth) headers['Authorization'] = 'Bearer ' + key;
+    let r;
+    try {
+      r = await fetch(url + '/v1/chat/completions',
+                      {method: 'POST', headers, body: JSON.stringify(body)});
+    } catch (e) { out[name] = {blocked: String(e)}; return; }
+    let text = '', cut = null;
+    const reader = r.body.getReader(), dec = new TextDecoder();
+    try {
+      for (;;) {
+        const {done, value} = await reader.read();
+        if (done) break;
+        text += dec.decode(value, {stream: true});
+      }
+    } catch (e) { cut = String(e); }
+    out[name] = {status: r.status, text, cut, rid: r.headers.get('X-Request-Id')};
+  }
+  const m = 'maclustr-coder', msgs = [{role: 'user', content: 'hi'}];
+  await go('unary', {model: m, messages: msgs}, true);
+  await go('stream', {model: m, messages: msgs, stream: true}, true);
+  await go('stream cut short', {model: m, messages: msgs, stream: true}, true);
+  await go('bad key', {model: m, messages: msgs, stream: true}, false);
+  await go('unknown model', {model: 'nope', messages: msgs, stream: true}, true);
+  return out;
+}
+"""
+
+
+async def test_page_on_another_origin_reads_streams_and_errors_under_cors(
+        browser: Any, fake: FakeMLX, gateway_process: Any, tmp_path: Path) -> None:
+    """A web app on an allowed origin fetches from the gateway: unary and streamed answers,
+    success and error, are all readable (a stream without CORS headers is not)."""
+    from aiohttp import web
+    from conftest import routes_yaml
+
+    async def blank(_: web.Request) -> web.Response:
+        return web.Response(text="<!doctype html><title>app</title>", content_type="text/html")
+
+    page_app = web.Application()
+    page_app.router.add_get("/", blank)
+    runner = web.AppRunner(page_app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        origin = f"http://127.0.0.1:{port}"
+        routes = tmp_path / "routes.yaml"
+        routes.write_text(routes_yaml({"maclustr-coder": fake.url},
+                                      extra=f"gateway: {{cors_origins: [{json.dumps(origin)}]}}"))
+        gw = gateway_process(routes)
+        fake.push(Behavior(), Behavior(), Behavior(die_after=2))
+        page = await browser.new_page()
+        await page.goto(origin + "/")
+        got = await page.evaluate(_FETCH_ALL, {"url": gw.url, "key": KEY})
+    finally:
+        await runner.cleanup()
+    assert not [n for n, r in got.items() if "blocked" in r], got
+    assert {n: r["status"] for n, r in got.items()} == {
+        "unary": 200, "stream": 200, "stream cut short": 200, "bad key": 401,
+        "unknown model": 404}
+    assert json.loads(got["unary"]["text"])["model"] == "maclustr-coder"
+    assert got["stream"]["text"].rstrip().endswith("data: [DONE]")
+    assert got["stream"]["cut"] is None
+    assert '"error"' in got["stream cut short"]["text"].split("data: ")[-1]
+    assert json.loads(got["bad key"]["text"])["error"]["code"] == "invalid_api_key"
+    assert json.loads(got["unknown model"]["text"])["error"]["code"] == "model_not_found"
+    assert all(r["rid"] for r in got.values()), got  # X-Request-Id is exposed

@@ -227,6 +227,32 @@ async def test_cors_on_for_configured_origins_only(make_gateway: Any, fake: Fake
     assert "access-control-allow-origin" not in lower(other.headers)
 
 
+async def test_cors_on_every_answer_unary_and_stream_success_and_error(
+        make_gateway: Any, fake: FakeMLX) -> None:
+    """The stream relay prepares its own response: CORS must be on it too, or a browser on
+    an allowed origin cannot read any `stream: true` answer (success or in-band error)."""
+    gw: Gateway = await make_gateway(routes_yaml(
+        {A: fake.url}, extra='gateway: {cors_origins: ["https://app.example"]}'))
+    ok = {"Origin": "https://app.example"}
+    fake.push(Behavior(), Behavior(), Behavior(die_after=2), Behavior(kind="error", status=500))
+    answers = {
+        "unary": await gw.client.post(CHAT, BODY, headers=ok),
+        "stream": await gw.client.post(CHAT, {**BODY, "stream": True}, headers=ok),
+        "stream cut short": await gw.client.post(CHAT, {**BODY, "stream": True}, headers=ok),
+        "upstream error": await gw.client.post(CHAT, {**BODY, "stream": True}, headers=ok),
+        "bad key": await gw.client.post(CHAT, BODY, headers=ok, auth=False),
+        "unknown model": await gw.client.post(CHAT, {**BODY, "model": "nope"}, headers=ok),
+    }
+    assert [a.status for a in answers.values()] == [200, 200, 200, 502, 401, 404]
+    assert answers["stream"].data()[-1] == "[DONE]"
+    assert "error" in answers["stream cut short"].data()[-1]
+    for what, ans in answers.items():
+        h = lower(ans.headers)
+        assert h.get("access-control-allow-origin") == "https://app.example", what
+        assert h.get("access-control-expose-headers") == "X-Request-Id", what
+        assert h.get("x-request-id"), what
+
+
 # --- bind -----------------------------------------------------------------------------------
 
 
