@@ -286,13 +286,17 @@ async def get_health(request: web.Request) -> web.Response:
     table = request.app[ROUTES].current
     deep = request.query.get("deep", "").lower()
     up = request.app[UPSTREAM]
-    if deep == "generate":
-        report = await health.deep(table, up.client, up.scheduler, generate=True)
-    elif deep in ("1", "true", "yes"):
-        report = await request.app[DEEP_HEALTH].get(table, up.client, up.scheduler)
-    else:
+    generate = deep == "generate"
+    if not generate and deep not in ("1", "true", "yes"):
         return json_response(health.shallow(table))
-    return json_response(report, status=200 if report["status"] == "ok" else 503)
+    # Public: states only. `generate` makes every replica produce a token: key holders only.
+    keyed = request.app[KEYS].check(bearer_token(request.headers.get("Authorization")))
+    if generate and keyed is None:
+        raise InvalidApiKey("'/health?deep=generate' asks every model for a token and needs "
+                            "'Authorization: Bearer <key>'; '?deep=true' is public.")
+    report = await request.app[DEEP_HEALTH].get(table, up.client, up.scheduler, generate)
+    shown = report if keyed is not None else health.public(report)
+    return json_response(shown, status=200 if report["status"] == "ok" else 503)
 
 
 async def front_page(request: web.Request) -> web.Response:

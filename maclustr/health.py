@@ -91,33 +91,54 @@ async def deep(table: RouteTable, client: Client, scheduler: Scheduler,
     return {"status": overall, "models": models}
 
 
+def public(report: dict[str, Any]) -> dict[str, Any]:
+    """The answer for a caller without a key: states and latency, not load. Per-replica
+    in-flight counts tell an outsider when the cluster is busy; key holders may see them."""
+    models = {alias: {**m, "replicas": [{k: v for k, v in r.items() if k != "in_flight"}
+                                        for r in m["replicas"]]}
+              for alias, m in report["models"].items()}
+    return {**report, "models": models}
+
+
+class _Slot:
+    """One cached deep-health answer and the check that may be computing it."""
+
+    __slots__ = ("at", "key", "report", "running")
+
+    def __init__(self) -> None:
+        self.at = 0.0
+        self.report: dict[str, Any] | None = None
+        self.key: tuple[RouteTable, int] | None = None
+        self.running: asyncio.Future[dict[str, Any]] | None = None
+
+
 class DeepCache:
-    """Deep-health answers for `ttl` seconds, with concurrent callers sharing one check.
+    """Deep-health answers for `ttl` seconds, with concurrent callers sharing one check; one
+    slot for the ping-only check and one for `generate` (which makes every replica produce a
+    token, so it must never run once per caller).
 
     /health is public and the front page polls it from every open browser; without this,
     each poll would ping every model server."""
 
     def __init__(self, ttl: float = 1.0) -> None:
         self.ttl = ttl
-        self._at = 0.0
-        self._report: dict[str, Any] | None = None
-        self._key: tuple[RouteTable, int] | None = None
-        self._running: asyncio.Future[dict[str, Any]] | None = None
+        self._slots = {False: _Slot(), True: _Slot()}
 
-    async def get(self, table: RouteTable, client: Client,
-                  scheduler: Scheduler) -> dict[str, Any]:
+    async def get(self, table: RouteTable, client: Client, scheduler: Scheduler,
+                  generate: bool = False) -> dict[str, Any]:
         """Fresh when the table or the scheduler's replica states changed since."""
+        slot = self._slots[generate]
         key = (table, scheduler.version)
         now = time.monotonic()
-        if self._report is not None and self._key == key and now - self._at < self.ttl:
-            return self._report
-        if self._running is not None and self._key == key:
-            return await asyncio.shield(self._running)
-        self._key = key
-        self._running = asyncio.ensure_future(deep(table, client, scheduler))
+        if slot.report is not None and slot.key == key and now - slot.at < self.ttl:
+            return slot.report
+        if slot.running is not None and slot.key == key:
+            return await asyncio.shield(slot.running)
+        slot.key = key
+        slot.running = asyncio.ensure_future(deep(table, client, scheduler, generate))
         try:
-            report = await asyncio.shield(self._running)
+            report = await asyncio.shield(slot.running)
         finally:
-            self._running = None
-        self._report, self._at = report, time.monotonic()
+            slot.running = None
+        slot.report, slot.at = report, time.monotonic()
         return report

@@ -797,6 +797,42 @@ async def test_deep_generate_all_wedged_is_503(make_gateway: Any, fake: FakeMLX)
     assert ans.json()["models"][ALIAS]["status"] == "wedged"
 
 
+async def test_deep_generate_needs_a_key_and_is_cached(make_gateway: Any, fake: FakeMLX,
+                                                       fake2: FakeMLX) -> None:
+    """`?deep=generate` makes every replica produce a token: without a key it is a 401 that
+    asks nothing upstream, and callers within a second share one check."""
+    gw = await make_gateway(routes([fake.url, fake2.url]))
+    for auth in ({"auth": False}, {"headers": {"Authorization": "Bearer wrong"}, "auth": False}):
+        ans = await gw.client.get("/health?deep=generate", **auth)
+        assert_envelope(ans, 401, "invalid_api_key")
+    assert (warmups(fake), warmups(fake2)) == (0, 0)
+    answers = await asyncio.gather(*(gw.client.get("/health?deep=generate") for _ in range(5)))
+    answers.append(await gw.client.get("/health?deep=generate"))
+    assert [a.status for a in answers] == [200] * 6
+    assert (warmups(fake), warmups(fake2)) == (1, 1)  # one probe each, not six
+
+
+async def test_public_deep_health_shows_states_not_load(make_gateway: Any,
+                                                        fake: FakeMLX) -> None:
+    """Per-replica in-flight counts tell an outsider when the cluster is busy: the public
+    answer has states and latency only; a key holder also sees the load."""
+    gw = await make_gateway(routes([fake.url]))
+    fake.push(Behavior(kind="hang"))
+    busy = asyncio.ensure_future(gw.client.post(CHAT, chat("busy"), timeout=10))
+    try:
+        await wait_for(lambda: posts(fake) == 1, timeout=3)
+        public = (await gw.client.get("/health?deep=true", auth=False)).json()
+        keyed = (await gw.client.get("/health?deep=true")).json()
+    finally:
+        busy.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await busy
+    assert public["models"][ALIAS]["replicas"] == [
+        {"status": "up", "latency_ms": keyed["models"][ALIAS]["replicas"][0]["latency_ms"]}]
+    assert keyed["models"][ALIAS]["replicas"][0]["in_flight"] == 1
+    assert "in_flight" not in json.dumps(public)
+
+
 async def test_one_replica_form_still_works(make_gateway: Any, fake: FakeMLX) -> None:
     """`upstream:` (singular) is still the one-replica form."""
     text = f'models:\n  {ALIAS}:\n    model: "{MODEL}"\n    upstream: {fake.url}\n'
