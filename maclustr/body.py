@@ -1,7 +1,8 @@
 """The client's request body: what we accept, and the one field we change going upstream.
 
 Pure. The body must be a JSON object with a non-empty string `model`; every other field is
-forwarded as the client sent it (re-encoded, values unchanged).
+forwarded as the client sent it (re-encoded, values unchanged), except `stream_options`, whose
+`include_usage` is made explicit. `n` > 1 is refused (the model servers answer one choice).
 """
 
 from __future__ import annotations
@@ -48,7 +49,40 @@ def parse_request(body: bytes) -> dict[str, Any]:
         # mlx_lm.server refuses it too; checking here keeps the relay's stream/unary choice
         # in step with what the upstream will do.
         raise BadRequest("'stream' must be a boolean.", param="stream")
+    _check_n(payload.get("n"))
+    _normalise_stream_options(payload)
     return payload
+
+
+def _check_n(n: object) -> None:
+    """mlx_lm.server ignores `n` and answers one choice: refuse rather than silently return
+    fewer choices than asked for (fanning out n requests would multiply the load)."""
+    if n is None or (n == 1 and not isinstance(n, bool)):
+        return
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise BadRequest("'n' must be a positive integer.", param="n")
+    raise BadRequest(f"'n' = {n} is not supported: this gateway returns one choice per "
+                     "request. Send n = 1 (or omit it) and make several requests.", param="n")
+
+
+def _normalise_stream_options(payload: dict[str, Any]) -> None:
+    """As OpenAI: `stream_options` only with `stream: true`. mlx_lm.server reads
+    `stream_options["include_usage"]` after the content has streamed, so an object without
+    it must never reach it bare: the flag is made explicit."""
+    opts = payload.get("stream_options")
+    if opts is None:
+        return
+    if payload.get("stream") is not True:
+        raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is "
+                         "enabled.", param="stream_options")
+    if not isinstance(opts, dict):
+        raise BadRequest(f"'stream_options' must be an object, not {_json_type(opts)}.",
+                         param="stream_options")
+    usage = opts.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise BadRequest("'stream_options.include_usage' must be a boolean.",
+                         param="stream_options")
+    opts["include_usage"] = usage
 
 
 def upstream_body(payload: dict[str, Any], internal_model: str) -> bytes:

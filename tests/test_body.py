@@ -152,3 +152,29 @@ def test_wants_stream_only_for_true() -> None:
     for v in (False, None, "true", 1, [True]):
         assert not wants_stream({"stream": v})
     assert not wants_stream({})
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"n": 2}, "n"), ({"n": 0}, "n"), ({"n": "2"}, "n"), ({"n": True}, "n"), ({"n": 1.5}, "n"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": False, "stream_options": {}}, "stream_options"),
+    ({"stream": True, "stream_options": []}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+])
+def test_n_and_stream_options_refusals_name_the_param(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_request(json.dumps({"model": "m", **body}).encode())
+    assert (info.value.status, info.value.param) == (400, param)
+
+
+@pytest.mark.parametrize(("opts", "usage"), [
+    ({}, False), ({"include_usage": True}, True), ({"x": 1}, False)])
+def test_stream_options_reach_upstream_with_include_usage_explicit(opts: dict[str, Any],
+                                                                   usage: bool) -> None:
+    """mlx_lm.server reads stream_options["include_usage"] after streaming the content."""
+    payload = parse_request(json.dumps({"model": "m", "stream": True, "n": 1,
+                                        "stream_options": opts}).encode())
+    sent = json.loads(upstream_body(payload, INTERNAL))
+    assert sent["stream_options"]["include_usage"] is usage
+    assert {k: v for k, v in sent["stream_options"].items() if k != "include_usage"} == {
+        k: v for k, v in opts.items() if k != "include_usage"}

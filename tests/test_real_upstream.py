@@ -204,6 +204,37 @@ def test_sdk_stream_include_usage_ends_with_usage(env: Env) -> None:
 
 
 @pytest.mark.real_upstream
+def test_empty_stream_options_stream_completes(env: Env) -> None:
+    """`stream_options: {}` reached mlx_lm.server bare: it KeyErrors after the content has
+    streamed, so the stream never ended with [DONE]. The gateway makes the flag explicit."""
+    raw = curl(env, {"model": "maclustr-coder", "messages": MSG, "max_tokens": MAX,
+                     "stream": True, "stream_options": {}}, stream=True)
+    head, body = split_head(raw)
+    assert head.startswith("HTTP/1.1 200")
+    events = [e for e in body.split("\n\n") if e.startswith("data: ")]  # no keepalives
+    assert events[-1] == "data: [DONE]", body[-300:]
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c.get("usage") is None and c["choices"] for c in chunks)  # usage not asked
+
+
+@pytest.mark.real_upstream
+def test_n_above_one_and_stream_options_without_stream_are_400(env: Env) -> None:
+    """mlx answers one choice whatever `n` says: the SDK gets a 400 naming `n` instead of
+    silently fewer choices; `stream_options` without `stream: true` is a 400 as at OpenAI."""
+    with pytest.raises(openai.BadRequestError) as info:
+        env.sdk.chat.completions.create(model="maclustr-coder", messages=MSG, max_tokens=MAX,
+                                        n=2)
+    assert info.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as info:
+        env.sdk.chat.completions.create(model="maclustr-coder", messages=MSG, max_tokens=MAX,
+                                        stream_options={"include_usage": True})
+    assert info.value.param == "stream_options"
+    r = env.sdk.chat.completions.create(model="maclustr-coder", messages=MSG, max_tokens=MAX,
+                                        n=1)
+    assert len(r.choices) == 1
+
+
+@pytest.mark.real_upstream
 def test_sdk_completions_unary_and_streaming(env: Env) -> None:
     """Legacy /v1/completions works through the SDK both ways, reporting the alias."""
     r = env.sdk.completions.create(model="maclustr-fast", prompt="Once upon", max_tokens=MAX)
