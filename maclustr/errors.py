@@ -84,13 +84,15 @@ class UnsupportedMediaType(GatewayError):
 
 
 class UpstreamRejected(GatewayError):
-    """The model's server refused the request (its 4xx); the status is kept."""
+    """The model's server refused the request (its 4xx); the status is kept, except 404:
+    404 is ours alone, for an unknown alias (mlx_lm.server answers 404 when preparing the
+    prompt fails), so it becomes 400."""
 
     type, code = "invalid_request_error", "upstream_rejected"
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
-        self.status = status
+        self.status = 400 if status == 404 else status
         if status == 429:
             self.code, self.type = "rate_limit_exceeded", "rate_limit_error"
         elif status == 413:
@@ -157,8 +159,11 @@ class ShuttingDown(GatewayError):
 # --- scrubbing -------------------------------------------------------------------------------
 
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
-_PATH = re.compile(r"(?:~|\.{0,2})?/(?:[\w.@+-]+/)+[\w.@+-]*|/(?:Users|home|srv|opt|var|tmp|root|"
-                   r"Volumes|private|mnt|data)\b[^\s'\"]*")
+# Absolute or ~/./.. paths (not "user/assistant/user", whose slash follows a word), relative
+# paths that end in a file name, and the usual top-level directories on their own.
+_PATH = re.compile(r"(?<![\w])(?:~|\.{0,2})?/(?:[\w.@+-]+/)+[\w.@+-]*|"
+                   r"\b[\w.@+-]+(?:/[\w.@+-]+)+\.[A-Za-z0-9]{1,12}\b|"
+                   r"/(?:Users|home|srv|opt|var|tmp|root|Volumes|private|mnt|data)\b[^\s'\"]*")
 _HOSTPORT = re.compile(r"(?:\b\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:.]+\]|\b[\w-]+(?:\.[\w-]+)*)"
                        r":\d{2,5}\b")
 _IPV4 = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
@@ -199,3 +204,26 @@ def scrub(text: str, *, alias: str, model: str, upstreams: Iterable[str],
     if len(out) > _MAX_MESSAGE:
         out = out[: _MAX_MESSAGE - 3] + "..."
     return out
+
+
+_MAX_HUMAN = 200
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\s*File \"|\bline \d+, in\b",
+                        re.MULTILINE)
+
+
+def upstream_message(text: str, *, alias: str, model: str, upstreams: Iterable[str],
+                     secrets: Iterable[str] = ()) -> str:
+    """An upstream's 4xx text when it reads as one message for a person, else "".
+
+    Its first line, at most `_MAX_HUMAN` characters, from a text with no traceback, naming
+    no path, host or address (after the internal model id became the alias). Anything else
+    is the server's business: the client gets our own words, the log gets theirs.
+    """
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines or _TRACEBACK.search(text):
+        return ""
+    first = lines[0]
+    if len(first) > _MAX_HUMAN:
+        return ""
+    clean = scrub(first, alias=alias, model=model, upstreams=upstreams, secrets=secrets)
+    return "" if "<internal>" in clean or "<redacted>" in clean else clean

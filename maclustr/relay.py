@@ -33,7 +33,7 @@ from .errors import (
     UpstreamFailed,
     UpstreamRejected,
     UpstreamTimeout,
-    scrub,
+    upstream_message,
 )
 from .headers import SERVER, SSE_HEADERS, upstream_headers
 from .scheduler import Replica, Scheduler
@@ -182,7 +182,7 @@ async def relay(request: web.Request, up: Upstream, route: Route,
             dog.rearm(t.idle, "idle between bytes")
             if resp.status >= 400:
                 ok = resp.status not in (502, 503, 504)  # alive unless it says otherwise
-                raise await _upstream_error(resp, route, dog)
+                raise await _upstream_error(resp, route, call.rid, dog)
             if resp.status != 200:
                 raise UpstreamBadResponse(route.alias)
             ctype = resp.content_type
@@ -423,21 +423,26 @@ async def _read_capped(resp: Response, cap: int, route: Route, dog: Watchdog) ->
     return b"".join(parts)
 
 
-async def _upstream_error(resp: Response, route: Route, dog: Watchdog) -> GatewayError:
-    """Map the upstream's 4xx/5xx to our envelope; its words are scrubbed before use."""
+async def _upstream_error(resp: Response, route: Route, rid: str,
+                          dog: Watchdog) -> GatewayError:
+    """Map the upstream's 4xx/5xx to our envelope. A 5xx's text (stack traces, load
+    failures) goes to the log only; a 4xx's passes when it reads as one human message."""
     try:
         raw = await _read_capped(resp, MAX_ERROR_BYTES, route, dog)
     except UpstreamBadResponse:
         raw = b""
     text = _error_text(raw)
-    key = _upstream_key(route)
-    clean = scrub(text, alias=route.alias, model=route.model, upstreams=route.upstreams,
-                  secrets=(key,) if key else ())
-    log.warning("upstream for %s answered %d", route.alias, resp.status)
-    if 400 <= resp.status < 500 and resp.status not in (401, 403, 407):
+    status = resp.status
+    log.warning("%s upstream for %s answered %d: %.1000r", rid, route.alias, status, text)
+    if 400 <= status < 500 and status not in (401, 403, 407):
+        key = _upstream_key(route)
+        said = upstream_message(text, alias=route.alias, model=route.model,
+                                upstreams=route.upstreams, secrets=(key,) if key else ())
+        if status == 404 and not said:  # mlx: preparing the prompt (or loading) failed
+            return UpstreamFailed(route.alias, "could not prepare the request")
         msg = f"Model '{route.alias}' rejected the request"
-        return UpstreamRejected(resp.status, f"{msg}: {clean}" if clean else f"{msg}.")
-    return UpstreamFailed(route.alias, f"failed (upstream status {resp.status})", clean)
+        return UpstreamRejected(status, f"{msg}: {said}" if said else f"{msg}.")
+    return UpstreamFailed(route.alias, f"failed (upstream status {status})")
 
 
 def _error_text(raw: bytes) -> str:

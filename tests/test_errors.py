@@ -48,7 +48,7 @@ CASES: list[tuple[GatewayError, int, str, str]] = [
     (BodyTooLarge(10), 413, "invalid_request_error", "request_too_large"),
     (UnsupportedMediaType("x"), 415, "invalid_request_error", "unsupported_media_type"),
     (UpstreamRejected(400, "m"), 400, "invalid_request_error", "upstream_rejected"),
-    (UpstreamRejected(404, "m"), 404, "invalid_request_error", "upstream_rejected"),
+    (UpstreamRejected(404, "m"), 400, "invalid_request_error", "upstream_rejected"),
     (UpstreamRejected(413, "m"), 413, "invalid_request_error", "request_too_large"),
     (UpstreamRejected(429, "m"), 429, "rate_limit_error", "rate_limit_exceeded"),
     (UpstreamFailed(ALIAS), 502, "server_error", "upstream_unavailable"),
@@ -228,3 +228,11 @@ def test_scrub_removes_every_replica_not_just_the_first() -> None:
     out = scrub("studio-2 refused; see studio-1", alias=ALIAS, model=INTERNAL,
                 upstreams=["http://studio-1:8081", "http://studio-2:8081"])
     assert "studio" not in out
+
+
+def test_scrub_keeps_slashed_words_but_not_relative_file_paths() -> None:
+    """mlx's chat-template refusal is a message for a person; a relative file path is not."""
+    text = "Conversation roles must alternate user/assistant/user/assistant/..."
+    assert clean(text) == text
+    out = clean("No such file: models/internal-coder/config.json")
+    assert "internal-coder" not in out and "config.json" not in out

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
 import aiohttp
+import pytest
 from conftest import AUTH, Answer, Behavior, FakeMLX, Gateway, wait_for
 from real_mlx import free_port
 
@@ -191,28 +193,65 @@ def _assert_scrubbed(message: str, fake: FakeMLX) -> None:
     assert "127.0.0.1" not in message
 
 
-async def test_upstream_4xx_keeps_status_with_scrubbed_message(make_gateway: Any,
-                                                               fake: FakeMLX) -> None:
+HUMAN = "Conversation roles must alternate user/assistant/user/assistant"
+TRACEBACK = ("Failed to load model\nTraceback (most recent call last):\n"
+             '  File "/opt/homebrew/lib/python3.12/site-packages/mlx_lm/server.py", line 1577, '
+             "in handle_completion\nValueError: boom")
+
+
+async def test_upstream_4xx_one_human_message_passes_status_kept_but_404(
+        make_gateway: Any, fake: FakeMLX) -> None:
+    """A 4xx's text that reads as one message for a person reaches the client; 404 is ours
+    alone (unknown alias), so mlx's 404 for a prompt it could not prepare answers 400."""
     gw = await two_aliases(make_gateway, fake.url, fake.url)
-    body = json.dumps({"error": _leaky_message(fake)}).encode()
-    for status in (400, 404, 422):
-        fake.push(Behavior(kind="error", status=status, error_body=body))
-        ans = await gw.client.post(CHAT, chat(BAD))
-        err = assert_envelope(ans, status)
-        _assert_scrubbed(err["message"], fake)
-        assert BAD in err["message"]
-        assert "cached snapshot" in err["message"]  # the useful words survive
+    for status, expect in ((400, 400), (422, 422), (404, 400)):
+        fake.push(Behavior(kind="error", status=status,
+                           error_body=json.dumps({"error": HUMAN}).encode()))
+        err = assert_envelope(await gw.client.post(CHAT, chat(BAD)), expect, "upstream_rejected")
+        assert err["message"] == f"Model '{BAD}' rejected the request: {HUMAN}"
     await assert_serving(gw)
 
 
-async def test_upstream_5xx_becomes_502_scrubbed(make_gateway: Any, fake: FakeMLX) -> None:
+async def test_upstream_4xx_text_that_is_not_one_human_message_is_replaced(
+        make_gateway: Any, fake: FakeMLX) -> None:
+    """Paths, addresses, tracebacks, several lines or a wall of text: our own message, status
+    kept; a 404 of that kind (mlx failed to load or prepare) is a 502, never a 404."""
     gw = await two_aliases(make_gateway, fake.url, fake.url)
-    body = json.dumps({"error": _leaky_message(fake)}).encode()
+    bodies = [json.dumps({"error": _leaky_message(fake)}).encode(),
+              json.dumps({"error": TRACEBACK}).encode(), TRACEBACK.encode(),
+              json.dumps({"error": "x" * 500}).encode()]
+    for body in bodies:
+        for status, expect in ((400, 400), (422, 422), (404, 502)):
+            fake.push(Behavior(kind="error", status=status, error_body=body))
+            err = assert_envelope(await gw.client.post(CHAT, chat(BAD)), expect)
+            if expect == 502:
+                assert err["message"].startswith(f"Model '{BAD}' could not prepare the request")
+            else:
+                assert err["message"] == f"Model '{BAD}' rejected the request."
+    await assert_serving(gw)
+
+
+async def test_upstream_5xx_text_never_reaches_the_client_but_the_log(
+        make_gateway: Any, fake: FakeMLX, caplog: pytest.LogCaptureFixture) -> None:
+    """A 5xx body (a load failure with its stack trace, or any words at all) is logged with
+    the request id; the client gets our own message."""
+    gw = await two_aliases(make_gateway, fake.url, fake.url)
     for status in (500, 503):
-        fake.push(Behavior(kind="error", status=status, error_body=body))
-        ans = await gw.client.post(CHAT, chat(BAD))
-        err = assert_envelope(ans, 502)
-        _assert_scrubbed(err["message"], fake)
+        for i, body in enumerate((json.dumps({"error": TRACEBACK}).encode(),
+                                  json.dumps({"error": HUMAN}).encode(),
+                                  TRACEBACK.encode(), _leaky_message(fake).encode())):
+            rid = f"rid-{status}-{i}"
+            fake.push(Behavior(kind="error", status=status, error_body=body))
+            with caplog.at_level(logging.WARNING, logger="maclustr.relay"):
+                ans = await gw.client.post(CHAT, chat(BAD), headers={"X-Request-Id": rid})
+            err = assert_envelope(ans, 502, "upstream_unavailable")
+            assert err["message"] == (f"Model '{BAD}' failed (upstream status {status}). It "
+                                      "may be loading or down; check /health?deep=true.")
+            logged = [r.getMessage() for r in caplog.records if rid in r.getMessage()]
+            assert logged and ("Failed to load model" in logged[0] or HUMAN in logged[0]
+                               or "cached snapshot" in logged[0]), logged
+            ok = await gw.client.post(CHAT, chat(BAD))  # a success: no ejection after 3 in a row
+            assert ok.status == 200
     await assert_serving(gw)
 
 
@@ -227,6 +266,10 @@ async def test_upstream_plain_text_error_body_becomes_envelope(make_gateway: Any
                        content_type="text/html;charset=utf-8"))
     err = assert_envelope(await gw.client.post(CHAT, chat(BAD)), 400)
     _assert_scrubbed(err["message"], fake)
+    fake.push(Behavior(kind="error", status=400, error_body=HUMAN.encode(),
+                       content_type="text/plain"))
+    err = assert_envelope(await gw.client.post(CHAT, chat(BAD)), 400)
+    assert err["message"].endswith(HUMAN)
     await assert_serving(gw)
 
 

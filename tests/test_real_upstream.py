@@ -204,6 +204,23 @@ def test_sdk_stream_include_usage_ends_with_usage(env: Env) -> None:
 
 
 @pytest.mark.real_upstream
+def test_prompt_mlx_cannot_prepare_is_400_not_404(env: Env) -> None:
+    """mlx_lm.server answers 404 {"error": ...} when preparing the prompt fails; 404 and
+    model_not_found are the gateway's, for an unknown alias: the client gets a 400 with
+    mlx's one-line reason."""
+    audio = [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]
+    for stream in (False, True):
+        raw = curl(env, {"model": "maclustr-coder", "max_tokens": MAX, "stream": stream,
+                         "messages": [{"role": "user", "content": audio}]}, stream=stream)
+        head, body = split_head(raw)
+        assert head.startswith("HTTP/1.1 400"), raw[:400]
+        err = json.loads(body)["error"]
+        assert err["code"] == "upstream_rejected"
+        assert err["message"] == ("Model 'maclustr-coder' rejected the request: Only 'text' "
+                                  "content type is supported.")
+
+
+@pytest.mark.real_upstream
 def test_empty_stream_options_stream_completes(env: Env) -> None:
     """`stream_options: {}` reached mlx_lm.server bare: it KeyErrors after the content has
     streamed, so the stream never ended with [DONE]. The gateway makes the flag explicit."""
