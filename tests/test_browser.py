@@ -242,7 +242,11 @@ async def test_page_on_another_origin_reads_streams_and_errors_under_cors(
     assert json.loads(got["unary"]["text"])["model"] == "maclustr-coder"
     assert got["stream"]["text"].rstrip().endswith("data: [DONE]")
     assert got["stream"]["cut"] is None
-    assert '"error"' in got["stream cut short"]["text"].split("data: ")[-1]
+    # The gateway ends a failed stream with an error event and drops the connection: the
+    # page sees the event, or (Chromium may discard a tail that arrives with the reset) the
+    # read failing; either way it could read the stream, which CORS alone decides.
+    cut = got["stream cut short"]
+    assert '"error"' in cut["text"].split("data: ")[-1] or cut["cut"], cut
     assert json.loads(got["bad key"]["text"])["error"]["code"] == "invalid_api_key"
     assert json.loads(got["unknown model"]["text"])["error"]["code"] == "model_not_found"
     assert all(r["rid"] for r in got.values()), got  # X-Request-Id is exposed
