@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[test,dev,fast]'
+	$(PIP) install --quiet -e '.[test,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -8,7 +8,6 @@ x-api-key on /v1/messages*) → handler.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import anthropic, health
+from . import anthropic, health, jsonfast
 from .auth import KeyRing, bearer_token
 from .body import check_content_type, parse_request, upstream_body, wants_stream
 from .config import Route, RouteTable
@@ -58,7 +57,7 @@ _JSON = {"Content-Type": "application/json", "Server": SERVER}
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None
                   ) -> web.Response:
-    return web.Response(body=json.dumps(obj).encode(), status=status,
+    return web.Response(body=jsonfast.dumps(obj), status=status,
                         headers={**_JSON, **(headers or {})})
 
 

@@ -7,9 +7,9 @@ forwarded as the client sent it (re-encoded, values unchanged), except `stream_o
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from . import jsonfast
 from .errors import BadRequest, InvalidJSON, UnsupportedMediaType
 
 # curl -d sends form-urlencoded and some SDKs send text/plain; the body is JSON all the same.
@@ -30,7 +30,7 @@ def parse_request(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise InvalidJSON("Request body is empty; expected a JSON object.")
     try:
-        payload = json.loads(body)
+        payload = jsonfast.loads(body)
     except (ValueError, RecursionError):
         raise InvalidJSON("Request body is not valid JSON.") from None
     if not isinstance(payload, dict):
@@ -91,7 +91,7 @@ def upstream_body(payload: dict[str, Any], internal_model: str) -> bytes:
     The dict is modified in place: the caller owns it and is done with the client's value.
     """
     payload["model"] = internal_model
-    return json.dumps(payload).encode()  # ASCII: lone surrogates stay escaped
+    return jsonfast.dumps(payload)  # lone surrogates: the stdlib writes them escaped
 
 
 def wants_stream(payload: dict[str, Any]) -> bool:
@@ -103,5 +103,8 @@ def _json_type(value: object) -> str:
         return "a boolean"
     if value is None:
         return "null"
-    return {dict: "an object", list: "an array", str: "a string", int: "a number",
-            float: "a number"}.get(type(value), "a value")
+    for kind, name in ((dict, "an object"), (list, "an array"), (str, "a string"),
+                       ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return "a value"

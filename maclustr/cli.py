@@ -41,8 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-level", default=os.environ.get("MACLUSTR_LOG_LEVEL", "info"),
                        choices=["debug", "info", "warning", "error"])
     serve.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
-                       help="event loop: uvloop when installed (auto, the default; pip install "
-                            "'maclustr[fast]'), or the standard asyncio loop")
+                       help="event loop: uvloop when installed (auto, the default; a run-time "
+                            "dependency wherever it has wheels), or the standard asyncio loop")
     serve.add_argument("--reload-interval", type=float, default=1.0,
                        help="seconds between checks of the routes file (0 disables polling; "
                             "SIGHUP always reloads)")
@@ -201,13 +201,13 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if args.loop != "asyncio":
         try:
-            import uvloop  # optional extra: maclustr[fast]
+            import uvloop  # installed by default where the platform has it
 
             uvloop.install()
         except ImportError:
             if args.loop == "uvloop":
                 print("maclustr serve: --loop uvloop but uvloop is not installed "
-                      "(pip install 'maclustr[fast]')", file=sys.stderr)
+                      "(pip install uvloop)", file=sys.stderr)
                 return 2
     ring = KeyRing(keys)
     log.info("keys loaded: %s", ", ".join(ring.names))

@@ -6,10 +6,11 @@ and internal ids are never interpolated (an upstream's own words go through `scr
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
+
+from . import jsonfast
 
 
 class GatewayError(Exception):
@@ -31,7 +32,7 @@ class GatewayError(Exception):
                           "param": self.param}}
 
     def to_body(self) -> bytes:
-        return json.dumps(self.to_dict()).encode()
+        return jsonfast.dumps(self.to_dict())
 
     def to_sse(self) -> bytes:
         """The last event of a stream that cannot finish: OpenAI's mid-stream error shape."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from . import jsonfast
 from .config import Route
 from .dialect import ChatEventRewriter, Dialect
 from .errors import (
@@ -449,8 +449,8 @@ def _error_text(raw: bytes) -> str:
     """The message inside mlx's `{"error": "..."}`, OpenAI's `{"error": {"message": ...}}`, or
     plain text."""
     try:
-        obj = json.loads(raw)
-    except ValueError:
+        obj = jsonfast.loads(raw)
+    except (ValueError, RecursionError):
         return raw.decode("utf-8", "replace")[:1000]
     if isinstance(obj, dict):
         e = obj.get("error", obj.get("detail", obj.get("message")))

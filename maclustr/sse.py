@@ -31,6 +31,8 @@ import functools
 import hashlib
 import json
 
+from . import jsonfast
+
 DONE = b"data: [DONE]"
 _MODEL_KEY = b'"model"'
 _FP_KEY = b'"system_fingerprint"'
@@ -83,11 +85,11 @@ def rewrite_obj(obj: object, alias: str, internal: str, stream: bool = False) ->
 def rewrite_json(payload: bytes, alias: str, internal: str, stream: bool = False) -> bytes:
     """`rewrite_obj` on one JSON document. Raises SSEError when `payload` is not JSON."""
     try:
-        obj = json.loads(payload)
+        obj = jsonfast.loads(payload)
     except (ValueError, RecursionError):
         raise SSEError("event data is not JSON") from None
     if rewrite_obj(obj, alias, internal, stream):
-        return json.dumps(obj).encode()
+        return jsonfast.dumps(obj)
     return payload
 
 
@@ -111,14 +113,14 @@ def rewrite_body(body: bytes, alias: str, internal: str, fingerprint: str | None
             if _count(out, done, fp, masked) == body.count(_FP_KEY):
                 return done, fingerprint
     try:
-        obj = json.loads(body)
+        obj = jsonfast.loads(body)
     except (ValueError, RecursionError):
         raise SSEError("response is not JSON") from None
     fp_value = obj.get("system_fingerprint") if isinstance(obj, dict) else None
     learned = fp_value if isinstance(fp_value, str) else fingerprint
     if not rewrite_obj(obj, alias, internal):
         return body, learned
-    return json.dumps(obj).encode(), learned
+    return jsonfast.dumps(obj), learned
 
 
 def _count(before: bytes, after: bytes, old: bytes, new: bytes) -> int:
@@ -290,14 +292,14 @@ class SSERewriter:
         if first < 0:
             return self._plain(frame)  # comments and other fields only
         try:
-            obj = json.loads(b"\n".join(data))
+            obj = jsonfast.loads(b"\n".join(data))
         except (ValueError, RecursionError):
             raise SSEError("event data is not JSON") from None
         if isinstance(obj, dict) and isinstance(obj.get("system_fingerprint"), str):
             self._learn(obj["system_fingerprint"])
         if not rewrite_obj(obj, self._alias, self._internal, stream=True):
             return frame
-        new = b"data: " + json.dumps(obj).encode()
+        new = b"data: " + jsonfast.dumps(obj)
         return b"\n".join(new if i == first else self._plain(line)
                           for i, line in enumerate(lines)
                           if i == first or not line.startswith(b"data:"))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_mlx import Behavior, FakeMLX
 from real_mlx import free_port, start_mlx_server, stop, wait_healthy
 
+from maclustr import jsonfast
 from maclustr.app import make_app
 from maclustr.auth import KeyRing
 from maclustr.config import RouteTable, parse_routes
@@ -301,6 +302,22 @@ class RealMLX:
     url: str
     models: dict[str, Path]  # alias -> tiny model dir (the internal id)
     log: Path
+
+
+@pytest.fixture(params=["orjson", "stdlib"])
+def json_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test with orjson and again with the stdlib json (what an install without orjson
+    uses): both must give the same answers. Module-scoped use: `pytestmark`."""
+    before = jsonfast.use_orjson(request.param == "orjson")
+    try:
+        if request.param == "orjson" and not jsonfast.available():
+            msg = "orjson is a run-time dependency (setup.cfg) but is not installed"
+            if os.environ.get("CI"):
+                pytest.fail(msg)
+            pytest.skip(msg)
+        yield request.param
+    finally:
+        jsonfast.use_orjson(before)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,9 @@ from maclustr.errors import BadRequest, GatewayError, InvalidJSON, UnsupportedMe
 
 INTERNAL = "mlx-community/Qwen3-Coder-30B-A3B-Instruct-4bit"
 
+# every test here runs twice: with orjson, and with the stdlib json (no orjson installed)
+pytestmark = pytest.mark.usefixtures("json_backend")
+
 
 @pytest.mark.parametrize("body", [
     b'{"model": "maclustr-coder", "messages": []}',
