@@ -228,7 +228,7 @@ async def relay_chat(request: web.Request, route: Route, chat: dict[str, Any],
     prefix = conversation_prefix(chat) if len(route.upstreams) > 1 else None
     call = Call(path="/v1/chat/completions", stream=wants_stream(chat), rid=request[RID],
                 key=request.get(KEY_NAME, "-"), prefix=prefix,
-                body=json.dumps(chat).encode(), dialect=dialect)
+                body=jsonfast.dumps(chat), dialect=dialect)
     return await relay(request, request.app[UPSTREAM], route, call)
 
 

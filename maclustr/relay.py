@@ -258,7 +258,7 @@ async def relay_translated(resp: Response, route: Route, dialect: Dialect, rid: 
     and nothing of the upstream's own answer but its content and usage)."""
     data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
     try:
-        completion = json.loads(data)
+        completion = jsonfast.loads(data)
     except (ValueError, RecursionError):
         raise UpstreamBadResponse(route.alias) from None
     if not isinstance(completion, dict):
@@ -267,7 +267,7 @@ async def relay_translated(resp: Response, route: Route, dialect: Dialect, rid: 
         answer = dialect.unary(completion)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         raise UpstreamBadResponse(route.alias) from None
-    return web.Response(body=json.dumps(answer).encode(),
+    return web.Response(body=jsonfast.dumps(answer),
                         headers={"Content-Type": "application/json", "X-Request-Id": rid,
                                  "Server": SERVER})
 
