@@ -3,8 +3,10 @@
 
 Order for `deploy` (so re-homing a model fails no request):
   1. per node: mkdir, rsync the code (install it into the venv only when it changed),
-     rsync the rendered plists into ~/Library/LaunchAgents (itemized: only changed files
-     are reported), list the io.maclustr.* plists installed there (stale = not rendered).
+     rsync the MLX hostfiles of the sharded models whose rank 0 it runs (a changed hostfile
+     counts as a changed service), rsync the rendered plists into ~/Library/LaunchAgents
+     (itemized: only changed files are reported), list the io.maclustr.* plists installed
+     there (stale = not rendered).
   2. every changed model server: bootout (if loaded) + bootstrap, then wait until its
      /health answers on the node.
   3. gateway node: rsync routes.yaml; restart the gateway if its plist or code changed,
@@ -124,6 +126,20 @@ class Deployer:
                            cwd=ROOT, stdout=subprocess.DEVNULL)
         if r.returncode != 0:
             raise SystemExit(f"deploy: rendering the plists of {plan.node.name} failed")
+        hosts = d / "hosts"
+        if hosts.exists():
+            shutil.rmtree(hosts)
+        hosts.mkdir()
+        for svc in plan.services:
+            if svc.shards:
+                argv = ["maclustr", "hostfile", "--routes", str(self.routes), "--model",
+                        svc.alias]
+                print("+ " + shlex.join(argv) + f" > {hosts / svc.label}.json", flush=True)
+                r = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT,
+                                   stdout=subprocess.PIPE)
+                if r.returncode != 0:
+                    raise SystemExit(f"deploy: rendering the hostfile of {svc.alias} failed")
+                (hosts / f"{svc.label}.json").write_bytes(r.stdout)
         return d
 
     def last(self, plan: NodePlan) -> Path:
@@ -172,8 +188,11 @@ class Deployer:
                                f"{p.app_dir} && "
                                f"(test -x {p.venv}/bin/mlx_lm.server || "
                                f"{p.venv}/bin/pip install -q mlx-lm)")
+            hosts = self.sync(p, "hosts", p.hosts_dir, delete=True)
             got = self.sync(p, "agents", AGENTS)
-            changed[p.node.name] = {Path(n).name for n in got if n.endswith(".plist")}
+            changed[p.node.name] = {Path(n).name for n in got if n.endswith(".plist")} | {
+                f"{Path(n).stem}.plist" for n in hosts if n.endswith(".json")
+                and f"{Path(n).stem}.plist" in {f"{s.label}.plist" for s in p.services}}
             wanted = {f"{label}.plist" for label in p.labels}
             stale[p.node.name] = self.installed(p) - wanted
         # 2. new and changed model servers first, each healthy before anything points at it

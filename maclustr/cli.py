@@ -1,4 +1,5 @@
-"""Command line: `maclustr serve` runs the gateway, `maclustr check` validates a routes file.
+"""Command line: `maclustr serve` runs the gateway, `maclustr check` validates a routes file,
+`maclustr plists` / `maclustr hostfile` render what a node runs.
 
 Every command returns an exit code; errors are one line on stderr.
 """
@@ -56,12 +57,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     plists.add_argument("--routes", default="routes.yaml",
                         help="routes file (default: %(default)s)")
 
+    hostfile = sub.add_parser("hostfile", help="print the MLX hostfile (JSON) of a sharded model")
+    hostfile.add_argument("--model", required=True, help="alias of a model with shards:")
+    hostfile.add_argument("--routes", default="routes.yaml",
+                          help="routes file (default: %(default)s)")
+
     args = parser.parse_args(argv)
     if args.command == "check":
         return run_check(args.routes)
     if args.command == "plists":
         return run_plists(args.routes, args.node, args.out)
+    if args.command == "hostfile":
+        return run_hostfile(args.routes, args.model)
     return run_serve(args)
+
+
+def where(path: str, line: int | None) -> str:
+    return f"{path}:{line}" if line else path
 
 
 def run_check(path: str) -> int:
@@ -72,20 +84,54 @@ def run_check(path: str) -> int:
         return 1
     if table.nodes:
         from .cluster import plan_cluster
+        from .sizing import check_fit
 
         try:
             plans = plan_cluster(table)
         except ConfigError as e:
-            print(f"maclustr check: {path}: {e.message}", file=sys.stderr)
+            print(f"maclustr check: {where(path, e.line)}: {e.message}", file=sys.stderr)
+            return 1
+        findings = [f for r in table.routes for f in check_fit(r, table.nodes)]
+        for f in findings:
+            print(f"maclustr check: {where(path, f.line)}: {'' if f.error else 'warning: '}"
+                  f"{f.message}", file=sys.stderr)
+        if any(f.error for f in findings):
             return 1
         print(format_table(table))
         for p in plans:
             gw = [f"gateway :{p.gateway_port}"] if p.gateway else []
-            print(f"node {p.node.name} ({p.ssh}): "
-                  + ", ".join(gw + [f"{s.alias} :{s.port}" for s in p.services]))
+            own = [f"{s.alias} :{s.port}" + (f" (rank 0 of {len(s.shards)})" if s.shards else "")
+                   for s in p.services]
+            ranks = [f"{r.alias} (rank {r.shards.index(p.node.name)} of {len(r.shards)})"
+                     for r in table.routes if p.node.name in r.shards[1:]]
+            print(f"node {p.node.name} ({p.ssh}): " + ", ".join(gw + own + ranks))
     else:
         print(format_table(table))
     print(f"{path}: OK, {len(table.routes)} models")
+    return 0
+
+
+def run_hostfile(path: str, alias: str) -> int:
+    """Print the hostfile `mlx.launch --hostfile` reads for a sharded model (deploy ships
+    exactly this next to rank 0's plist)."""
+    import json
+
+    from .cluster import hostfile, plan_cluster
+
+    try:
+        table = load_routes(path)
+        plan_cluster(table)  # the same validation as check: ports, rank 0, venvs
+        route = table.resolve(alias)
+        if route is None or route.alias != alias:
+            raise ConfigError(f"unknown model '{alias}' (aliases: {', '.join(table.aliases)})")
+        if not route.shards:
+            raise ConfigError(f"models.{alias} is not sharded (no 'shards:'), so it has no "
+                              "hostfile", route.line)
+        hosts = hostfile(route, table.nodes)
+    except ConfigError as e:
+        print(f"maclustr hostfile: {where(path, e.line)}: {e.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(hosts, indent=2))
     return 0
 
 
@@ -101,7 +147,7 @@ def run_plists(path: str, node: str, out: str) -> int:
         table = load_routes(path)
         files = render_node(plan_for(table, node), table.settings.shutdown_grace)
     except ConfigError as e:
-        print(f"maclustr plists: {path}: {e.message}", file=sys.stderr)
+        print(f"maclustr plists: {where(path, e.line)}: {e.message}", file=sys.stderr)
         return 1
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,14 @@ Optional node keys read from `Node.extra` (all have defaults derived from the ss
 `gateway: true` (the node that runs the gateway; default the first node), `gateway_port`
 (9000), `home` (/Users/<ssh user>), `dir` (<home>/maclustr: code in dir/app, routes in
 dir/conf), `env_file` (<home>/.config/maclustr/env), `bind` (address mlx servers listen on;
-default the upstream URL's host), `env` (extra EnvironmentVariables for mlx servers).
+default the upstream URL's host), `env` (extra EnvironmentVariables for mlx servers),
+`ips` (addresses the MLX ring uses to reach this node, e.g. its Thunderbolt bridge address;
+default its host), `rdma` (jaccl: peer node name -> this node's RDMA device to it),
+`memory_gb` (for `maclustr check`'s memory arithmetic).
+
+A sharded model (`shards:`) is one mlx.launch group: rank 0 runs on the first shard node and
+serves HTTP on the model's upstream; mlx.launch starts the other ranks over ssh. Only rank
+0's node gets a service; every shard node has the model's port and its ring ports reserved.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError, Node, Route, RouteTable
@@ -26,6 +34,9 @@ LABEL_SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
 # Variable names that look like credentials never go into a plist (plists are world-readable).
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD)$", re.IGNORECASE)
 DEFAULT_GATEWAY_PORT = 9000
+# mlx.launch runs a rank without ssh only when its "ssh" is exactly this (launch.py's
+# RemoteProcess); rank 0 runs on the node whose launchd starts the group, so it is local.
+LOCAL_SSH = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,10 @@ class MLXService:
     bind: str
     port: int
     mlx_args: tuple[str, ...]
+    shards: tuple[str, ...] = ()  # sharded: node names, rank 0 (this node) first
+    backend: str = "ring"
+    pipeline: bool = False
+    ring_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,14 @@ class NodePlan:
     @property
     def routes_path(self) -> str:
         return f"{self.dir}/conf/routes.yaml"
+
+    @property
+    def hosts_dir(self) -> str:
+        """Where the MLX hostfiles of the sharded models whose rank 0 is here live."""
+        return f"{self.dir}/hosts"
+
+    def hostfile_path(self, svc: MLXService) -> str:
+        return f"{self.hosts_dir}/{svc.label}.json"
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -157,6 +180,80 @@ def _env(node: Node) -> dict[str, str]:
     return out
 
 
+def node_ips(node: Node) -> list[str]:
+    """The addresses the ring uses for this node: `ips:`, else its host (or ssh host)."""
+    raw = node.extra.get("ips")
+    if raw is None:
+        return [node.host or ssh_user_host(node.ssh)[1]]
+    if not isinstance(raw, list) or not raw or not all(
+            isinstance(x, str) and x.strip() for x in raw):
+        raise ConfigError(f"nodes.{node.name}.ips must be a non-empty list of addresses")
+    return [x.strip() for x in raw]
+
+
+def _rdma(node: Node, peer: str, route: Route) -> str:
+    raw = node.extra.get("rdma")
+    dev = raw.get(peer) if isinstance(raw, Mapping) else None
+    if not isinstance(dev, str) or not dev.strip():
+        raise ConfigError(f"models.{route.alias}: backend jaccl needs nodes.{node.name}.rdma."
+                          f"{peer} (the RDMA device on {node.name} cabled to {peer}, e.g. "
+                          f"rdma_en3)", route.line)
+    return dev.strip()
+
+
+def shard_nodes(route: Route, nodes: tuple[Node, ...]) -> list[Node]:
+    by_name = {n.name: n for n in nodes}
+    return [by_name[s] for s in route.shards]
+
+
+def hostfile(route: Route, nodes: tuple[Node, ...]) -> list[dict[str, Any]]:
+    """MLX's hostfile for a sharded model: one {"ssh", "ips"} per rank, rank 0 first (jaccl
+    adds "rdma": the device towards every other rank, null for itself)."""
+    group = shard_nodes(route, nodes)
+    out: list[dict[str, Any]] = []
+    for rank, n in enumerate(group):
+        entry: dict[str, Any] = {"ssh": LOCAL_SSH if rank == 0 else n.ssh, "ips": node_ips(n)}
+        if route.backend == "jaccl":
+            entry["rdma"] = [None if peer is n else _rdma(n, peer.name, route)
+                             for peer in group]
+        out.append(entry)
+    return out
+
+
+def ring_ports(route: Route, nodes: tuple[Node, ...]) -> list[tuple[str, int]]:
+    """(node name, port) every rank listens on besides HTTP: mlx.launch gives the ring one
+    port per rank and address from --starting-port up; jaccl's coordinator takes that port
+    on rank 0."""
+    group = shard_nodes(route, nodes)
+    if route.backend == "jaccl":
+        return [(group[0].name, route.ring_port)]
+    out: list[tuple[str, int]] = []
+    port = route.ring_port
+    for n in group:
+        for _ in node_ips(n):
+            out.append((n.name, port))
+            port += 1
+    return out
+
+
+def _rank0(route: Route, nodes: tuple[Node, ...]) -> Node:
+    """The first shard node, which must be where `upstream` points (rank 0 serves HTTP)."""
+    first = shard_nodes(route, nodes)[0]
+    host = _norm(urlsplit(route.upstream).hostname or "")
+    if host not in node_hosts(first) and host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(
+            f"models.{route.alias}: rank 0 runs on the first shard node '{first.name}', but "
+            f"upstream host '{host}' is not that node ({', '.join(sorted(node_hosts(first)))}); "
+            f"list rank 0's node first or fix the upstream", route.line)
+    venvs = {n.name: _paths(n)[2] for n in shard_nodes(route, nodes)}
+    if len(set(venvs.values())) > 1:
+        raise ConfigError(
+            f"models.{route.alias}: mlx.launch runs one command on every rank, so the shard "
+            f"nodes need the same venv path ({', '.join(f'{k}: {v}' for k, v in venvs.items())})",
+            route.line)
+    return first
+
+
 def plan_cluster(table: RouteTable) -> tuple[NodePlan, ...]:
     """Validate the `nodes:` section against the models and return one plan per node.
 
@@ -179,23 +276,31 @@ def plan_cluster(table: RouteTable) -> tuple[NodePlan, ...]:
         raise ConfigError(f"nodes.{gateway_node.name}.gateway_port must be a port number")
     ports[(gateway_node.name, gw_port)] = "the gateway"
     for r in table.routes:
-        node = node_for(r, nodes)
+        node = _rank0(r, nodes) if r.shards else node_for(r, nodes)
         parts = urlsplit(r.upstream)
         if parts.port is None:
             raise ConfigError(f"models.{r.alias}.upstream: give the port explicitly "
-                              f"(mlx_lm.server needs --port), e.g. http://host:8081")
+                              f"(mlx_lm.server needs --port), e.g. http://host:8081", r.line)
         if not LABEL_SAFE.match(r.alias):
             raise ConfigError(f"models.{r.alias}: alias must be letters, digits, '.', '_' or '-' "
-                              f"to name its launchd service")
-        other = ports.get((node.name, parts.port))
-        if other is not None:
-            raise ConfigError(f"models.{r.alias}: port {parts.port} on node '{node.name}' is "
-                              f"already used by {other}")
-        ports[(node.name, parts.port)] = f"models.{r.alias}"
+                              f"to name its launchd service", r.line)
+        # a group holds its HTTP port on every shard node (any rank may become rank 0 after
+        # a re-homing) and its ring ports on the node of each rank
+        wanted = [(node.name, parts.port, "port")]
+        wanted += [(name, parts.port, "port") for name in r.shards[1:]]
+        wanted += [(name, p, "ring port") for name, p in ring_ports(r, nodes)] if r.shards \
+            else []
+        for name, port, kind in wanted:
+            other = ports.get((name, port))
+            if other is not None:
+                raise ConfigError(f"models.{r.alias}: {kind} {port} on node '{name}' is "
+                                  f"already used by {other}", r.line)
+            ports[(name, port)] = f"models.{r.alias}"
         bind = _extra_str(node, "bind", parts.hostname or "127.0.0.1")
         per_node[node.name].append(MLXService(
             label=MLX_LABEL_PREFIX + r.alias, alias=r.alias, model=r.model, bind=bind,
-            port=parts.port, mlx_args=r.mlx_args,
+            port=parts.port, mlx_args=r.mlx_args, shards=r.shards, backend=r.backend,
+            pipeline=r.pipeline, ring_port=r.ring_port,
         ))
     plans = []
     for n in nodes:

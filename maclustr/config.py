@@ -21,8 +21,11 @@ MiB = 1024 * 1024
 TOP_KEYS = frozenset({"models", "timeouts", "gateway", "nodes"})
 MODEL_KEYS = frozenset(
     {"model", "upstream", "upstreams", "description", "parameters", "timeouts", "api_key_env",
-     "node", "mlx_args", "max_concurrency", "max_queue", "queue_timeout", "warmup"}
+     "node", "mlx_args", "max_concurrency", "max_queue", "queue_timeout", "warmup",
+     "shards", "backend", "pipeline", "ring_port", "size_gb", "kv_gb"}
 )
+SHARD_BACKENDS = ("ring", "jaccl")  # mlx.launch backends a sharded model may use
+RING_PORT = 32323  # mlx.launch's --starting-port default
 MLX_DECODE_CONCURRENCY = 32  # mlx_lm.server's --decode-concurrency default (mlx-lm 0.32)
 TIMEOUT_KEYS = frozenset({"connect", "first_byte", "idle"})
 GATEWAY_KEYS = frozenset(
@@ -70,10 +73,25 @@ class Route:
     max_queue: int = 256  # requests waiting for a slot, per model
     queue_timeout: float = 60.0  # seconds a request may wait for a slot
     warmup: bool = False
+    # A model sharded over several nodes (mlx.launch): node names, rank 0 first; `upstream`
+    # is rank 0's HTTP address, the only one the gateway talks to.
+    shards: tuple[str, ...] = ()
+    backend: str = "ring"
+    pipeline: bool = False
+    ring_port: int = RING_PORT
+    size_gb: float | None = None  # weights on disk, for `maclustr check`'s memory arithmetic
+    kv_gb: float | None = None  # KV-cache allowance; default a fraction of size_gb
+    line: int | None = field(default=None, compare=False)  # of the alias in routes.yaml
 
     def __post_init__(self) -> None:
         if not self.upstreams:
             object.__setattr__(self, "upstreams", (self.upstream,))
+
+    @property
+    def placement(self) -> str:
+        """What the public may know about where a model runs (deep health, front page): how
+        many nodes share a sharded model, never which."""
+        return f"sharded over {len(self.shards)} nodes" if self.shards else ""
 
 
 @dataclass(frozen=True)
@@ -291,7 +309,37 @@ class _Parser:
             ))
         return tuple(out)
 
-    def route(self, alias: str, knode: yaml.Node, node: yaml.Node, base: Timeouts) -> Route:
+    def shards(self, items: dict[str, yaml.Node], what: str,
+               node_names: set[str]) -> tuple[str, ...]:
+        """`shards: [studio-1, studio-2]`: at least two distinct declared nodes, rank 0 first."""
+        if "shards" not in items:
+            for key in ("backend", "pipeline", "ring_port"):
+                if key in items:
+                    raise self.fail(f"{what}.{key} applies to a sharded model only (add "
+                                    f"'shards: [node, node, ...]')", items[key])
+            return ()
+        n = items["shards"]
+        if not isinstance(n, yaml.SequenceNode) or len(n.value) < 2:
+            raise self.fail(f"{what}.shards must list at least two nodes (rank 0 first); a "
+                            "model on one node uses 'upstream' alone", n)
+        if "node" in items or "upstreams" in items:
+            raise self.fail(f"{what}: a sharded model is one group behind one 'upstream' (rank "
+                            "0's address); drop 'node'/'upstreams'", n)
+        if not node_names:
+            raise self.fail(f"{what}.shards names nodes, but there is no 'nodes:' section", n)
+        names: list[str] = []
+        for x in n.value:
+            name = self.string(x, f"{what}.shards[]")
+            if name not in node_names:
+                raise self.fail(f"{what}.shards: unknown node '{name}' (declared: "
+                                f"{', '.join(sorted(node_names))})", x)
+            if name in names:
+                raise self.fail(f"{what}.shards lists node '{name}' twice", x)
+            names.append(name)
+        return tuple(names)
+
+    def route(self, alias: str, knode: yaml.Node, node: yaml.Node, base: Timeouts,
+              node_names: set[str] | None = None) -> Route:
         what = f"models.{alias}"
         if isinstance(node, yaml.ScalarNode) and self.scalar(node) is None:
             raise self.fail(f"{what}: missing required keys 'model' and 'upstream'", knode)
@@ -311,7 +359,26 @@ class _Parser:
             if len(set(upstreams)) != len(upstreams):
                 raise self.fail(f"{what}.upstreams lists a URL twice", n)
         decode = _flag_value(mlx_args_of(self, items, what), "--decode-concurrency")
+        shards = self.shards(items, what, node_names or set())
+        backend = self.string(items["backend"], f"{what}.backend") if "backend" in items \
+            else "ring"
+        if backend not in SHARD_BACKENDS:
+            raise self.fail(f"{what}.backend must be one of {', '.join(SHARD_BACKENDS)}, got "
+                            f"'{backend}'", items["backend"])
+        ring_port = self.integer(items["ring_port"], f"{what}.ring_port", minimum=1024) \
+            if "ring_port" in items else RING_PORT
+        if ring_port > 65535:
+            raise self.fail(f"{what}.ring_port must be a port number", items["ring_port"])
         return Route(
+            shards=shards,
+            backend=backend,
+            pipeline=self.boolean(items["pipeline"], f"{what}.pipeline") if "pipeline" in items
+            else False,
+            ring_port=ring_port,
+            size_gb=self.number(items["size_gb"], f"{what}.size_gb") if "size_gb" in items
+            else None,
+            kv_gb=self.number(items["kv_gb"], f"{what}.kv_gb") if "kv_gb" in items else None,
+            line=knode.start_mark.line + 1,
             alias=alias,
             model=self.string(items["model"], f"{what}.model"),
             upstream=upstreams[0],
@@ -363,10 +430,11 @@ class _Parser:
         model_items = self.mapping(top["models"], "models")
         if not model_items:
             raise self.fail("'models' is empty: at least one alias is required", top["models"])
+        node_names = {n.name for n in nodes}
         for alias, knode, vnode in model_items:
             if not alias or any(c.isspace() for c in alias):
                 raise self.fail(f"models: alias '{alias}' must be non-empty without spaces", knode)
-            r = self.route(alias, knode, vnode, base)
+            r = self.route(alias, knode, vnode, base, node_names)
             for name in (r.alias, r.model):
                 other = owners.get(name)
                 if other is not None and other[0] != alias:
@@ -376,7 +444,6 @@ class _Parser:
             owners[r.alias] = (alias, knode)
             owners[r.model] = (alias, knode)
             routes.append(r)
-        node_names = {n.name for n in nodes}
         for r in routes:
             if r.node is not None and nodes and r.node not in node_names:
                 raise ConfigError(f"models.{r.alias}.node: unknown node '{r.node}'", None,

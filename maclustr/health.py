@@ -1,9 +1,11 @@
 """/health: is the gateway up, and (deep) can each model's replicas serve.
 
 The answer names aliases and replica indexes only, never an address. A server shared by
-several aliases is pinged once. Replica states: `up`; `down` (unreachable, or taken out by
-passive health); `loading` (warm-up still running); `wedged` (`?deep=generate`: /health is ok
-but no token came within the deadline).
+several aliases is pinged once. A model sharded over several nodes is one upstream (rank 0
+serves HTTP; the group lives or dies together), so it reports like any other, plus
+`"placement": "sharded over N nodes"` (a count, no node names). Replica states: `up`;
+`down` (unreachable, or taken out by passive health); `loading` (warm-up still running);
+`wedged` (`?deep=generate`: /health is ok but no token came within the deadline).
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ async def deep(table: RouteTable, client: Client, scheduler: Scheduler,
             (s for s in ("loading", "wedged") if s in states), "down")
         latency = min(latencies, default=None)
         models[r.alias] = {"status": status, "latency_ms": latency, "replicas": replicas}
+        if r.shards:
+            models[r.alias]["placement"] = r.placement
     up = sum(1 for m in models.values() if m["status"] == "up")
     overall = "ok" if up == len(models) else "degraded" if up else "down"
     return {"status": overall, "models": models}

@@ -298,7 +298,9 @@ def render_page(table: RouteTable, base_url: str) -> str:
     rows = "".join(
         f'<tr data-alias="{e(r.alias)}"><td class="alias"><code>{e(r.alias)}</code></td>'
         f"<td class=\"purpose\">{e(r.description) or '—'}</td>"
-        f"<td class=\"params\">{e(r.parameters) or '—'}</td>"
+        f"<td class=\"params\">{e(r.parameters) or '—'}"
+        + (f'<br><span class="muted placement">{e(r.placement)}</span>' if r.shards else "")
+        + "</td>"
         f'<td class="st"><span class="status" data-status-for="{e(r.alias)}">'
         f'<span class="dot"></span>checking…</span></td></tr>'
         for r in table.routes

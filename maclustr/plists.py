@@ -62,10 +62,33 @@ def mlx_plist(plan: NodePlan, svc: MLXService) -> dict[str, Any]:
     return d
 
 
+def sharded_plist(plan: NodePlan, svc: MLXService) -> dict[str, Any]:
+    """Rank 0's job: mlx.launch starts every rank (the others over ssh) and rank 0 serves HTTP.
+
+    The command after `--` runs on every rank, so it names the venv's mlx_lm.server by its
+    absolute path (the same on every shard node, `maclustr check` makes sure) and passes the
+    environment with --env: a remote rank does not inherit this plist's variables."""
+    env = {"PATH": f"{plan.venv}/bin:{BASE_PATH}", "PYTHONUNBUFFERED": "1",
+           "HF_HUB_OFFLINE": "1", **plan.env}
+    program = [f"{plan.venv}/bin/mlx.launch", "--hostfile", plan.hostfile_path(svc),
+               "--backend", svc.backend, "--starting-port", str(svc.ring_port),
+               *(f"--env={k}={v}" for k, v in env.items() if k != "PATH"),
+               "--", f"{plan.venv}/bin/mlx_lm.server", "--model", svc.model,
+               "--host", svc.bind, "--port", str(svc.port),
+               *(["--pipeline"] if svc.pipeline else []), *svc.mlx_args]
+    d = _common(plan, svc.label, program, MLX_THROTTLE, env)
+    # mlx.launch exits 0 when a rank dies (it stops the others and returns normally; seen
+    # with mlx 0.32.4), so "restart only after a failure" would leave the group down.
+    d["KeepAlive"] = True
+    d["ProcessType"] = "Interactive"
+    d["ExitTimeOut"] = 30
+    return d
+
+
 def render_node(plan: NodePlan, shutdown_grace: float = 30.0) -> dict[str, bytes]:
     """{"<label>.plist": XML bytes} for every service on this node."""
     docs: list[dict[str, Any]] = []
     if plan.gateway:
         docs.append(gateway_plist(plan, shutdown_grace))
-    docs += [mlx_plist(plan, s) for s in plan.services]
+    docs += [sharded_plist(plan, s) if s.shards else mlx_plist(plan, s) for s in plan.services]
     return {f"{d['Label']}.plist": plistlib.dumps(d, sort_keys=True) for d in docs}
