@@ -277,6 +277,8 @@ def plan_cluster(table: RouteTable) -> tuple[NodePlan, ...]:
     ports[(gateway_node.name, gw_port)] = "the gateway"
     for r in table.routes:
         node = _rank0(r, nodes) if r.shards else node_for(r, nodes)
+        if r.shards:
+            hostfile(r, nodes)  # every rank has addresses (and, for jaccl, RDMA devices)
         parts = urlsplit(r.upstream)
         if parts.port is None:
             raise ConfigError(f"models.{r.alias}.upstream: give the port explicitly "

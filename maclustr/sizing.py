@@ -3,8 +3,9 @@
 Pure. A model needs its weights (`size_gb`: parameters x bytes per weight, what the files
 on disk weigh) plus a KV-cache allowance (`kv_gb`, default KV_FRACTION of the weights). A
 sharded group splits both evenly over its ranks (tensor parallel splits every layer, pipeline
-splits the layers). macOS lets the GPU wire about GPU_FRACTION of a Mac's memory by default
-(`iogpu.wired_limit_mb` raises it), so that is what a node offers out of `memory_gb`.
+splits the layers). macOS lets the GPU wire about GPU_FRACTION of a Mac's memory by default,
+so that is what a node offers out of `memory_gb`, unless its `gpu_limit_gb` says otherwise
+(after `sudo sysctl iogpu.wired_limit_mb=...`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,27 @@ class Finding:
     line: int | None
 
 
-def _memory(node: Node) -> float | None:
-    raw = node.extra.get("memory_gb")
+def _positive(node: Node, key: str) -> float | None:
+    raw = node.extra.get(key)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw <= 0:
         return None
     return float(raw)
+
+
+def _memory(node: Node) -> float | None:
+    return _positive(node, "memory_gb")
+
+
+def usable_gb(node: Node) -> float:
+    """What the GPU may hold on this node: `gpu_limit_gb`, else GPU_FRACTION of memory_gb."""
+    return _positive(node, "gpu_limit_gb") or (_memory(node) or 0.0) * GPU_FRACTION
+
+
+def _offer(node: Node) -> str:
+    limit = _positive(node, "gpu_limit_gb")
+    return (f"{node.name} offers {usable_gb(node):.1f} GB (gpu_limit_gb)" if limit else
+            f"{node.name} offers {usable_gb(node):.1f} GB ({GPU_FRACTION:.0%} of "
+            f"{_memory(node):g})")
 
 
 def need_gb(route: Route) -> tuple[float, float]:
@@ -46,27 +63,27 @@ def check_fit(route: Route, nodes: tuple[Node, ...]) -> list[Finding]:
     by_name = {n.name: n for n in nodes}
     group = [by_name[s] for s in route.shards if s in by_name]
     what = f"models.{route.alias}"
-    missing = [n.name for n in group if _memory(n) is None]
+    missing = [n.name for n in group if _memory(n) is None
+               and _positive(n, "gpu_limit_gb") is None]
     if missing:
         return [Finding(True, f"{what}: size_gb is set but {', '.join(missing)} has no "
-                        f"memory_gb (a positive number) to check it against", route.line)]
+                        f"memory_gb (or gpu_limit_gb) to check it against", route.line)]
     weights, kv = need_gb(route)
     total = weights + kv
     per_rank = total / len(group)
     out: list[Finding] = []
-    short = [n for n in group if per_rank > (_memory(n) or 0) * GPU_FRACTION]
+    short = [n for n in group if per_rank > usable_gb(n)]
     if short:
         out.append(Finding(True, (
             f"{what}: does not fit on its {len(group)} shards: each needs {per_rank:.1f} GB "
             f"({weights:g} GB weights + {kv:g} GB KV cache over {len(group)} nodes) but "
-            + ", ".join(f"{n.name} offers {(_memory(n) or 0) * GPU_FRACTION:.1f} GB "
-                        f"({GPU_FRACTION:.0%} of {_memory(n):g})" for n in short)
-            + "; add a shard, or use a smaller quantization"), route.line))
-    one = [n for n in group if total <= (_memory(n) or 0) * GPU_FRACTION]
+            + ", ".join(_offer(n) for n in short)
+            + "; add a shard, use a smaller quantization, or raise the GPU limit "
+            "(gpu_limit_gb)"), route.line))
+    one = [n for n in group if total <= usable_gb(n)]
     if one:
         out.append(Finding(False, (
             f"{what}: would fit on one node anyway ({total:.1f} GB with KV cache <= "
-            f"{(_memory(one[0]) or 0) * GPU_FRACTION:.1f} GB on {one[0].name}); sharding only "
-            "adds network hops per token unless you want the extra memory bandwidth"),
-            route.line))
+            f"{usable_gb(one[0]):.1f} GB on {one[0].name}); sharding only adds network hops "
+            "per token unless you want the extra memory bandwidth"), route.line))
     return out
