@@ -159,6 +159,19 @@ def test_a_kv_allowance_and_a_raised_gpu_limit_can_be_given(
     assert code == 0 and err == "" and "OK, 2 models" in out, err
 
 
+def test_the_readme_example_is_what_check_says(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## A model bigger than one Mac", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    code, _, err = run(tmp_path, example, "check", capsys=capsys)
+    assert code == 1 and "each needs 72.6 GB (132 GB weights + 13.2 GB KV cache" in err, err
+    assert "72.6 GB > 72 GB" in section
+    raised = example.replace("memory_gb: 96", "memory_gb: 96, gpu_limit_gb: 84")
+    code, out, err = run(tmp_path, raised, "check", capsys=capsys)
+    assert code == 0 and "OK, 1 models" in out, err
+
+
 # --- maclustr hostfile ---------------------------------------------------------------------
 
 
