@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from html import escape
 
-from .config import RouteTable
+from .config import Route, RouteTable
 
 PRODUCT = "MacLustr LLM API"
 FALLBACK_BASE = "http://localhost:9000"
@@ -295,12 +295,13 @@ def render_page(table: RouteTable, base_url: str) -> str:
                       f'aria-labelledby="tab-{key}"{"" if on else " hidden"}>'
                       f"{ids.block(ex[key], label)}</div>")
 
+    def placement(r: Route) -> str:
+        return f'<br><span class="muted placement">{e(r.placement)}</span>' if r.shards else ""
+
     rows = "".join(
         f'<tr data-alias="{e(r.alias)}"><td class="alias"><code>{e(r.alias)}</code></td>'
-        f"<td class=\"purpose\">{e(r.description) or '—'}</td>"
-        f"<td class=\"params\">{e(r.parameters) or '—'}"
-        + (f'<br><span class="muted placement">{e(r.placement)}</span>' if r.shards else "")
-        + "</td>"
+        f"<td class=\"purpose\">{e(r.description) or '—'}{placement(r)}</td>"
+        f"<td class=\"params\">{e(r.parameters) or '—'}</td>"
         f'<td class="st"><span class="status" data-status-for="{e(r.alias)}">'
         f'<span class="dot"></span>checking…</span></td></tr>'
         for r in table.routes
