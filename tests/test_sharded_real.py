@@ -21,7 +21,9 @@ import contextlib
 import json
 import os
 import plistlib
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +46,23 @@ LABEL = f"io.maclustr.mlx.{ALIAS}"
 NODES = ("studio-a", "studio-b")  # node names: never shown to the public
 
 
+def free_ring_ports(n: int) -> int:
+    """The first of `n` consecutive ports that can be bound now, below Linux's ephemeral range
+    (32768+): the ring's ports are consecutive, and a port just above a free one may be the
+    local end of some outgoing connection (that made rank 1's bind fail with EADDRINUSE)."""
+    for _ in range(200):
+        first = random.randrange(20000, 32000 - n)
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(first, first + n):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+    raise AssertionError("no free run of ring ports")
+
+
 class ShardedGroup:
     """Rank 0's launchd job for a two-rank group on loopback, run by hand."""
 
@@ -51,7 +70,7 @@ class ShardedGroup:
         self.tmp = tmp
         self.model = model
         self.port = free_port()
-        self.ring_port = free_port()
+        self.ring_port = free_ring_ports(2)
         home = tmp / "home"
         venv = Path(sys.executable).parent.parent  # the venv running the tests
         self.routes = tmp / "routes.yaml"
@@ -159,7 +178,10 @@ def test_sharded_group_streams_dies_as_one_and_comes_back_without_gateway_restar
     assert Path(args[0]).name == "mlx.launch" and args[3:5] == ["--backend", "ring"]
     assert group.plist["KeepAlive"] is True
     launcher = group.start()
-    wait_healthy(group.url, timeout=180, proc=launcher)
+    try:
+        wait_healthy(group.url, timeout=180, proc=launcher)
+    except (RuntimeError, TimeoutError) as e:
+        raise AssertionError(f"{e}\n{group.log()}") from None
     gw = gateway_process(group.routes)
     secrets = {str(group.model), group.model.name, group.url, f"127.0.0.1:{group.port}",
                *NODES}
@@ -215,7 +237,10 @@ def test_sharded_group_streams_dies_as_one_and_comes_back_without_gateway_restar
 
     # 3. the group restarts (launchd's KeepAlive): the alias is back, same gateway process
     relaunched = group.start()
-    wait_healthy(group.url, timeout=180, proc=relaunched)
+    try:
+        wait_healthy(group.url, timeout=180, proc=relaunched)
+    except (RuntimeError, TimeoutError) as e:
+        raise AssertionError(f"{e}\n{group.log()}") from None
     deadline = time.monotonic() + 60
     while True:
         status, body, _ = ask(gw.url)
