@@ -135,6 +135,15 @@ def test_check_refuses_a_group_that_cannot_run_naming_file_and_line(
     assert out == ""  # no table printed for a refused file
 
 
+def test_shards_without_a_nodes_section_are_refused(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    text = "models:\n" + THREE.split("models:\n", 1)[1]
+    code, _, err = run(tmp_path, text, "check", capsys=capsys)
+    assert code == 1
+    assert (f"routes.yaml:{line_of(text, 'shards:')}: models.maclustr-giant.shards names "
+            "nodes, but there is no 'nodes:' section") in err, err
+
+
 def test_check_warns_when_the_model_would_fit_on_one_node_anyway(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(tmp_path, _edit("size_gb: 124", "size_gb: 40"), "check",
@@ -208,8 +217,9 @@ def test_hostfile_for_jaccl_names_the_rdma_device_towards_every_peer(
 
 def test_the_hostfile_is_one_mlx_launch_reads(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    """Parsed by the installed mlx package's own hostfile reader."""
-    common = pytest.importorskip("mlx._distributed_utils.common")
+    """Parsed by the installed mlx package's own hostfile reader (mlx is a test dependency:
+    no skip)."""
+    from mlx._distributed_utils import common
     _, out, _ = run(tmp_path, THREE, "hostfile", "--model", "maclustr-giant", capsys=capsys)
     f = tmp_path / "hosts.json"
     f.write_text(out)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import openai
 import pytest
 from conftest import KEY, ROOT
 from openai import OpenAI
@@ -203,10 +204,25 @@ def test_sharded_group_streams_dies_as_one_and_comes_back_without_gateway_restar
     model = report["models"][ALIAS]
     assert model["status"] == "up" and model["placement"] == "sharded over 2 nodes"
 
-    # 2. rank 1 dies: the whole group goes, the alias answers 502/503 without hanging
+    # 2. rank 1 dies during a stream: the whole group goes, the stream ends with an error
+    # event and the alias answers 502/503, nothing hangs
     rank0, rank1 = group.rank_pid(launcher, 0), group.rank_pid(launcher, 1)
+    sdk = OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0, timeout=30,
+                 http_client=httpx2.Client())
+    endless = sdk.chat.completions.create(  # end-of-text banned: it runs until stopped
+        model=ALIAS, messages=[{"role": "user", "content": "Count"}], max_tokens=100_000,
+        stream=True, logit_bias={"0": -100, "2": -100})
+    stream = iter(endless)
+    assert next(stream).model == ALIAS
     killed = time.monotonic()
     os.kill(rank1, signal.SIGKILL)
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in stream:
+            assert chunk.model == ALIAS
+    stream_ended = time.monotonic() - killed
+    seen.append(str(raised.value).encode())
+    sdk.close()
+    assert stream_ended < 2.0, stream_ended  # measured: 0.18 s
     answers: list[tuple[int, float, float]] = []  # status, seconds after the kill, duration
     for _ in range(100):
         status, body, took = ask(gw.url, timeout=10)
@@ -216,8 +232,8 @@ def test_sharded_group_streams_dies_as_one_and_comes_back_without_gateway_restar
             assert body["error"]["code"] in ("upstream_unavailable", "model_unavailable"), body
             break
         time.sleep(0.05)
-    # measured here: [(502, 0.25, 0.24)]: the first request after the kill waited for rank
-    # 0 to be stopped by mlx.launch, then got its 502
+    # measured: [(502, 0.19, 0.01)] after the stream's end; without a stream in flight
+    # [(502, 0.25, 0.24)]: that first request waited for mlx.launch to stop rank 0
     assert answers[-1][0] in (502, 503), answers
     assert answers[-1][1] < 1.5, f"the alias still answered after the kill: {answers}"
     assert all(took < 1.0 for _, _, took in answers), f"a request hung: {answers}"
