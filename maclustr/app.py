@@ -1,8 +1,9 @@
 """Wiring: routes, the two middlewares, shared objects on typed AppKeys, session lifecycle.
 
 Request order: `frame` (request id, CORS, every error rendered as an OpenAI envelope, or
-Anthropic's on /v1/messages*; one access-log line) → `authenticate` (bearer key on /v1/*, or
-x-api-key on /v1/messages*) → handler.
+Anthropic's on /v1/messages*; the request's `Outcome` reported once: metrics and one
+access-log line) → `authenticate` (bearer key on /v1/* and /metrics, or x-api-key on
+/v1/messages*) → handler.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import anthropic, health, jsonfast
 from .auth import KeyRing, bearer_token
-from .body import check_content_type, parse_request, upstream_body, wants_stream
+from .body import ask_for_usage, check_content_type, parse_request, upstream_body, wants_stream
 from .config import Route, RouteTable
 from .dialect import Dialect
 from .errors import (
@@ -30,7 +32,9 @@ from .errors import (
     ShuttingDown,
 )
 from .headers import SERVER, request_id
+from .metrics import Metrics
 from .openapi import openapi_document
+from .outcome import Outcome, access_line
 from .page import CSP, base_url, render_page
 from .relay import OUTCOME, Call, Upstream, relay
 from .reload import RoutesHolder
@@ -47,6 +51,8 @@ STARTED = web.AppKey("started", int)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 IN_FLIGHT = web.AppKey("in_flight", set)  # handler tasks, for the shutdown grace
 DEEP_HEALTH = web.AppKey("deep_health", health.DeepCache)
+METRICS = web.AppKey("metrics", Metrics)  # absent when gateway.metrics is false
+LOG_FORMAT = web.AppKey("log_format", str)  # access log: "text" or "json"
 RID = web.RequestKey("rid", str)
 ALIAS = web.RequestKey("alias", str)
 KEY_NAME = web.RequestKey("key_name", str)  # never the secret
@@ -93,11 +99,27 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Gatewa
     return other
 
 
+def _endpoint(request: web.Request) -> str:
+    """The matched route's path pattern (bounded; never a client-chosen model id), or "-"."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "-"
+
+
+def report(app: web.Application, o: Outcome) -> None:
+    """The one place a finished request is counted and logged."""
+    o.finish()
+    metrics = app.get(METRICS)
+    if metrics is not None:
+        metrics.observe(o)
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s", access_line(o, app[LOG_FORMAT]))
+
+
 @web.middleware
 async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
-    start = time.perf_counter()
     rid = request_id(request.headers.get("X-Request-Id"))
     request[RID] = rid
+    o = request[OUTCOME] = Outcome(rid, time.perf_counter(), request.method, _endpoint(request))
     resp: web.StreamResponse
     in_flight = request.app[IN_FLIGHT]
     task = asyncio.current_task()
@@ -111,22 +133,25 @@ async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
             resp = await handler(request)
     except GatewayError as e:
         resp = error_response(e, request.path)
+        o.fail(e.status, e.code)
     except web.HTTPException as e:
-        resp = error_response(_from_http_exception(e, request), request.path)
+        err = _from_http_exception(e, request)
+        resp = error_response(err, request.path)
+        o.fail(err.status, err.code)
     except (asyncio.CancelledError, ConnectionError):
-        log.info("%s %s %s model=%s client gone after %.1f ms", rid, request.method,
-                 request.path, request.get(ALIAS, "-"), (time.perf_counter() - start) * 1e3)
+        if o.code == "done":  # not a shutdown the relay already reported in-band
+            o.gone()
+        report(request.app, o)
         raise
     except Exception:
-        log.exception("%s %s %s failed", rid, request.method, request.path)
+        log.exception("%s %s %s failed", rid, request.method, o.endpoint)
         resp = error_response(GatewayError(), request.path)
+        o.fail(500, GatewayError.code)
     finally:
         in_flight.discard(task)
-    if log.isEnabledFor(logging.INFO):
-        log.info("%s key=%s %s %s model=%s status=%d ms=%.1f outcome=%s", rid,
-                 request.get(KEY_NAME, "-"), request.method, request.path,
-                 request.get(ALIAS, "-"), resp.status, (time.perf_counter() - start) * 1e3,
-                 request.get(OUTCOME, "-"))
+    if o.code == "done":
+        o.status = resp.status
+    report(request.app, o)
     return resp
 
 
@@ -153,7 +178,9 @@ def _cors(request: web.Request, resp: web.StreamResponse, origins: tuple[str, ..
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/v1/") and request.method != "OPTIONS":
+    path = request.path
+    if (path.startswith("/v1/") and request.method != "OPTIONS") or (
+            path == "/metrics" and not request.app[ROUTES].current.settings.metrics_public):
         token = bearer_token(request.headers.get("Authorization"))
         anthropic_path = request.path.startswith("/v1/messages")
         if token is None and anthropic_path:  # Anthropic clients send x-api-key
@@ -161,7 +188,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         name = request.app[KEYS].check(token)
         if name is None:
             raise InvalidApiKey(_ANTHROPIC_KEY_HELP) if anthropic_path else InvalidApiKey()
-        request[KEY_NAME] = name
+        request[KEY_NAME] = request[OUTCOME].key = name
     return await handler(request)
 
 
@@ -198,9 +225,12 @@ def completions_handler(path: str) -> Handler:
         if route is None:
             raise ModelNotFound(payload["model"], table.aliases)
         request[ALIAS] = route.alias
+        o = request[OUTCOME]
+        o.model, o.stream = route.alias, wants_stream(payload)
         prefix = conversation_prefix(payload) if len(route.upstreams) > 1 else None
-        call = Call(path=path, stream=wants_stream(payload), rid=request[RID],
-                    key=request.get(KEY_NAME, "-"), prefix=prefix,
+        usage = ask_for_usage(payload)
+        call = Call(path=path, stream=o.stream, rid=request[RID],
+                    key=request.get(KEY_NAME, "-"), prefix=prefix, usage=usage,
                     body=upstream_body(payload, route.model))
         return await relay(request, app[UPSTREAM], route, call)
 
@@ -225,8 +255,10 @@ async def relay_chat(request: web.Request, route: Route, chat: dict[str, Any],
     """Send a translated request (already a chat completion) through the ordinary relay:
     routing, queueing, failover, timeouts, disconnect and shutdown are the same."""
     request[ALIAS] = route.alias
+    o = request[OUTCOME]
+    o.model, o.stream = route.alias, wants_stream(chat)
     prefix = conversation_prefix(chat) if len(route.upstreams) > 1 else None
-    call = Call(path="/v1/chat/completions", stream=wants_stream(chat), rid=request[RID],
+    call = Call(path="/v1/chat/completions", stream=o.stream, rid=request[RID],
                 key=request.get(KEY_NAME, "-"), prefix=prefix,
                 body=jsonfast.dumps(chat), dialect=dialect)
     return await relay(request, request.app[UPSTREAM], route, call)
@@ -314,11 +346,21 @@ async def openapi_json(request: web.Request) -> web.Response:
                          headers={"Cache-Control": "no-cache"})
 
 
-def make_app(holder: RoutesHolder, keys: KeyRing) -> web.Application:
+def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text"
+             ) -> web.Application:
+    """`gateway.metrics` is read here, once: turning metrics on or off takes a restart."""
     # The body cap is enforced by read_body from the live table; this is only a hard ceiling.
     app = web.Application(middlewares=[frame, authenticate], client_max_size=2**40)
     app[ROUTES] = holder
     app[KEYS] = keys
+    app[LOG_FORMAT] = log_format
+    if holder.current.settings.metrics:
+        metrics = app[METRICS] = Metrics(
+            lambda: holder.current,
+            lambda: app[UPSTREAM].scheduler if UPSTREAM in app else None)
+        holder.results.append(metrics.reloaded)
+        app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry),
+                           allow_head=False)
     app[STARTED] = int(time.time())
     app[SHUTTING_DOWN] = asyncio.Event()
     app[IN_FLIGHT] = set()

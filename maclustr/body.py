@@ -94,6 +94,27 @@ def upstream_body(payload: dict[str, Any], internal_model: str) -> bytes:
     return jsonfast.dumps(payload)  # lone surrogates: the stdlib writes them escaped
 
 
+def ask_for_usage(payload: dict[str, Any]) -> bool:
+    """Make a stream request ask the upstream for its usage event, and say whether the client
+    asked for it itself (when not, the relay strips it from what the client sees). Runs after
+    `parse_request` (which refuses a malformed or non-stream `stream_options`).
+
+    Why always ask: the metrics count tokens on every request, and a stream reports them only
+    in that event. mlx_lm.server (0.32.2, `handle_completion`) sends it when
+    `stream_options["include_usage"]` is true, just before `data: [DONE]`, as
+    `{"object": "chat.completion", "choices": [], "usage": {...}}` on both completion paths
+    (so the gateway relabels it `chat.completion.chunk`); it reads the key with `[...]`, so a
+    bare `stream_options: {}` raises after the last token and the stream ends without
+    `[DONE]`. The payload is modified in place.
+    """
+    if not wants_stream(payload):
+        return False
+    opts = payload.get("stream_options") or {}
+    asked = opts.get("include_usage") is True
+    payload["stream_options"] = {**opts, "include_usage": True}
+    return asked
+
+
 def wants_stream(payload: dict[str, Any]) -> bool:
     return payload.get("stream") is True
 

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import atexit
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -41,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=9000, help="port (default: %(default)s)")
     serve.add_argument("--log-level", default=os.environ.get("MACLUSTR_LOG_LEVEL", "info"),
                        choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="text (default) or json: one JSON object per line, the access "
+                            "log's with time, request id, key name, model, status, timings, "
+                            "tokens (for jq and log shippers)")
     serve.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                        help="event loop: uvloop when installed (auto, the default; a run-time "
                             "dependency wherever it has wheels), or the standard asyncio loop")
@@ -219,9 +224,25 @@ class _BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             loop.call_later(0.1, self.flush_now)
 
 
-def configure_logging(level: str) -> None:
+class _JSONFormatter(logging.Formatter):
+    """`--log-format json`: every line one JSON object. Access-log records already are one
+    (`outcome.access_line`); other records become {time, level, logger, message}."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "maclustr.access":
+            return record.getMessage()
+        obj = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+               + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(),
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
     handler = _BufferedHandler()
-    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(_JSONFormatter() if log_format == "json" else
+                         _Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -229,7 +250,7 @@ def configure_logging(level: str) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level.upper())
+    configure_logging(args.log_level.upper(), args.log_format)
     try:
         keys = parse_keys(os.environ.get("MACLUSTR_API_KEY"))
     except KeyConfigError as e:
@@ -273,7 +294,7 @@ async def _serve(args: argparse.Namespace, table: RouteTable, keys: KeyRing) -> 
     from .reload import RoutesHolder
 
     holder = RoutesHolder(args.routes, table)
-    app = make_app(holder, keys)
+    app = make_app(holder, keys, args.log_format)
     grace = table.settings.shutdown_grace
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            handler_cancellation=True, shutdown_timeout=1.0,

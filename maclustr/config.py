@@ -30,7 +30,7 @@ MLX_DECODE_CONCURRENCY = 32  # mlx_lm.server's --decode-concurrency default (mlx
 TIMEOUT_KEYS = frozenset({"connect", "first_byte", "idle"})
 GATEWAY_KEYS = frozenset(
     {"max_body_bytes", "shutdown_grace", "cors_origins", "public_url", "health_timeout",
-     "generate_timeout", "probe_generate"}
+     "generate_timeout", "probe_generate", "metrics", "metrics_public"}
 )
 
 
@@ -103,6 +103,8 @@ class GatewaySettings:
     health_timeout: float = 2.0
     generate_timeout: float = 10.0  # /health?deep=generate: seconds for one token
     probe_generate: bool = False  # passive-health probe also asks for one token (wedged check)
+    metrics: bool = True  # GET /metrics and the counting behind it (read at start)
+    metrics_public: bool = False  # /metrics without a key (e.g. a Prometheus on a private net)
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,10 @@ class _Parser:
             if "generate_timeout" in items else d.generate_timeout,
             probe_generate=self.boolean(items["probe_generate"], "gateway.probe_generate")
             if "probe_generate" in items else d.probe_generate,
+            metrics=self.boolean(items["metrics"], "gateway.metrics")
+            if "metrics" in items else d.metrics,
+            metrics_public=self.boolean(items["metrics_public"], "gateway.metrics_public")
+            if "metrics_public" in items else d.metrics_public,
         )
 
     def nodes(self, node: yaml.Node) -> tuple[Node, ...]:

@@ -145,9 +145,11 @@ class Overloaded(GatewayError):
 
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
-    def __init__(self, alias: str, why: str, retry_after: int) -> None:
+    def __init__(self, alias: str, why: str, retry_after: int, reason: str = "queue_full"
+                 ) -> None:
         super().__init__(f"Model '{alias}' is busy: {why}. Retry after {retry_after} s.",
                          headers={"Retry-After": str(retry_after)})
+        self.reason = reason  # the rejections metric's label: queue_full or queue_timeout
 
 
 class ShuttingDown(GatewayError):

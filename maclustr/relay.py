@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from .config import Route
 from .dialect import ChatEventRewriter, Dialect
 from .errors import (
     GatewayError,
+    ModelUnavailable,
+    Overloaded,
     ShuttingDown,
     UpstreamBadResponse,
     UpstreamFailed,
@@ -36,13 +39,14 @@ from .errors import (
     upstream_message,
 )
 from .headers import SERVER, SSE_HEADERS, upstream_headers
+from .outcome import Outcome
 from .scheduler import Replica, Scheduler
-from .sse import SSEError, SSERewriter, rewrite_body
+from .sse import SSEError, SSERewriter, rewrite_body, usage_of
 from .upstream import Client, Response
 
 log = logging.getLogger("maclustr.relay")
 
-OUTCOME = web.RequestKey("outcome", str)  # for the access log: "done" or an error code
+OUTCOME = web.RequestKey("outcome", Outcome)  # what happened: for metrics and the access log
 
 MAX_UNARY_BYTES = 64 * 1024 * 1024  # a unary completion larger than this is not a completion
 MAX_ERROR_BYTES = 64 * 1024
@@ -112,8 +116,10 @@ class Upstream:
 
 @dataclass(frozen=True)
 class Call:
-    """One client request as the relay sees it. `key` is the API key's fingerprint (queue
-    fairness); `prefix` the conversation hash (replica affinity), None when not needed."""
+    """One client request as the relay sees it. `key` is the API key's name (queue
+    fairness, metrics); `prefix` the conversation hash (replica affinity), None when not needed.
+    `usage`: the client asked for the stream's usage event (it is always asked of upstream, for
+    the metrics; a client that did not ask never sees it)."""
 
     path: str
     body: bytes
@@ -122,6 +128,7 @@ class Call:
     key: str
     prefix: str | None
     dialect: Dialect | None = None  # a translated API (Anthropic, Responses); None: OpenAI
+    usage: bool = True
 
 
 MAX_ATTEMPTS = 3  # replicas tried for one request, before any byte reached the client
@@ -140,8 +147,13 @@ async def relay(request: web.Request, up: Upstream, route: Route,
     sent the client anything is reported to the scheduler and the next replica is tried.
     """
     sched = up.scheduler
-    replica: Replica | None = await sched.acquire(route, call.key, call.prefix)
+    o = request[OUTCOME]
+    o.phase = "queue"
+    queued = time.perf_counter()
+    replica: Replica | None = await _acquire(sched, route, call, o)
     assert replica is not None
+    o.queue_wait = time.perf_counter() - queued
+    o.phase = "upstream"
     t = route.timeouts
     dog = Watchdog(t.connect, "connect")
     tried: list[str] = []
@@ -149,6 +161,7 @@ async def relay(request: web.Request, up: Upstream, route: Route,
     try:
         while True:
             tried.append(replica.url)
+            o.replica = replica_name(route, replica)
             retry = len(tried) < min(MAX_ATTEMPTS, len(route.upstreams))
             failed: UpstreamFailed | None = None
             resp = None
@@ -171,10 +184,13 @@ async def relay(request: web.Request, up: Upstream, route: Route,
                 resp.close()
             sched.release(replica, ok=False)
             replica = None  # released: the finally below must not release it again
+            o.failovers += 1
             nxt = sched.take(route, call.prefix, tried)
             if nxt is None:
                 dog.rearm(route.queue_timeout + 5, "waiting for a slot")
-                nxt = await sched.acquire(route, call.key, call.prefix, tuple(tried))
+                o.phase = "queue"
+                nxt = await _acquire(sched, route, call, o, tuple(tried))
+                o.phase = "upstream"
             replica = nxt
             dog.rearm(t.connect, "connect")
         assert resp is not None
@@ -189,19 +205,18 @@ async def relay(request: web.Request, up: Upstream, route: Route,
             if ctype == "text/event-stream":
                 if not call.stream:
                     raise UpstreamBadResponse(route.alias)
-                rewriter = (SSERewriter(route.alias, route.model) if call.dialect is None
+                rewriter = (SSERewriter(route.alias, route.model, strip_usage=not call.usage)
+                            if call.dialect is None
                             else ChatEventRewriter(call.dialect.stream()))
                 out = await relay_stream(request, up, resp, route, call.rid, dog, rewriter)
-                ok = _VERDICT.get(request.get(OUTCOME, ""), False)
+                ok = _VERDICT.get(o.code, False)
             elif call.stream or ctype != "application/json":
                 raise UpstreamBadResponse(route.alias)
             elif call.dialect is not None:
-                out = await relay_translated(resp, route, call.dialect, call.rid, dog)
-                request[OUTCOME] = "done"
+                out = await relay_translated(resp, route, call.dialect, call.rid, dog, o)
                 ok = True
             else:
-                out = await relay_unary(resp, route, replica, call.rid, dog)
-                request[OUTCOME] = "done"
+                out = await relay_unary(resp, route, replica, call.rid, dog, o)
                 ok = True
         finally:
             resp.close()  # mid-body this drops the socket: the server stops generating
@@ -216,6 +231,28 @@ async def relay(request: web.Request, up: Upstream, route: Route,
         dog.stop()
         if replica is not None:
             sched.release(replica, ok)
+
+
+async def _acquire(sched: Scheduler, route: Route, call: Call, o: Outcome,
+                   exclude: tuple[str, ...] = ()) -> Replica:
+    """A slot, noting why the scheduler refused one (for the rejections metric)."""
+    try:
+        return await sched.acquire(route, call.key, call.prefix, exclude)
+    except Overloaded as e:
+        o.rejection = e.reason
+        raise
+    except ModelUnavailable:
+        o.rejection = "unavailable"
+        raise
+
+
+def replica_name(route: Route, replica: Replica) -> str:
+    """What logs and metrics call a replica: its index in the route's upstreams, never its
+    address."""
+    try:
+        return str(route.upstreams.index(replica.url))
+    except ValueError:  # the table was reloaded without it
+        return "-"
 
 
 async def _open(up: Upstream, route: Route, base: str, call: Call, dog: Watchdog) -> Response:
@@ -239,7 +276,7 @@ async def _open(up: Upstream, route: Route, base: str, call: Call, dog: Watchdog
 
 
 async def relay_unary(resp: Response, route: Route, replica: Replica, rid: str,
-                      dog: Watchdog) -> web.Response:
+                      dog: Watchdog, o: Outcome) -> web.Response:
     data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
     try:
         out, replica.fingerprint = rewrite_body(data, route.alias, route.model,
@@ -248,12 +285,14 @@ async def relay_unary(resp: Response, route: Route, replica: Replica, rid: str,
         raise UpstreamBadResponse(route.alias) from None
     if out[:1] != b"{":
         raise UpstreamBadResponse(route.alias)
+    o.usage(usage_of(out))
+    o.bytes_out = len(out)
     return web.Response(body=out, headers={"Content-Type": "application/json",
                                            "X-Request-Id": rid, "Server": SERVER})
 
 
 async def relay_translated(resp: Response, route: Route, dialect: Dialect, rid: str,
-                           dog: Watchdog) -> web.Response:
+                           dog: Watchdog, o: Outcome) -> web.Response:
     """A unary chat completion, translated into the client's dialect (which names the alias
     and nothing of the upstream's own answer but its content and usage)."""
     data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
@@ -267,7 +306,10 @@ async def relay_translated(resp: Response, route: Route, dialect: Dialect, rid: 
         answer = dialect.unary(completion)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         raise UpstreamBadResponse(route.alias) from None
-    return web.Response(body=jsonfast.dumps(answer),
+    o.usage(completion.get("usage"))
+    body = jsonfast.dumps(answer)
+    o.bytes_out = len(body)
+    return web.Response(body=body,
                         headers={"Content-Type": "application/json", "X-Request-Id": rid,
                                  "Server": SERVER})
 
@@ -290,8 +332,10 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
     upstream pauses until the client has taken all but CLIENT_LOW_WATER, so memory per stream
     stays bounded and TCP flow control reaches the model server.
     """
+    o = request[OUTCOME]
     out = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": rid})
     await out.prepare(request)  # sends the headers now (aiohttp: StreamResponse)
+    o.phase = "response"
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client gone")
@@ -319,6 +363,9 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
                 resp.halt()
                 return
             write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            o.bytes_out += len(chunk)
+            if o.first_at is None and b"data:" in chunk:  # not a `: keepalive` comment
+                o.first_event()
             if buffered() > CLIENT_HIGH_WATER:
                 state["full"] = True
                 resp.pause()
@@ -350,16 +397,22 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
             dog.absorb()
             failure = UpstreamTimeout(route.alias, dog.phase)
         elif up.shutting_down.is_set() and not _client_gone(request):
-            await _finish_with(request, out, ShuttingDown(), rewriter)
+            o.usage(rewriter.usage)
+            err = ShuttingDown()
+            o.fail(err.status, err.code)
+            await _finish_with(request, out, err, rewriter)
             raise
         else:
+            o.usage(rewriter.usage)
             raise
     except OSError:
+        o.usage(rewriter.usage)
         if _client_gone(request):
             raise
         failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
-    request[OUTCOME] = "done" if failure is None else failure.code
+    o.usage(rewriter.usage)
     if failure is not None:
+        o.fail(failure.status, failure.code)
         await _finish_with(request, out, failure, rewriter)
         return out
     await out.write_eof()

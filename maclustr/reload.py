@@ -26,6 +26,7 @@ class RoutesHolder:
         self.current = table
         self._stamp = self._stat()
         self.listeners: list[Callable[[RouteTable], None]] = []  # called after each swap
+        self.results: list[Callable[[bool], None]] = []  # called after each attempt (ok?)
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -41,12 +42,16 @@ class RoutesHolder:
             table = load_routes(self.path)
         except ConfigError as e:
             log.error("routes reload rejected, still serving the previous table: %s", e)
+            for result in self.results:
+                result(False)
             return False
         old = self.current
         self.current = table
         log.info("routes reloaded from %s: %s", self.path, ", ".join(table.aliases))
         for listener in self.listeners:
             listener(table)
+        for result in self.results:
+            result(True)
         if table.settings != old.settings:
             log.info("gateway settings changed; listening address and shutdown grace apply "
                      "at the next restart")

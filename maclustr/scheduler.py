@@ -178,6 +178,17 @@ class Scheduler:
         soonest = min(self.replica(u).down_until for u in route.upstreams)
         return max(1, math.ceil(soonest - now)) if soonest > now else int(COOLDOWN)
 
+    # --- what /metrics reads at scrape time ------------------------------------------------
+
+    def queue_depth(self, alias: str) -> int:
+        q = self._queues.get(alias)
+        return q.size if q is not None else 0
+
+    def replica_states(self, route: Route) -> list[tuple[int, bool]]:
+        """(requests in flight, usable) of each replica of `route`, in upstreams order."""
+        now = time.monotonic()
+        return [(r.in_flight, r.usable(now)) for r in map(self.replica, route.upstreams)]
+
     # --- slots ------------------------------------------------------------------------------
 
     async def acquire(self, route: Route, key: str, prefix: str | None,
@@ -206,7 +217,8 @@ class Scheduler:
                 self.release(w.future.result(), ok=None)
             w.future.cancel()
             raise Overloaded(route.alias, "no slot freed up in time",
-                             retry_after=max(1, math.ceil(route.queue_timeout / 4))) from None
+                             retry_after=max(1, math.ceil(route.queue_timeout / 4)),
+                             reason="queue_timeout") from None
         except asyncio.CancelledError:  # the client left while queued: leave at once
             q.remove(key, w)
             if _granted(w.future):

@@ -19,6 +19,11 @@ without decoding it, when that provably gives the same objects as the JSON path:
   get the same replacement on both paths, and a key split across `data:` lines fails the
   count, so events need not be one line.
 
+Usage: the gateway always asks the upstream for the stream's usage event (the metrics count
+tokens on every request); `strip_usage` drops it for a client that did not ask, and `usage`
+keeps what it said either way. The usage event never takes the splice (above), so this costs
+one decode per stream, not per event.
+
 Anything else takes the JSON path, event by event. An event that holds the expected bytes but
 is not valid JSON elsewhere is relayed as it came: checking would cost a full decode per event,
 and mlx only writes `json.dumps` output. Events are split on blank lines here, never by line
@@ -37,6 +42,7 @@ DONE = b"data: [DONE]"
 _MODEL_KEY = b'"model"'
 _FP_KEY = b'"system_fingerprint"'
 _USAGE_OBJECT = b'"object": "chat.completion"'  # not a prefix of "...chunk": the quote closes
+_USAGE = b'"usage":'  # only a key: a string value is followed by `,` `]` or `}`, never `:`
 
 
 class SSEError(ValueError):
@@ -123,6 +129,22 @@ def rewrite_body(body: bytes, alias: str, internal: str, fingerprint: str | None
     return jsonfast.dumps(obj), learned
 
 
+_DECODER = json.JSONDecoder()
+
+
+def usage_of(body: bytes) -> dict[str, object] | None:
+    """The `usage` object of a unary response without decoding the whole body: mlx writes it
+    last, so only the tail from its last `"usage":` key is decoded. None when absent."""
+    at = body.rfind(_USAGE)
+    if at < 0:
+        return None
+    try:
+        obj, _ = _DECODER.raw_decode(body[at + len(_USAGE):].decode().lstrip())
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _count(before: bytes, after: bytes, old: bytes, new: bytes) -> int:
     """How many `old` became `new` in `before.replace(old, new) == after`."""
     delta = len(new) - len(old)
@@ -144,12 +166,15 @@ class SSERewriter:
     `feed(bytes)` returns the rewritten bytes of every event completed so far (possibly b""),
     ready to write to the client as they are. After `data: [DONE]`, `done` is True and
     everything else is ignored. Memory is bounded by `max_event` bytes of incomplete event.
+    `usage` is the upstream's usage object once seen; with `strip_usage` the client does not
+    see it (the usage-only event is dropped, a `usage` key elsewhere removed).
     """
 
     __slots__ = ("_alias", "_alias_echo", "_cr", "_echo", "_fp", "_fp_repl", "_internal",
-                 "_tail", "done", "max_event")
+                 "_tail", "done", "max_event", "strip_usage", "usage")
 
-    def __init__(self, alias: str, internal: str, max_event: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, alias: str, internal: str, max_event: int = 8 * 1024 * 1024,
+                 strip_usage: bool = False) -> None:
         self._alias = alias
         self._internal = internal
         self._echo = echo("model", internal)
@@ -160,6 +185,8 @@ class SSERewriter:
         self._cr = False
         self.done = False
         self.max_event = max_event
+        self.strip_usage = strip_usage
+        self.usage: dict[str, object] | None = None
 
     @property
     def pending(self) -> bytes:
@@ -208,8 +235,8 @@ class SSERewriter:
         """`block` with the echo and fingerprint replaced, or None when that would differ from
         the JSON path (the module docstring's conditions). The replacements' counts come from
         the length change, so each string costs one pass."""
-        if _USAGE_OBJECT in block or block.count(b"data:") != block.count(b"data: {"):
-            return None  # the usage event, or data that is not an object: JSON path
+        if _USAGE in block or block.count(b"data:") != block.count(b"data: {"):
+            return None  # usage (any event that carries it), or data not an object: JSON path
         out = block.replace(self._echo, self._alias_echo)
         if _count(block, out, self._echo, self._alias_echo) != block.count(_MODEL_KEY):
             return None
@@ -264,22 +291,25 @@ class SSERewriter:
             if spliced is not None:
                 out.append(spliced)
                 continue
-            out.append(self._rewrite_event(frame))
+            event = self._rewrite_event(frame)
+            if event is not None:
+                out.append(event)
             if retry and self._fp is not None and offset < len(block):
                 retry = False
                 rest = self._splice(block[offset:])
                 if rest is not None:
                     out.append(rest)
                     break
-        return b"\n\n".join(out) + b"\n\n"
+        return b"\n\n".join(out) + b"\n\n" if out else b""
 
     def _plain(self, line: bytes) -> bytes:
         """A non-data line (comment, id:, event:) never shows the internal id either."""
         out = line.replace(self._echo, self._alias_echo)
         return out.replace(self._fp, self._fp_repl) if self._fp is not None else out
 
-    def _rewrite_event(self, frame: bytes) -> bytes:
-        """The JSON path for one event; learns the upstream's fingerprint on the way."""
+    def _rewrite_event(self, frame: bytes) -> bytes | None:
+        """The JSON path for one event; learns the upstream's fingerprint and usage on the
+        way. None: the event is not for this client (a usage event it did not ask for)."""
         lines = frame.split(b"\n")
         data: list[bytes] = []
         first = -1
@@ -295,8 +325,15 @@ class SSERewriter:
             obj = jsonfast.loads(b"\n".join(data))
         except (ValueError, RecursionError):
             raise SSEError("event data is not JSON") from None
-        if isinstance(obj, dict) and isinstance(obj.get("system_fingerprint"), str):
-            self._learn(obj["system_fingerprint"])
+        if isinstance(obj, dict):
+            if isinstance(obj.get("system_fingerprint"), str):
+                self._learn(obj["system_fingerprint"])
+            if isinstance(obj.get("usage"), dict):
+                self.usage = obj["usage"]
+                if self.strip_usage:
+                    if not obj.get("choices"):
+                        return None
+                    del obj["usage"]
         if not rewrite_obj(obj, self._alias, self._internal, stream=True):
             return frame
         new = b"data: " + jsonfast.dumps(obj)

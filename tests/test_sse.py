@@ -458,3 +458,27 @@ def test_unary_splice_with_known_fingerprint_equals_json_path(
     assert json.loads(out) == reference
     fp = obj.get("system_fingerprint")
     assert learned == (fp if isinstance(fp, str) else known)
+
+
+def test_strip_usage_at_any_cut() -> None:
+    """The usage event a client did not ask for is gone from what it sees, whatever the read
+    boundaries; `usage` keeps what it said; every other byte is what the full stream gives."""
+    ev = [{"id": "c1", "system_fingerprint": "fp-x", "object": "chat.completion.chunk",
+           "model": "internal/m", "created": 1, "choices": [{"index": 0, "delta": {
+               "role": "assistant", "content": w}, "finish_reason": None}]}
+          for w in ("usage", " a", "\"usage\": 1")]
+    usage = {"id": "c1", "system_fingerprint": "fp-x", "object": "chat.completion",
+             "model": "internal/m", "created": 1, "choices": [],
+             "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+    wire = b": keepalive 1/1\n\n" + b"".join(
+        b"data: " + json.dumps(o).encode() + b"\n\n" for o in [*ev, usage]) + b"data: [DONE]\n\n"
+    full = SSERewriter("alias", "internal/m")
+    want = full.feed(wire)
+    assert full.usage == usage["usage"]
+    for cut in range(1, len(wire)):
+        r = SSERewriter("alias", "internal/m", strip_usage=True)
+        got = r.feed(wire[:cut]) + r.feed(wire[cut:])
+        assert r.done and r.usage == usage["usage"]
+        assert b'"usage":' not in got
+        kept = [f for f in want.split(b"\n\n") if b'"usage":' not in f]
+        assert got == b"\n\n".join(kept), cut
