@@ -105,6 +105,7 @@ class _Turns:
         self.system = system
         self.messages: list[dict[str, Any]] = []
         self.assistant: dict[str, Any] | None = None  # open until a user or tool message
+        self.calls: set[str] = set()  # call_ids made so far: an output must answer one
 
     def item(self, item: object, i: int) -> None:
         param = f"input[{i}]"
@@ -129,6 +130,7 @@ class _Turns:
                     or not name or not isinstance(args, str):
                 raise BadRequest(f"'{param}' (function_call) needs string 'call_id', 'name' "
                                  "and 'arguments'.", param=param)
+            self.calls.add(call_id)
             msg = self._assistant()
             msg.setdefault("tool_calls", []).append(
                 {"id": call_id, "type": "function",
@@ -138,6 +140,9 @@ class _Turns:
             if not isinstance(call_id, str) or not call_id:
                 raise BadRequest(f"'{param}' (function_call_output) needs a string 'call_id'.",
                                  param=param)
+            if call_id not in self.calls:  # a chat template cannot place it (OpenAI: 400)
+                raise BadRequest(f"'{param}': no earlier function_call has call_id "
+                                 f"'{call_id[:60]}'.", param=param)
             output = item.get("output", "")
             text = output if isinstance(output, str) else _text(output, f"{param}.output")
             self.messages.append({"role": "tool", "tool_call_id": call_id, "content": text})

@@ -128,6 +128,8 @@ def test_parallel_calls_of_one_turn_share_one_assistant_message() -> None:
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0]"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+     "input[0]"),
     ({"input": "hi", "max_output_tokens": "many"}, "max_output_tokens"),
     ({"input": "hi", "tools": [{"type": "function"}]}, "tools[0].name"),
     ({"input": "hi", "instructions": ["x"]}, "instructions"),
@@ -430,3 +432,72 @@ def test_translation_keeps_every_message_tool_and_parameter(req: dict[str, Any])
     if req.get("stream"):
         assert chat["stream_options"] == {"include_usage": True}
     assert chat["model"] == INTERNAL
+
+
+_chunk = st.one_of(
+    _text.map(lambda t: chunk({"reasoning": t})),
+    _text.map(lambda t: chunk({"content": t})),
+    st.builds(lambda i, a: chunk({"tool_calls": [{"index": i, "id": f"c{i}", "type": "function",
+                                                  "function": {"name": f"f{i}", "arguments": a}}]}),
+              st.integers(0, 2), _text))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_chunk, max_size=8), st.sampled_from(["stop", "length", "tool_calls", None]),
+       st.booleans())
+def test_any_chunk_sequence_gives_a_well_formed_event_stream(
+        chunks: list[dict[str, Any]], finish: str | None, dies: bool) -> None:
+    """Whatever the upstream interleaves: every delta names an item that was added and is not
+    done yet, every added item is done exactly once before the one terminal event, and the
+    final output is exactly the done items, in order, with all the text."""
+    s = ResponsesStream(ALIAS)
+    out = [e for c in chunks for e in s.feed(c)]
+    if finish is not None:
+        out += s.feed(chunk({}, finish))
+    out += s.fail(UpstreamFailed(ALIAS)) if dies else s.finish()
+    evs = events(b"".join(out))
+    assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
+    open_items: dict[int, dict[str, Any]] = {}
+    done: dict[int, dict[str, Any]] = {}
+    for e in evs[:-1]:
+        t = e["type"]
+        assert t not in TERMINAL
+        if t == "response.output_item.added":
+            assert e["output_index"] not in open_items and e["output_index"] not in done
+            open_items[e["output_index"]] = e["item"]
+        elif t == "response.output_item.done":
+            assert open_items.pop(e["output_index"])["id"] == e["item"]["id"]
+            done[e["output_index"]] = e["item"]
+        elif "output_index" in e:
+            assert e["output_index"] in open_items
+            assert e["item_id"] == open_items[e["output_index"]]["id"]
+    final = evs[-1]
+    if dies:
+        assert final["type"] == "response.failed"
+        return
+    assert not open_items
+    assert final["type"] == ("response.incomplete" if finish == "length"
+                             else "response.completed")
+    assert final["response"]["output"] == [done[i] for i in sorted(done)]
+    assert sorted(done) == list(range(len(done)))
+    texts = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert "".join(p["text"] for o in final["response"]["output"] if o["type"] == "message"
+                   for p in o["content"]) == texts
+    # Calls: a run of tool-call chunks is one group, each upstream index one item in order of
+    # first appearance, its id from the first fragment, its arguments all fragments joined.
+    want: list[list[Any]] = []
+    group: dict[int, list[Any]] = {}
+    for c in chunks:
+        calls = c["choices"][0]["delta"].get("tool_calls")
+        if not calls:
+            group = {}
+            continue
+        for call in calls:
+            if call["index"] not in group:
+                group[call["index"]] = [call["id"], ""]
+                want.append(group[call["index"]])
+            group[call["index"]][1] += call["function"]["arguments"]
+    assert [[o["call_id"], o["arguments"]] for o in final["response"]["output"]
+            if o["type"] == "function_call"] == want
+
+TERMINAL = ("response.completed", "response.incomplete", "response.failed")
