@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from . import anthropic, health, jsonfast
+from . import anthropic, health, jsonfast, responses
 from .auth import KeyRing, bearer_token
 from .body import ask_for_usage, check_content_type, parse_request, upstream_body, wants_stream
 from .config import Route, RouteTable
@@ -277,6 +277,18 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await relay_chat(request, route, chat, dialect)
 
 
+async def responses_api(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses: OpenAI's Responses API (Codex CLI speaks nothing else), unary or
+    streamed, over chat completions. Stateless: the client resends the whole history."""
+    table, payload = await _translated_request(request)
+    route = _route_for(table, payload)
+    chat = responses.to_chat(payload, route.model)
+    alias = route.alias
+    dialect = Dialect(stream=lambda: responses.ResponsesStream(alias),
+                      unary=lambda c: responses.from_chat(c, alias))
+    return await relay_chat(request, route, chat, dialect)
+
+
 async def count_tokens(request: web.Request) -> web.Response:
     """POST /v1/messages/count_tokens: an estimate (anthropic.estimate_tokens says how); the
     tokenizer lives with the model on its node, and asking it would cost a prompt pass."""
@@ -371,6 +383,7 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text"
     app.router.add_post("/v1/completions", completions_handler("/v1/completions"))
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_post("/v1/responses", responses_api)
     app.router.add_get("/v1/models", list_models, allow_head=False)
     app.router.add_get("/v1/models/{model:.+}", get_model, allow_head=False)
     app.router.add_get("/health", get_health)
