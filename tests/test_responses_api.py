@@ -222,19 +222,27 @@ def codex_bin() -> str:
     pytest.skip("codex CLI not installed; `make agents` installs it")
 
 
-async def run_codex(gw: Gateway, tmp: Path, prompt: str) -> tuple[int, str, str]:
-    """The issue's exact command line, with an empty CODEX_HOME/HOME, stdin /dev/null and a
-    timeout."""
+def issue_command_line(gw: Gateway, prompt: str) -> list[str]:
+    """Issue 11's command line, exactly, pointed at the test gateway."""
+    provider = (f'model_providers.maclustr={{name="maclustr",base_url="{gw.url}/v1",'
+                'env_key="MACLUSTR_API_KEY",wire_api="responses"}')
+    return ["exec", "--skip-git-repo-check", "-m", ALIAS, "-c", "model_provider=maclustr",
+            "-c", provider, prompt]
+
+
+async def run_codex(gw: Gateway, tmp: Path, prompt: str, args: list[str] | None = None,
+                    config: str | None = None) -> tuple[int, str, str]:
+    """`codex` with `args` (default: the issue's command line), an empty HOME and CODEX_HOME
+    (or one holding only `config`), stdin /dev/null and a timeout."""
     home, codex_home, work = tmp / "home", tmp / "codex-home", tmp / "work"
     for d in (home, codex_home, work):
         d.mkdir(exist_ok=True)
-    provider = (f'model_providers.maclustr={{name="maclustr",base_url="{gw.url}/v1",'
-                'env_key="MACLUSTR_API_KEY",wire_api="responses"}')
+    if config is not None:
+        (codex_home / "config.toml").write_text(config)
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home),
            "CODEX_HOME": str(codex_home), "MACLUSTR_API_KEY": KEY}
     proc = await asyncio.create_subprocess_exec(
-        codex_bin(), "exec", "--skip-git-repo-check", "-m", ALIAS,
-        "-c", "model_provider=maclustr", "-c", provider, prompt,
+        codex_bin(), *(args if args is not None else issue_command_line(gw, prompt)),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, cwd=str(work), env=env)
     try:
@@ -314,3 +322,21 @@ async def test_codex_retries_a_failed_stream_and_completes(codex_gw: Gateway, fa
     assert rc == 0, err[-2000:]
     assert "pong" in out
     assert len(upstream_turns(fake)) == 2
+
+
+def readme_config_toml(gw: Gateway) -> str:
+    """The README's config.toml example, its base_url pointed at the test gateway."""
+    readme = (ROOT / "README.md").read_text()
+    block = next(b.split("```", 1)[0] for b in readme.split("```toml\n")[1:]
+                 if "[model_providers.maclustr]" in b)
+    assert 'base_url = "http://127.0.0.1:9000/v1"' in block
+    return block.replace("http://127.0.0.1:9000", gw.url)
+
+
+async def test_codex_with_the_readme_config_toml(codex_gw: Gateway, fake: FakeMLX,
+                                                 tmp_path: Path) -> None:
+    fake.default = Behavior(events=1, text="pong")
+    rc, out, err = await run_codex(codex_gw, tmp_path, "say pong", config=readme_config_toml(
+        codex_gw), args=["exec", "--skip-git-repo-check", "say pong"])
+    assert rc == 0, err[-2000:]
+    assert "pong" in out and len(upstream_turns(fake)) == 1
