@@ -321,6 +321,9 @@ def render_page(table: RouteTable, base_url: str) -> str:
                  "max_tokens, penalties, logit_bias, tools, response_format, stream_options."),
         endpoint("POST", "/v1/completions", "Text completions (<code>prompt</code>), unary or "
                  "streamed."),
+        endpoint("POST", "/v1/responses", "OpenAI's Responses API, for Codex CLI and "
+                 "<code>client.responses</code>: stateless (send the whole conversation in "
+                 "<code>input</code>), unary or streamed, function tools included."),
         endpoint("GET", "/v1/models", "The model aliases, OpenAI list format, with "
                  "<code>description</code> and <code>parameters</code>."),
         endpoint("GET", "/v1/models/{alias}", "One model card."),
