@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean system-deps
+.PHONY: install demo test lint bench clean system-deps agents
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,28 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) demo/run.py
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps agents
 	$(PY) -m pytest -q
+
+# The real agent CLIs the dialect tests drive (tests/agents.py finds them here), pinned: newer
+# releases change what they send. npm comes from the distribution when missing. A failed
+# install does not stop `make test`: the CLI tests then fail under CI=true (skip elsewhere).
+NPM_TOOLS ?= .npm-tools
+CLAUDE_CODE_VERSION := 2.1.197
+CODEX_VERSION := 0.171.0
+AGENTS_STAMP := $(NPM_TOOLS)/.installed-$(CLAUDE_CODE_VERSION)-$(CODEX_VERSION)
+
+agents: $(AGENTS_STAMP)
+
+$(AGENTS_STAMP):
+	@command -v npm >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  ( export DEBIAN_FRONTEND=noninteractive; $(SUDO) apt-get update -qq && \
+	    $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm ) >/dev/null 2>&1 || true
+	@mkdir -p $(NPM_TOOLS)
+	@if npm install --prefix $(NPM_TOOLS) --no-audit --no-fund --loglevel=error \
+	    @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) @openai/codex@$(CODEX_VERSION); then \
+	  touch $@; \
+	else echo "could not install the agent CLIs: their tests fail under CI=true, skip elsewhere"; fi
 
 # nginx (the reverse-proxy test) and chromium (the front-page browser test) come from the
 # distribution. Installed when missing and apt-get can run (root or passwordless sudo);
@@ -43,7 +63,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy maclustr
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis $(NPM_TOOLS)
 
 # --- deploy onto the nodes named in routes.yaml's `nodes:` (see deploy/README.md) ----------
 # make deploy [DRY_RUN=1] [ROUTES=routes.yaml] [SSH=ssh] [RSYNC=rsync]; make status; make logs
