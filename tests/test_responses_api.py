@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from agents import clean_env, require_cli
 from conftest import (
     KEY,
     Behavior,
@@ -205,21 +204,7 @@ async def test_unknown_model_and_bad_key_use_openai_envelopes(gateway: Gateway) 
 
 # --- the real codex CLI ---------------------------------------------------------------------
 
-CODEX_VERSION = "0.171.0"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def codex_bin() -> str:
-    """The pinned CLI that `make test` installs; under CI a missing CLI fails the test."""
-    path = ROOT / ".npm-tools" / "node_modules" / ".bin" / "codex"
-    if path.exists():
-        return str(path)
-    found = shutil.which("codex")
-    if found:
-        return found
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"codex CLI not installed (run `make agents`: @openai/codex@{CODEX_VERSION})")
-    pytest.skip("codex CLI not installed; `make agents` installs it")
 
 
 def issue_command_line(gw: Gateway, prompt: str) -> list[str]:
@@ -234,15 +219,15 @@ async def run_codex(gw: Gateway, tmp: Path, prompt: str, args: list[str] | None 
                     config: str | None = None) -> tuple[int, str, str]:
     """`codex` with `args` (default: the issue's command line), an empty HOME and CODEX_HOME
     (or one holding only `config`), stdin /dev/null and a timeout."""
+    codex = require_cli("codex")
     home, codex_home, work = tmp / "home", tmp / "codex-home", tmp / "work"
-    for d in (home, codex_home, work):
+    for d in (codex_home, work):
         d.mkdir(exist_ok=True)
     if config is not None:
         (codex_home / "config.toml").write_text(config)
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home),
-           "CODEX_HOME": str(codex_home), "MACLUSTR_API_KEY": KEY}
+    env = clean_env(home, CODEX_HOME=str(codex_home), MACLUSTR_API_KEY=KEY)
     proc = await asyncio.create_subprocess_exec(
-        codex_bin(), *(args if args is not None else issue_command_line(gw, prompt)),
+        codex, *(args if args is not None else issue_command_line(gw, prompt)),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, cwd=str(work), env=env)
     try:
@@ -329,8 +314,8 @@ def readme_config_toml(gw: Gateway) -> str:
     readme = (ROOT / "README.md").read_text()
     block = next(b.split("```", 1)[0] for b in readme.split("```toml\n")[1:]
                  if "[model_providers.maclustr]" in b)
-    assert 'base_url = "http://127.0.0.1:9000/v1"' in block
-    return block.replace("http://127.0.0.1:9000", gw.url)
+    assert 'base_url = "http://localhost:9000/v1"' in block
+    return block.replace("http://localhost:9000", gw.url)
 
 
 async def test_codex_with_the_readme_config_toml(codex_gw: Gateway, fake: FakeMLX,
