@@ -32,7 +32,7 @@ from .errors import (
     ShuttingDown,
 )
 from .headers import SERVER, request_id
-from .metrics import Metrics
+from .metrics import LastMinute, Metrics
 from .openapi import openapi_document
 from .outcome import Outcome, access_line
 from .page import CSP, base_url, render_page
@@ -52,6 +52,7 @@ SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 IN_FLIGHT = web.AppKey("in_flight", set)  # handler tasks, for the shutdown grace
 DEEP_HEALTH = web.AppKey("deep_health", health.DeepCache)
 METRICS = web.AppKey("metrics", Metrics)  # absent when gateway.metrics is false
+LAST_MINUTE = web.AppKey("last_minute", LastMinute)  # the front page's figures (with METRICS)
 LOG_FORMAT = web.AppKey("log_format", str)  # access log: "text" or "json"
 RID = web.RequestKey("rid", str)
 ALIAS = web.RequestKey("alias", str)
@@ -346,7 +347,9 @@ async def front_page(request: web.Request) -> web.Response:
     """GET /: the API page, rebuilt from the live table on every load (no auth)."""
     table = request.app[ROUTES].current
     base = base_url(table.settings.public_url, request.headers, request.scheme)
-    return web.Response(text=render_page(table, base), content_type="text/html",
+    last = request.app.get(LAST_MINUTE)
+    load = last.figures(table.aliases) if last is not None else None
+    return web.Response(text=render_page(table, base, load), content_type="text/html",
                         headers={"Server": SERVER, "Cache-Control": "no-cache",
                                  "Content-Security-Policy": CSP,
                                  "X-Content-Type-Options": "nosniff"})
@@ -373,6 +376,8 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text"
         holder.results.append(metrics.reloaded)
         app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry),
                            allow_head=False)
+        app[LAST_MINUTE] = LastMinute(metrics)
+        app.cleanup_ctx.append(_sample_last_minute)
     app[STARTED] = int(time.time())
     app[SHUTTING_DOWN] = asyncio.Event()
     app[IN_FLIGHT] = set()
@@ -390,6 +395,22 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text"
     app.router.add_get("/", front_page)
     app.router.add_get("/openapi.json", openapi_json)
     return app
+
+
+async def _sample_last_minute(app: web.Application) -> AsyncIterator[None]:
+    """Feeds the front page's last-minute figures: a registry sample every few seconds."""
+    last = app[LAST_MINUTE]
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(last.SAMPLE)
+            last.sample()
+
+    task = asyncio.ensure_future(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:

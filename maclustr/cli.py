@@ -67,7 +67,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     hostfile.add_argument("--routes", default="routes.yaml",
                           help="routes file (default: %(default)s)")
 
+    top = sub.add_parser("top", help="per-model requests/min, time to first token, tokens/s, "
+                         "in flight, queued and errors from a gateway's /metrics, refreshed "
+                         "in place")
+    top.add_argument("--url", default="http://127.0.0.1:9000",
+                     help="the gateway's base URL (default: %(default)s)")
+    top.add_argument("--key", default=None,
+                     help="API key for /metrics (default: the first of MACLUSTR_API_KEY; none "
+                          "needed with gateway.metrics_public)")
+    top.add_argument("--interval", type=float, default=2.0,
+                     help="seconds between scrapes; figures are over this window "
+                          "(default: %(default)s)")
+    top.add_argument("--iterations", type=int, default=0,
+                     help="print this many frames, then exit (default: until Ctrl-C)")
+    top.add_argument("--once", action="store_true", help="one frame (= --iterations 1)")
+
     args = parser.parse_args(argv)
+    if args.command == "top":
+        return run_top(args)
     if args.command == "check":
         return run_check(args.routes)
     if args.command == "plists":
@@ -137,6 +154,55 @@ def run_hostfile(path: str, alias: str) -> int:
         print(f"maclustr hostfile: {where(path, e.line)}: {e.message}", file=sys.stderr)
         return 1
     print(json.dumps(hosts, indent=2))
+    return 0
+
+
+def run_top(args: argparse.Namespace) -> int:
+    """Scrape /metrics every `interval` seconds and print each window's figures per model;
+    on a terminal the table is redrawn in place."""
+    import urllib.error
+    import urllib.request
+
+    from .stats import Snapshot, format_table, window
+
+    key = args.key
+    if key is None:
+        try:
+            keys = parse_keys(os.environ.get("MACLUSTR_API_KEY"))
+        except KeyConfigError:
+            keys = ()
+        key = keys[0][1] if keys else None
+    url = args.url.rstrip("/") + "/metrics"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def scrape() -> Snapshot:
+        req = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return Snapshot.from_text(r.read().decode(), time.monotonic())
+
+    frames = 1 if args.once else args.iterations
+    interval = max(args.interval, 0.1)
+    tty = sys.stdout.isatty()
+    try:
+        prev = scrape()
+        shown = 0
+        while not frames or shown < frames:
+            time.sleep(interval)
+            cur = scrape()
+            table = format_table(window(prev, cur), cur.at - prev.at)
+            print(("\x1b[H\x1b[2J" if tty else "") + f"maclustr top  {args.url}\n{table}",
+                  flush=True)
+            prev = cur
+            shown += 1
+    except urllib.error.HTTPError as e:
+        hint = " (pass --key, or set MACLUSTR_API_KEY)" if e.code == 401 else ""
+        print(f"maclustr top: {url} answered {e.code}{hint}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"maclustr top: cannot read {url}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -13,7 +13,9 @@ name (never the secret), `endpoint` the route's path, `code` the HTTP status the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -23,6 +25,7 @@ from . import __version__
 from .config import RouteTable
 from .outcome import Outcome
 from .scheduler import Scheduler
+from .stats import ModelWindow, Snapshot, window
 
 # Seconds. Generation is slow: whole requests run to minutes, first tokens to tens of seconds.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -130,3 +133,34 @@ class Metrics:
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "error").inc()
+
+
+class LastMinute:
+    """The front page's "last minute" per model, from this registry's own counters (the same
+    arithmetic `maclustr top` applies to /metrics). `sample()` runs every SAMPLE seconds; the
+    window is from the newest sample at least a minute old (or the start) to now."""
+
+    SAMPLE = 5.0
+    SPAN = 60.0
+
+    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._samples: deque[Snapshot] = deque([Snapshot(clock())])  # the start: all zero
+
+    def _now(self) -> Snapshot:
+        return Snapshot.from_families(self._metrics.registry.collect(), self._clock())
+
+    def sample(self) -> None:
+        snap = self._now()
+        self._samples.append(snap)
+        while len(self._samples) > 1 and self._samples[1].at <= snap.at - self.SPAN:
+            self._samples.popleft()
+
+    def figures(self, models: Iterable[str]) -> dict[str, ModelWindow]:
+        now = self._now()
+        base = self._samples[0]
+        for s in self._samples:  # the newest sample at least SPAN old
+            if s.at <= now.at - self.SPAN:
+                base = s
+        return {w.model: w for w in window(base, now, models)}

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from html import escape
 
 from .config import Route, RouteTable
+from .stats import ModelWindow
 
 PRODUCT = "MacLustr LLM API"
 FALLBACK_BASE = "http://localhost:9000"
@@ -273,8 +274,11 @@ def _examples(base: str, alias: str, fast: str) -> dict[str, str]:
     }
 
 
-def render_page(table: RouteTable, base_url: str) -> str:
-    """The whole HTML page for this table, with `base_url` (already chosen) in every example."""
+def render_page(table: RouteTable, base_url: str,
+                load: Mapping[str, ModelWindow] | None = None) -> str:
+    """The whole HTML page for this table, with `base_url` (already chosen) in every example.
+    `load`: per alias, the last minute's figures (the same counters as /metrics); None when
+    metrics are off."""
     base = base_url.rstrip("/")
     ids = _Ids()
     aliases = table.aliases
@@ -295,6 +299,15 @@ def render_page(table: RouteTable, base_url: str) -> str:
                       f'aria-labelledby="tab-{key}"{"" if on else " hidden"}>'
                       f"{ids.block(ex[key], label)}</div>")
 
+    def last_minute(alias: str) -> str:
+        w = load.get(alias) if load is not None else None
+        if w is None:
+            return ""
+        n = int(w.requests)
+        ttft = f" · TTFT p50 {w.ttft_p50 * 1e3:.0f} ms" if w.ttft_p50 is not None else ""
+        return (f'<br><span class="muted load" data-load-for="{e(alias)}">'
+                f'{n} request{"" if n == 1 else "s"} in the last minute{ttft}</span>')
+
     def placement(r: Route) -> str:
         return f'<br><span class="muted placement">{e(r.placement)}</span>' if r.shards else ""
 
@@ -303,7 +316,7 @@ def render_page(table: RouteTable, base_url: str) -> str:
         f"<td class=\"purpose\">{e(r.description) or '—'}{placement(r)}</td>"
         f"<td class=\"params\">{e(r.parameters) or '—'}</td>"
         f'<td class="st"><span class="status" data-status-for="{e(r.alias)}">'
-        f'<span class="dot"></span>checking…</span></td></tr>'
+        f'<span class="dot"></span>checking…</span>{last_minute(r.alias)}</td></tr>'
         for r in table.routes
     )
 
