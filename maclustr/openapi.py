@@ -266,6 +266,18 @@ def openapi_document(table: RouteTable) -> dict[str, Any]:
             "schemas": _schemas(aliases),
         },
     }
+    if table.settings.metrics:
+        responses: dict[str, Any] = {
+            "200": {"description": "Requests, latency, tokens per key, queue and replica "
+                                   "state; see the README's Monitoring section.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}}}
+        op: dict[str, Any] = {"summary": "Prometheus metrics (text exposition format)",
+                              "operationId": "metrics", "tags": ["meta"],
+                              "responses": responses}
+        if not table.settings.metrics_public:
+            op["security"] = [{"bearer": []}]
+            responses.update(_AUTH_ERRORS)
+        doc["paths"]["/metrics"] = {"get": op}
     if table.settings.public_url:
         doc["servers"] = [{"url": table.settings.public_url}]
     return doc

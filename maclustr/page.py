@@ -344,6 +344,9 @@ def render_page(table: RouteTable, base_url: str,
                  "<code>?deep=true</code> to check every model server (per alias "
                  "<code>up</code>/<code>down</code>, overall 200 or 503).", auth=False),
         endpoint("GET", "/openapi.json", "This API as an OpenAPI 3.1 document.", auth=False),
+        *([endpoint("GET", "/metrics", "Prometheus metrics: requests, latency, tokens per "
+                    "key, queue and replica state.", auth=not table.settings.metrics_public)]
+          if table.settings.metrics else []),
     ])
 
     err_rows = "".join(f"<tr><td><b>{s}</b></td><td><code>{c}</code></td><td>{w}</td></tr>"
