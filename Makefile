@@ -43,20 +43,27 @@ $(AGENTS_STAMP):
 	  touch $@; \
 	else echo "could not install the agent CLIs: their tests fail under CI=true, skip elsewhere"; fi
 
-# nginx (the reverse-proxy test) and chromium (the front-page browser test) come from the
-# distribution. Installed when missing and apt-get can run (root or passwordless sudo);
-# elsewhere those tests skip and say why.
+# Debian packages the tests drive for real, as program:package. Installed when missing and
+# apt-get can run (root or passwordless sudo). A test that needs a missing one skips on a
+# developer's machine and FAILS under CI=true (maclustr/harness/requirements.py).
+SYSTEM_DEPS := nginx:nginx-light chromium:chromium sshd:openssh-server rsync:rsync \
+	curl:curl ssh:openssh-client
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 system-deps:
-	@missing=""; \
-	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
-	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	@have() { command -v "$$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$$1" ]; }; \
+	missing=""; for dep in $(SYSTEM_DEPS); do \
+	  have "$${dep%%:*}" || missing="$$missing $${dep#*:}"; done; \
 	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing:$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  ( $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing ) \
-	    >/dev/null 2>&1 || echo "could not install$$missing: their tests will skip"; \
-	fi
+	  ( $(SUDO) apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+	    $(SUDO) apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
+	    $$missing ) >/dev/null 2>&1 || true; \
+	fi; \
+	for dep in $(SYSTEM_DEPS); do have "$${dep%%:*}" || \
+	  echo "make test: could not install the Debian package $${dep#*:} (no $${dep%%:*});" \
+	    "the tests that need it $$(case "$${CI:-}" in ''|0|false|no) echo skip;; \
+	    *) echo FAIL under CI=true;; esac)"; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -41,7 +41,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from maclustr.harness import free_port
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -96,12 +97,6 @@ QUEUE_MARGIN_S = 0.25  # how far past queue_timeout a wait may run before it cou
 
 
 # ---------------------------------------------------------------- processes and /proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def descendants(pid: int) -> list[int]:
@@ -338,13 +333,12 @@ def start_upstreams(pin: Pinning, sizes: Sizes, http11: bool, chunk_size: int = 
 
 
 def start_real_mlx(ups: Upstreams, pin: Pinning) -> None:
-    """The real tiny mlx_lm.server for (f), built with tests/tiny_model.py."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    """The real tiny mlx_lm.server for (f), built with maclustr.harness.tiny_model."""
     try:
-        import real_mlx
-        import tiny_model
+        from maclustr.harness import mlx_server as real_mlx
+        from maclustr.harness import tiny_model
     except ImportError as e:
-        ups.real_error = f"cannot import tests/tiny_model.py or real_mlx.py: {e}"
+        ups.real_error = f"cannot import maclustr.harness: {e}"
         return
     try:
         model_dir = WORK / "tiny-model"
@@ -1045,9 +1039,8 @@ def scenario_h(sizes: Sizes, pin: Pinning) -> dict[str, Any]:
     maclustr: alias bench-pair lists both (affinity, the default), bench-r1 / bench-r2 one
     each; round-robin = alternate bench-r1 / bench-r2 per request. Distinct seeds per mode,
     so the modes never share a cached prefix."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import real_mlx
-    import tiny_model
+    from maclustr.harness import mlx_server as real_mlx
+    from maclustr.harness import tiny_model
 
     model_dir = WORK / "tiny-model"
     if not (model_dir / "config.json").exists():

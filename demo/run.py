@@ -10,7 +10,8 @@ Usage (with the project venv's python, which has mlx and mlx-lm)::
     .venv/bin/python demo/run.py              # upstreams + gateway on :9000
     .venv/bin/python demo/run.py --no-gateway # upstreams + routes.yaml only
 
-Stdlib only. Everything it starts it stops again, by PID, on exit, Ctrl-C or SIGTERM.
+Stdlib plus maclustr.harness (shared with bench/ and tests/). Everything it starts it stops
+again, by PID, on exit, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
+from maclustr.harness import start_mlx_server, stop, wait_healthy
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from real_mlx import start_mlx_server, stop, wait_healthy  # noqa: E402
 
 DEFAULT_KEY = "ml-demo-key-001"
 NODE_PORTS = {"node1": 8081, "node2": 8082}
@@ -81,9 +82,8 @@ def build_models(models_dir: pathlib.Path) -> None:
     if not todo:
         return
     code = (
-        "import pathlib, sys\n"
-        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
-        "from tiny_model import make_tiny_model\n"
+        "import pathlib\n"
+        "from maclustr.harness import make_tiny_model\n"
         f"for name, seed in {[(r.model_name, r.seed) for r in todo]!r}:\n"
         f"    make_tiny_model(pathlib.Path({str(models_dir)!r}) / name, seed=seed)\n"
     )

@@ -31,12 +31,21 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_mlx import Behavior, FakeMLX
-from real_mlx import free_port, start_mlx_server, stop, wait_healthy
 
 from maclustr import jsonfast
 from maclustr.app import make_app
 from maclustr.auth import KeyRing
 from maclustr.config import RouteTable, parse_routes
+from maclustr.harness import (
+    free_port,
+    make_tiny_model,
+    require,
+    require_command,
+    require_module,
+    start_mlx_server,
+    stop,
+    wait_healthy,
+)
 from maclustr.reload import RoutesHolder
 
 KEY = "test-key-alpha"
@@ -44,7 +53,10 @@ KEY2 = "test-key-beta"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["AUTH", "KEY", "KEY2", "Behavior", "FakeMLX"]
+# Re-exported: tests import these names from conftest (the code lives in maclustr.harness).
+__all__ = ["AUTH", "KEY", "KEY2", "Behavior", "FakeMLX", "free_port", "make_tiny_model",
+           "require", "require_command", "require_module", "start_mlx_server", "stop",
+           "wait_healthy"]
 
 
 def routes_yaml(upstreams: dict[str, str], extra: str = "", models: dict[str, str] | None = None
@@ -324,8 +336,7 @@ def json_backend(request: pytest.FixtureRequest) -> Iterator[str]:
 def real_mlx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealMLX]:
     """One real mlx_lm.server on loopback for the whole session, with two tiny models: it
     loads whichever model directory a request names."""
-    from tiny_model import make_tiny_model
-
+    require_module("mlx_lm", "the pip package mlx-lm (setup.cfg [test]; `make install`)")
     base = tmp_path_factory.mktemp("mlx")
     models = {"maclustr-coder": make_tiny_model(base / "tiny-coder", seed=1),
               "maclustr-fast": make_tiny_model(base / "tiny-fast", seed=2)}

@@ -11,28 +11,22 @@ import asyncio
 import json
 import os
 import re
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import KEY, Behavior, FakeMLX
+from conftest import KEY, Behavior, FakeMLX, require_command
+from playwright import async_api as playwright_api
 
 from maclustr.config import load_routes
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 FOUR = ("maclustr-coder", "maclustr-reasoning", "maclustr-general", "maclustr-fast")
 README_SHOT = ROOT / "docs" / "screenshot.png"
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="Chromium is not installed (apt-get install chromium; `make test` installs it)")
-playwright_api = pytest.importorskip("playwright.async_api",
-                                     reason="the `playwright` package is in the test extra")
 
 
 def shipped_routes_on(urls: dict[str, str]) -> str:
@@ -49,9 +43,11 @@ def shipped_routes_on(urls: dict[str, str]) -> str:
 @pytest.fixture
 async def browser(tmp_path: Path) -> AsyncIterator[Any]:
     """A headless Chromium with a fresh profile, closed at teardown."""
+    chromium = require_command(("chromium", "chromium-browser"),
+                               "the Debian package chromium (`make test` installs it)")
     async with playwright_api.async_playwright() as pw:
         b = await pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            str(tmp_path / "profile"), executable_path=chromium, headless=True,
             args=[f for f in FLAGS if f != "--headless"],  # Playwright adds its own
             viewport={"width": 1100, "height": 900}, color_scheme="light")
         try:
@@ -116,14 +112,14 @@ async def test_page_in_chromium_shows_live_status_and_copies_a_working_curl_line
     await page.click("#tab-curl")
 
     # ...and that line, run as a user would with their key exported, streams an answer.
-    if shutil.which("curl"):
-        run = await asyncio.create_subprocess_exec(
-            "bash", "-c", copied, env={**os.environ, "MACLUSTR_API_KEY": KEY},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await asyncio.wait_for(run.communicate(), 20)
-        assert run.returncode == 0
-        assert re.search(rb'"model": ?"maclustr-coder"', out)
-        assert out.rstrip().endswith(b"data: [DONE]")
+    require_command("curl", "the Debian package curl")
+    run = await asyncio.create_subprocess_exec(
+        "bash", "-c", copied, env={**os.environ, "MACLUSTR_API_KEY": KEY},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(run.communicate(), 20)
+    assert run.returncode == 0
+    assert re.search(rb'"model": ?"maclustr-coder"', out)
+    assert out.rstrip().endswith(b"data: [DONE]")
 
     await page.screenshot(path=str(tmp_path / "page-desktop.png"), full_page=True)
 

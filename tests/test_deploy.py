@@ -12,7 +12,6 @@ import plistlib
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import AUTH, routes_yaml
+from conftest import AUTH, free_port, require_command, routes_yaml
 from fake_mlx import Behavior, FakeMLX
 
 from maclustr.cli import main as cli_main
@@ -414,12 +413,6 @@ def test_status_and_logs_ask_every_node(tmp_path: Path) -> None:
 # --- nginx in front of the gateway ---------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def loopback_nginx_conf(tmp: Path, listen: int, upstream: int, redirect: int) -> str:
     """deploy/nginx.conf with only the listen address, upstream port and paths changed, plus
     `proxy_ignore_headers X-Accel-Buffering`: the gateway already sends `X-Accel-Buffering:
@@ -451,12 +444,8 @@ def loopback_nginx_conf(tmp: Path, listen: int, upstream: int, redirect: int) ->
 
 @pytest.fixture
 def nginx_bin() -> str:
-    path = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)), None)
-    if path is None:
-        pytest.skip("nginx is not installed (apt-get install -y nginx-light); the front's "
-                    "streaming cannot be proven without it")
-    return path
+    return require_command("nginx", "the Debian package nginx-light (`make test` installs it)",
+                           "/usr/sbin/nginx", "/usr/local/sbin/nginx")
 
 
 async def test_nginx_front_relays_sse_events_one_by_one(

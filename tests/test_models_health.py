@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import openai
 import pytest
 from conftest import KEY, Answer, Gateway, routes_yaml
 from fake_mlx import Behavior, FakeMLX
@@ -193,7 +194,6 @@ async def test_non_deep_query_is_shallow(gateway: Gateway, fake: FakeMLX, query:
 
 async def test_openai_sdk_lists_and_retrieves_models(gateway: Gateway) -> None:
     """The official SDK parses our catalogue and maps our errors to its exceptions."""
-    openai = pytest.importorskip("openai")
     client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
     bad = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="wrong", max_retries=0)
     try:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from conftest import AUTH, KEY, Answer, Gateway, routes_yaml
 from fake_mlx import SYSTEM_FINGERPRINT, Behavior, FakeMLX
@@ -90,7 +91,6 @@ async def test_keepalive_comments_passed_through_before_first_event(
 
 async def test_openai_sdk_reads_stream_with_keepalives(gateway: Gateway, fake: FakeMLX) -> None:
     """The official SDK, the real client, does not choke on the comments."""
-    openai = pytest.importorskip("openai")
     fake.push(Behavior(events=3, keepalives=2, model_echo="default_model"))
     client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
     try:

@@ -1,0 +1,63 @@
+"""The shared harness (maclustr/harness): demo/ and bench/ depend on it, never on tests/, and a
+test that needs a missing real part fails under CI=true instead of skipping."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maclustr.harness import require, require_command, require_module
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_MODULES = {p.stem for p in (ROOT / "tests").glob("*.py")}
+
+
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for d in ("demo", "bench")
+                                          for p in (ROOT / d).glob("*.py")))
+def test_demo_and_bench_import_nothing_from_tests(script: str) -> None:
+    tree = ast.parse((ROOT / script).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.level == 0}
+    assert not imported & TEST_MODULES, imported & TEST_MODULES
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+               and isinstance(n.value, str)}
+    assert "tests" not in strings  # no sys.path.insert(..., "tests")
+
+
+def test_demo_builds_its_models_without_tests_on_the_path(tmp_path: Path) -> None:
+    """The demo's model builder runs in a fresh interpreter that cannot see tests/."""
+    code = ("import sys, pathlib; sys.path[:] = [p for p in sys.path if 'tests' not in p];"
+            f"sys.path.insert(0, {str(ROOT / 'demo')!r}); import run;"
+            f"run.ROUTES[:] = run.ROUTES[:1]; run.build_models(pathlib.Path({str(tmp_path)!r}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "qwen3-coder-30b-a3b" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", pytest.fail.Exception),
+                                             ("1", pytest.fail.Exception),
+                                             ("", pytest.skip.Exception),
+                                             ("false", pytest.skip.Exception)])
+def test_a_missing_part_fails_under_ci_and_skips_elsewhere(
+        monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type[BaseException]) -> None:
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="the Debian package nope-pkg"):
+        require_command("no-such-program-maclustr", "the Debian package nope-pkg")
+    with pytest.raises(outcome, match="pip package nope"):
+        require_module("no_such_module_maclustr", "the pip package nope")
+    with pytest.raises(outcome, match="a thing"):
+        require(None, "a thing", "somewhere")
+
+
+def test_a_present_part_is_returned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    assert require_command(("no-such-program-maclustr", "sh"), "x").endswith("/sh")
+    assert require_module("json", "x").dumps([]) == "[]"
+    assert require(0, "zero is found", "x") == 0
