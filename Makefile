@@ -85,7 +85,20 @@ DEPLOY := $(PY) deploy/deploy.py --routes '$(ROUTES)' --state '$(DEPLOY_STATE)' 
 	--source '$(DEPLOY_SOURCE)' \
 	--ssh '$(SSH)' --rsync '$(RSYNC)' $(if $(filter-out 0 no false,$(DRY_RUN)),--dry-run)
 
-.PHONY: deploy status logs
+.PHONY: deploy status logs plists
+
+# launchd/<node>/: the plists rendered from $(ROUTES), committed so a re-home is reviewed as a
+# diff (tests/test_deploy.py fails when they are stale). Nodes no longer declared are removed.
+PLISTS_DIR ?= launchd
+plists: $(STAMP)
+	@nodes=$$($(PY) -c 'import sys; from maclustr.config import load_routes; \
+	  print(*(n.name for n in load_routes(sys.argv[1]).nodes))' '$(ROUTES)') || exit 1; \
+	[ -n "$$nodes" ] || { echo "make plists: $(ROUTES) has no nodes:"; exit 1; }; \
+	for d in $(PLISTS_DIR)/*/; do n=$$(basename "$$d"); \
+	  case " $$nodes " in *" $$n "*) ;; *) rm -f "$$d"io.maclustr.*.plist; \
+	    rmdir "$$d" 2>/dev/null || true;; esac; done; \
+	for n in $$nodes; do $(PY) -m maclustr plists --node "$$n" --out '$(PLISTS_DIR)'/"$$n" \
+	  --routes '$(ROUTES)' || exit 1; done
 
 deploy: $(STAMP)
 	$(PY) -m maclustr check --routes '$(ROUTES)'

@@ -410,6 +410,68 @@ def test_status_and_logs_ask_every_node(tmp_path: Path) -> None:
     assert all("tail -n 7 " in x["command"] for x in calls)
 
 
+# --- the shipped configuration -------------------------------------------------------------
+
+
+def test_shipped_routes_dry_run_prints_the_real_plan_for_both_mac_studios(tmp_path: Path) -> None:
+    """A fresh clone's `make deploy DRY_RUN=1` plans the seed's cluster: the gateway and two
+    models on studio-1, two models on studio-2, every one of them started."""
+    r = subprocess.run(["make", "-s", "-o", ".venv/.installed", "deploy", "DRY_RUN=1",
+                        f"PY={sys.executable}", f"DEPLOY_STATE={tmp_path / 'state'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ("node studio-1 (admin@studio-1.local): gateway :9000, maclustr-coder :8081, "
+            "maclustr-reasoning :8082") in r.stdout
+    assert "node studio-2 (admin@studio-2.local): maclustr-general :8081, maclustr-fast :8082" \
+        in r.stdout
+    for node, label in (("studio-1", "gateway"), ("studio-1", "mlx.maclustr-coder"),
+                        ("studio-1", "mlx.maclustr-reasoning"),
+                        ("studio-2", "mlx.maclustr-general"), ("studio-2", "mlx.maclustr-fast")):
+        assert any(line.startswith(f"+ ssh admin@{node}.local ") and
+                   f"launchctl bootstrap gui/$(id -u) ~/Library/LaunchAgents/io.maclustr.{label}"
+                   in line for line in r.stdout.splitlines()), (node, label)
+    assert "would change 5 service(s)" in r.stdout
+
+
+def test_launchd_holds_the_plists_rendered_from_the_shipped_routes(tmp_path: Path) -> None:
+    """launchd/<node>/ is exactly what `make plists` renders from routes.yaml: edit routes.yaml
+    without running `make plists` and this fails."""
+    fresh = tmp_path / "launchd"
+    r = subprocess.run(["make", "-s", "-o", ".venv/.installed", "plists", f"PY={sys.executable}",
+                        f"PLISTS_DIR={fresh}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    def tree(d: Path) -> dict[str, bytes]:
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*.plist"))}
+
+    rendered, shipped = tree(fresh), tree(ROOT / "launchd")
+    assert sorted(rendered) == ["studio-1/io.maclustr.gateway.plist",
+                                "studio-1/io.maclustr.mlx.maclustr-coder.plist",
+                                "studio-1/io.maclustr.mlx.maclustr-reasoning.plist",
+                                "studio-2/io.maclustr.mlx.maclustr-fast.plist",
+                                "studio-2/io.maclustr.mlx.maclustr-general.plist"]
+    stale = sorted(n for n in rendered.keys() | shipped.keys()
+                   if rendered.get(n) != shipped.get(n))
+    assert not stale, f"launchd/ is stale, run `make plists`: {stale}"
+
+
+def test_make_plists_drops_a_node_that_left(tmp_path: Path) -> None:
+    out = tmp_path / "launchd"
+    (out / "studio-9").mkdir(parents=True)
+    (out / "studio-9" / "io.maclustr.mlx.gone.plist").write_text("old")
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(TWO_NODES)
+    r = subprocess.run(["make", "-s", "-o", ".venv/.installed", "plists", f"PY={sys.executable}",
+                        f"PLISTS_DIR={out}", f"ROUTES={routes}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "studio-1", "studio-1/io.maclustr.gateway.plist",
+        "studio-1/io.maclustr.mlx.maclustr-coder.plist",
+        "studio-2", "studio-2/io.maclustr.mlx.maclustr-fast.plist"]
+
+
 # --- nginx in front of the gateway ---------------------------------------------------------
 
 
