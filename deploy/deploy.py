@@ -40,6 +40,9 @@ from maclustr.config import ConfigError, load_routes  # noqa: E402
 DOMAIN = "gui/$(id -u)"  # the login session of the ssh user: Metal needs a GUI session
 AGENTS = "Library/LaunchAgents"  # relative to the remote home (rsync and ssh both start there)
 CODE = ("maclustr", "setup.cfg", "pyproject.toml", "README.md")
+# What `pip install <app>` leaves in the app directory: rsync must neither report nor delete
+# it, or every deploy would see "changed code" and reinstall and restart the gateway.
+BUILD_ARTIFACTS = ("/build/", "/*.egg-info/")
 ITEM = re.compile(r"^([<>ch.*])(\S*)\s+(.+)$")
 
 
@@ -82,12 +85,14 @@ class Deployer:
     def remote(self, plan: NodePlan, command: str, *, check: bool = True) -> str:
         return self.run([*self.ssh, plan.ssh, command], check=check)
 
-    def sync(self, plan: NodePlan, part: str, dest: str, *, delete: bool = False) -> set[str]:
+    def sync(self, plan: NodePlan, part: str, dest: str, *, delete: bool = False,
+             exclude: tuple[str, ...] = ()) -> set[str]:
         """rsync the staged `part`/ to node:dest/; the files whose content changed (new, edited
         or deleted). Dry: predicted from the last deployed copy."""
         src = self.state / "stage" / plan.node.name / part
         argv = [*self.rsync, "-rlt", "-z", "--checksum", "--itemize-changes",
-                "--chmod=D755,F644", *(["--delete"] if delete else []), "-e", self.ssh_str,
+                "--chmod=D755,F644", *(["--delete"] if delete else []),
+                *(f"--exclude={x}" for x in exclude), "-e", self.ssh_str,
                 f"{src}/", f"{plan.ssh}:{dest}/"]
         out = self.run(argv)
         if self.dry:
@@ -179,7 +184,7 @@ class Deployer:
         for p in plans:
             self.remote(p, f"mkdir -p {p.app_dir} {p.dir}/conf {p.log_dir} ~/{AGENTS} "
                            f"&& mkdir -p -m 700 $(dirname {p.env_file})")
-            code = self.sync(p, "app", p.app_dir, delete=True)
+            code = self.sync(p, "app", p.app_dir, delete=True, exclude=BUILD_ARTIFACTS)
             code_changed[p.node.name] = bool(code)
             if code:
                 self.remote(p, f"(test -x {p.venv}/bin/python || python3 -m venv {p.venv}) && "

@@ -1,0 +1,272 @@
+"""`make deploy` against a real sshd and rsync (not recorders): one node on a loopback sshd with
+a throwaway key, a real venv that deploy pip-installs the code into, a real mlx_lm.server on a
+tiny model, and a fake `launchctl` on the remote PATH that records its calls and runs the job's
+program the way launchd would. The gateway that deploy started answers /health and a chat
+request; a second deploy changes nothing.
+
+The remote side is sandboxed by sshd's ForceCommand: HOME (so ~/Library/LaunchAgents) is a
+test directory and PATH starts with the fake launchctl. Linux has no launchd; the fake is the
+only stand-in here, and it is what the test reads to prove idempotence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import signal
+import site
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import free_port, make_tiny_model, require_command
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-ssh-deploy-test-0123456789"
+
+# The fake launchctl: bootstrap/bootout/kickstart/kill/print over a state directory in the
+# remote HOME. bootstrap starts ProgramArguments with the plist's environment, working
+# directory and log files, in its own session (it outlives the ssh connection, as a launchd
+# job does), and refuses a job already running, as launchd does.
+FAKE_LAUNCHCTL = r'''
+import json, os, plistlib, signal, subprocess, sys, time
+from pathlib import Path
+home = Path(os.environ["HOME"])
+state = home / ".fake-launchd"
+state.mkdir(exist_ok=True)
+args = sys.argv[1:]
+with open(state / "calls.jsonl", "a") as f:
+    f.write(json.dumps(args) + "\n")
+
+def alive(label):
+    p = state / f"{label}.pid"
+    if not p.exists():
+        return None
+    pid = int(p.read_text())
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return None if stat.rsplit(")", 1)[1].split()[0] == "Z" else pid
+
+def start(plist):
+    d = plistlib.loads(Path(plist).read_bytes())
+    label = d["Label"]
+    if alive(label):
+        sys.exit(f"Bootstrap failed: 5: Input/output error ({label} is running)")
+    env = {"HOME": str(home), **d.get("EnvironmentVariables", {})}
+    with open(d["StandardOutPath"], "ab") as out, open(d["StandardErrorPath"], "ab") as err:
+        p = subprocess.Popen(d["ProgramArguments"], cwd=d["WorkingDirectory"], env=env,
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                             start_new_session=True)
+    (state / f"{label}.pid").write_text(str(p.pid))
+    (state / f"{label}.plist").write_text(plist)
+
+def stop(label):
+    pid = alive(label)
+    if pid is None:
+        sys.exit(f"Boot-out failed: 3: No such process ({label})")
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(200):
+        if alive(label) is None:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    (state / f"{label}.pid").unlink()
+
+verb = args[0]
+label = args[-1].rsplit("/", 1)[-1]
+if verb == "bootstrap":
+    start(args[2])
+elif verb == "bootout":
+    stop(label)
+elif verb == "kickstart":
+    if "-k" in args and alive(label):
+        stop(label)
+    start((state / f"{label}.plist").read_text())
+elif verb == "kill":
+    pid = alive(label)
+    if pid is None:
+        sys.exit(3)
+    os.kill(pid, getattr(signal, "SIG" + args[1]))
+elif verb == "print":
+    pid = alive(label)
+    print(f"state = {'running' if pid else 'not running'}\npid = {pid}")
+else:
+    sys.exit(f"fake launchctl: {verb} is not emulated")
+'''
+
+
+@dataclass
+class Node:
+    """One sandboxed "Mac Studio": its sshd, remote HOME and the ssh command to reach it."""
+
+    root: Path
+    home: Path
+    venv: Path
+    ssh: str
+    target: str
+
+    @property
+    def launchd(self) -> Path:
+        return self.home / ".fake-launchd"
+
+    def calls(self) -> list[list[str]]:
+        f = self.launchd / "calls.jsonl"
+        return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
+
+    def pid(self, label: str) -> int:
+        return int((self.launchd / f"{label}.pid").read_text())
+
+
+def remote_venv(tmp: Path) -> Path:
+    """A real venv for the node whose site-packages sees this interpreter's dependencies
+    (aiohttp, pyyaml, mlx-lm: no download) but not maclustr, which deploy must install."""
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=60)
+    deps = tmp / "deps"
+    deps.mkdir()
+    for entry in Path(site.getsitepackages()[0]).iterdir():
+        if "maclustr" not in entry.name.lower():
+            (deps / entry.name).symlink_to(entry)
+    (next((venv / "lib").glob("python*/site-packages")) / "deps.pth").write_text(f"{deps}\n")
+    py = venv / "bin" / "python"
+    for name, code in (("pip", "from pip._internal.cli.main import main"),
+                       ("mlx_lm.server", "from mlx_lm.server import main")):
+        script = venv / "bin" / name
+        script.write_text(f"#!{py}\nimport sys\n{code}\nsys.exit(main())\n")
+        script.chmod(0o755)
+    return venv
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    sshd = require_command("sshd", "the Debian package openssh-server (`make test` installs it)",
+                           "/usr/sbin/sshd")
+    require_command("rsync", "the Debian package rsync (`make test` installs it)")
+    require_command("ssh", "the Debian package openssh-client")
+    require_command("curl", "the Debian package curl")
+    root = tmp_path / "node"
+    home = root / "home"
+    bin_dir = root / "bin"
+    for d in (home, bin_dir):
+        d.mkdir(parents=True)
+    for name in ("hostkey", "userkey"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)],
+                       check=True, timeout=30)
+    (root / "authorized_keys").write_text((root / "userkey.pub").read_text())
+    launchctl = bin_dir / "launchctl"
+    launchctl.write_text(f"#!{sys.executable}\n{FAKE_LAUNCHCTL}")
+    launchctl.chmod(0o755)
+    wrap = root / "session.sh"
+    wrap.write_text(f'#!/bin/bash\nexport HOME={home} PATH={bin_dir}:$PATH\n'
+                    f'cd "$HOME" || exit 1\nexec /bin/bash -c "$SSH_ORIGINAL_COMMAND"\n')
+    wrap.chmod(0o755)
+    port = free_port()
+    (root / "sshd_config").write_text(
+        f"ListenAddress 127.0.0.1:{port}\nHostKey {root}/hostkey\n"
+        f"AuthorizedKeysFile {root}/authorized_keys\nPidFile {root}/sshd.pid\n"
+        "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nPrintMotd no\n"
+        f"ForceCommand {wrap}\n")
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privsep dir, as root
+    log = (root / "sshd.log").open("wb")
+    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(root / "sshd_config")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    ssh = (f"ssh -i {root}/userkey -p {port} -o StrictHostKeyChecking=no "
+           "-o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR "
+           "-o ConnectTimeout=10")
+    n = Node(root, home, remote_venv(root), ssh, f"{getpass.getuser()}@127.0.0.1")
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run([*ssh.split(), n.target, "true"], capture_output=True,
+                             timeout=20).returncode != 0:
+            assert proc.poll() is None, (root / "sshd.log").read_text()
+            assert time.monotonic() < deadline, (root / "sshd.log").read_text()
+            time.sleep(0.1)
+        yield n
+    finally:
+        # the jobs the fake launchd started for this test, by their recorded PIDs
+        for pidfile in n.launchd.glob("*.pid") if n.launchd.exists() else ():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def get(url: str, headers: dict[str, str] | None = None, body: object = None
+        ) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {},
+                                 data=None if body is None else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_make_deploy_over_real_ssh_starts_a_serving_gateway_and_is_idempotent(
+        node: Node, tmp_path: Path) -> None:
+    model = make_tiny_model(tmp_path / "tiny-fast", seed=4)
+    gw_port, mlx_port = free_port(), free_port()
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        f"nodes:\n  box:\n    ssh: {node.target}\n    gateway: true\n"
+        f"    gateway_port: {gw_port}\n    home: {node.home}\n    venv: {node.venv}\n"
+        "    bind: 127.0.0.1\n"
+        f"models:\n  maclustr-fast:\n    model: {json.dumps(str(model))}\n"
+        f"    upstream: http://127.0.0.1:{mlx_port}\n    description: Tiny\n"
+        "    parameters: 1M\n")
+    env_file = node.home / ".config" / "maclustr" / "env"  # the one-time setup per node
+    env_file.parent.mkdir(parents=True, mode=0o700)
+    env_file.write_text(f"MACLUSTR_API_KEY={KEY}\n")
+
+    def deploy() -> str:
+        r = subprocess.run(
+            ["make", "-s", "-o", ".venv/.installed", "deploy", f"PY={sys.executable}",
+             f"ROUTES={routes}", f"DEPLOY_STATE={tmp_path / 'state'}", f"SSH={node.ssh}",
+             "RSYNC=rsync"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+            env={k: v for k, v in os.environ.items() if k != "MACLUSTR_API_KEY"})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    out = deploy()
+    assert "deploy: changed 2 service(s)" in out, out[-2000:]
+    agents = node.home / "Library" / "LaunchAgents"
+    assert sorted(p.name for p in agents.iterdir()) == [
+        "io.maclustr.gateway.plist", "io.maclustr.mlx.maclustr-fast.plist"]
+    verbs = [(c[0], c[-1].rsplit("/", 1)[-1].removesuffix(".plist")) for c in node.calls()]
+    assert [v for v in verbs if v[0] == "bootstrap"] == [
+        ("bootstrap", "io.maclustr.mlx.maclustr-fast"), ("bootstrap", "io.maclustr.gateway")]
+    # the code was pip-installed into the node's venv, and that is what the gateway runs
+    assert (node.venv / "bin" / "maclustr").exists()
+    gw = f"http://127.0.0.1:{gw_port}"
+    status, body = get(gw + "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok", body
+    status, body = get(gw + "/v1/chat/completions",
+                       {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                       {"model": "maclustr-fast", "max_tokens": 3,
+                        "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200, body
+    assert json.loads(body)["model"] == "maclustr-fast"
+    for internal in (str(model), f":{mlx_port}"):
+        assert internal.encode() not in body
+    gw_pid, calls = node.pid("io.maclustr.gateway"), len(node.calls())
+
+    out = deploy()  # idempotence: nothing changed, so nothing is touched
+    assert "deploy: changed 0 service(s) (nothing to do)" in out, out[-2000:]
+    assert len(node.calls()) == calls, (node.calls()[calls:], out[-3000:])
+    assert "pip install" not in out  # the code did not change either
+    assert node.pid("io.maclustr.gateway") == gw_pid
+    assert get(gw + "/health")[0] == 200
