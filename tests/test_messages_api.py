@@ -1,19 +1,31 @@
-"""POST /v1/messages and /v1/messages/count_tokens over HTTP, driven by the official
-`anthropic` SDK against the in-process gateway in front of the fake upstream (scripted tool
-calls, reasoning, failures). The real mlx_lm.server and the real `claude` CLI are in
-test_messages_real.py and test_claude_cli.py.
+"""POST /v1/messages and /v1/messages/count_tokens over HTTP, driven by real clients: the
+official `anthropic` SDK and the real `claude` CLI (pinned, installed by `make agents`),
+against the in-process gateway in front of the fake upstream (scripted tool calls, reasoning,
+failures) and in front of the real tiny mlx_lm.server.
 
-Every answer the SDK reads is recorded (conftest.sdk_http_client) for the leak check.
+Every answer the SDK reads is recorded (conftest.sdk_http_client) for the leak check; the
+CLI's output is checked for internal strings too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import anthropic
 import pytest
-from conftest import KEY, Behavior, FakeMLX, Gateway, sdk_http_client
+from agents import clean_env, require_cli
+from conftest import (
+    KEY,
+    Behavior,
+    FakeMLX,
+    Gateway,
+    RealMLX,
+    real_routes,
+    sdk_http_client,
+)
 
 BASH_ARGS = {"command": "echo hi && ls -la /tmp", "description": "Say hi, list \u00e9t\u00e9"}
 
@@ -374,3 +386,106 @@ async def test_garbage_stream_ends_with_error_event(gateway: Gateway, fake: Fake
         "messages": [{"role": "user", "content": "Hi"}]})
     assert ans.status == 200
     assert events_of(ans.body)[-1][0] == "error"
+
+
+# --- the real `claude` CLI --------------------------------------------------------------------
+
+
+async def run_claude(gw: Gateway, tmp_path: Path, prompt: str, *args: str,
+                     timeout: float = 120) -> tuple[int, str, str]:
+    """`claude -p` as the issue runs it: base URL + token + model from the environment, an
+    empty HOME, no stdin, a time limit."""
+    claude = require_cli("claude")
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    env = clean_env(tmp_path / "home", ANTHROPIC_BASE_URL=gw.url, ANTHROPIC_AUTH_TOKEN=KEY,
+                    ANTHROPIC_MODEL="maclustr-coder", DISABLE_AUTOUPDATER="1",
+                    CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_TELEMETRY="1")
+    proc = await asyncio.create_subprocess_exec(
+        str(claude), "-p", prompt, *args, cwd=str(work), env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    text = out.decode(errors="replace")
+    for secret in gw.secrets:
+        assert secret not in text
+    return proc.returncode, text, err.decode(errors="replace")
+
+
+async def test_claude_cli_turn(gateway: Gateway, fake: FakeMLX, tmp_path: Path) -> None:
+    fake.default = Behavior(events=1, text="pong", keepalives=1)
+    rc, out, err = await run_claude(gateway, tmp_path, "say pong")
+    assert rc == 0, (out, err)
+    assert out.strip() == "pong"
+    main = [r for r in fake.requests if r.json and r.json.get("tools")]
+    assert main, "no request with Claude Code's tools reached the upstream"
+    sent = main[-1].json
+    assert sent["model"].startswith("/Users/admin/models/")
+    assert sent["messages"][0]["role"] == "system"
+    assert [m["role"] for m in sent["messages"]].count("system") == 1
+    assert all(isinstance(m["content"], str) for m in sent["messages"])
+    assert "Bash" in [t["function"]["name"] for t in sent["tools"]]
+    assert sent["stream_options"] == {"include_usage": True}
+
+
+async def test_claude_cli_tool_loop(gateway: Gateway, fake: FakeMLX, tmp_path: Path) -> None:
+    """The fake upstream asks for a shell command; Claude Code runs it and sends the result
+    back as a tool_result; the next answer is text."""
+    marker = "maclustr-tool-loop-ok"
+
+    def script(body: Any) -> Behavior | None:
+        msgs = body.get("messages", []) if isinstance(body, dict) else []
+        if not body.get("tools"):
+            return Behavior(events=1, text="Tool loop")  # side requests (session title)
+        if msgs and msgs[-1]["role"] == "tool":
+            return Behavior(events=1, text="The command printed the marker.")
+        return Behavior(events=1, text="Running it.", tool_calls=(
+            {"name": "Bash", "arguments": {"command": f"echo {marker}",
+                                           "description": "Print the marker"},
+             "id": "call_loop_1"},))
+
+    fake.rule = script
+    rc, out, err = await run_claude(gateway, tmp_path, "run the marker command",
+                                    "--allowedTools", "Bash", "--output-format", "json")
+    assert rc == 0, (out, err)
+    result = json.loads(out)
+    assert result["is_error"] is False, result
+    assert result["result"] == "The command printed the marker."
+    second = [r.json for r in fake.requests
+              if r.json and r.json.get("tools") and r.json["messages"][-1]["role"] == "tool"]
+    assert second, "no request carried the tool result"
+    msgs = second[-1]["messages"]
+    assert msgs[-1]["tool_call_id"] == "call_loop_1" and marker in msgs[-1]["content"]
+    call = msgs[-2]["tool_calls"][0]
+    assert call["id"] == "call_loop_1" and json.loads(call["function"]["arguments"]) == {
+        "command": f"echo {marker}", "description": "Print the marker"}
+
+
+# --- the real mlx_lm.server -------------------------------------------------------------------
+
+
+@pytest.mark.real_upstream
+async def test_sdk_against_real_mlx(make_gateway: Any, real_mlx: RealMLX) -> None:
+    gw: Gateway = await make_gateway(real_routes(real_mlx))
+    async with sdk(gw) as client:
+        msg = await client.messages.create(
+            model="maclustr-coder", max_tokens=4, system=[{"type": "text", "text": "Be short."}],
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+        assert msg.model == "maclustr-coder" and msg.usage.output_tokens > 0
+        assert msg.stop_reason in ("max_tokens", "end_turn")
+        async with client.messages.stream(
+                model="maclustr-fast", max_tokens=4,
+                messages=[{"role": "user", "content": "Hi"}]) as s:
+            final = await s.get_final_message()
+        assert final.model == "maclustr-fast" and final.usage.output_tokens > 0
+        assert final.usage.input_tokens + (final.usage.cache_read_input_tokens or 0) > 0
+        count = await client.messages.count_tokens(
+            model="maclustr-coder", messages=[{"role": "user", "content": "Hi"}])
+        assert count.input_tokens > 0
+    check_sequence(events_of(gw.client.answers[-2].body))
