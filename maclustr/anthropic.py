@@ -1,7 +1,8 @@
 """Anthropic's Messages API (`POST /v1/messages`) as chat completions. Pure.
 
 Request in, chat request out (`to_chat`); chat chunks in, Messages events out
-(`AnthropicStream`); a unary chat completion in, a Message out (`from_chat`). What a local
+(`AnthropicStream`); a whole stream's events in, the unary Message out (`collect`: the
+upstream always streams, so unary and streamed answers are one translation). What a local
 model cannot honour (`thinking`, `context_management`, `output_config`, `metadata`,
 `cache_control`, `tool_choice` other than "none", server-side tools) is dropped rather than
 refused; what it cannot read (images, documents) is refused clearly, except inside a tool
@@ -73,20 +74,28 @@ def to_chat(req: dict[str, Any], model: str) -> dict[str, Any]:
     _number(req, chat, "temperature", "temperature", low=0)
     _number(req, chat, "top_p", "top_p", low=0)
     _number(req, chat, "top_k", "top_k", integer=True, low=0)
-    stops = req.get("stop_sequences")
-    if stops is not None:
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-            raise BadRequest("'stop_sequences' must be an array of non-empty strings.",
-                             param="stop_sequences")
-        if stops:
-            chat["stop"] = stops
+    stop_sequences(req)  # validated here; applied by AnthropicStream, not sent upstream
     stream = req.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean.", param="stream")
-    if stream:
-        chat["stream"] = True
-        chat["stream_options"] = {"include_usage": True}  # usage for message_delta
+    # Always a stream upstream, unary answers included (`collect` folds the events): one path,
+    # so a unary answer is exactly what the stream would have said, stop sequences included.
+    chat["stream"] = True
+    chat["stream_options"] = {"include_usage": True}  # usage for message_delta
     return chat
+
+
+def stop_sequences(req: dict[str, Any]) -> tuple[str, ...]:
+    """The request's stop sequences. The gateway applies them itself: mlx_lm.server strips a
+    matched stop word and reports `finish_reason: "stop"` exactly as for the end of a turn,
+    so only the gateway can say `stop_reason: "stop_sequence"` and which one matched."""
+    stops = req.get("stop_sequences")
+    if stops is None:
+        return ()
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
+        raise BadRequest("'stop_sequences' must be an array of non-empty strings.",
+                         param="stop_sequences")
+    return tuple(stops)
 
 
 def _system(value: Any) -> list[str]:
@@ -288,59 +297,68 @@ def _int(value: Any, default: int) -> int:
         else default
 
 
-def _arguments(raw: Any) -> str:
-    """A tool call's arguments as a JSON object text (what `input_json_delta` carries)."""
-    if isinstance(raw, dict):
-        return json.dumps(raw)
-    if isinstance(raw, str) and raw.strip():
-        return raw
-    return "{}"
-
-
 def _tool_id(call: dict[str, Any]) -> str:
     cid = call.get("id")
     return cid if isinstance(cid, str) and cid else "toolu_" + os.urandom(12).hex()
 
 
-def from_chat(completion: dict[str, Any], alias: str, input_estimate: int = 0
-              ) -> dict[str, Any]:
-    """A unary chat completion as an Anthropic Message. Raises ValueError/KeyError/TypeError
-    on a completion without a choice (the relay reports a bad upstream answer)."""
-    choice = completion["choices"][0]
-    msg = choice.get("message") or {}
+def collect(events: bytes) -> dict[str, Any]:
+    """The unary Message for a whole AnthropicStream output, folded the way the SDKs fold a
+    stream: blocks in index order, deltas appended, a tool's JSON parsed at its end."""
+    message: dict[str, Any] = {}
     content: list[dict[str, Any]] = []
-    reasoning = msg.get("reasoning") or msg.get("reasoning_content")
-    if isinstance(reasoning, str) and reasoning:
-        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
-    text = msg.get("content")
-    if isinstance(text, str) and text:
-        content.append({"type": "text", "text": text})
-    for call in msg.get("tool_calls") or ():
-        fn = call["function"]
-        args = json.loads(_arguments(fn.get("arguments")))
-        if not isinstance(args, dict):
-            raise ValueError("tool arguments are not an object")
-        content.append({"type": "tool_use", "id": _tool_id(call), "name": fn["name"],
-                        "input": args})
-    reason = choice.get("finish_reason") or "stop"
-    out_estimate = max(1, len(json.dumps(content)) // 4)
-    return {"id": message_id(), "type": "message", "role": "assistant", "model": alias,
-            "content": content, "stop_reason": STOP_REASONS.get(reason, "end_turn"),
-            "stop_sequence": None,
-            "usage": _usage(completion.get("usage"), input_estimate, out_estimate)}
+    partial: dict[int, str] = {}
+    for frame in events.split(b"\n\n"):
+        at = frame.find(b"\ndata: ")
+        if at < 0:
+            continue
+        event = json.loads(frame[at + 7:])
+        kind = event["type"]
+        if kind == "message_start":
+            message = event["message"]
+        elif kind == "content_block_start":
+            content.append(dict(event["content_block"]))
+        elif kind == "content_block_delta":
+            block, delta = content[event["index"]], event["delta"]
+            if delta["type"] == "text_delta":
+                block["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif delta["type"] == "input_json_delta":
+                partial[event["index"]] = partial.get(event["index"], "") + delta["partial_json"]
+        elif kind == "content_block_stop" and event["index"] in partial:
+            args = json.loads(partial.pop(event["index"]) or "{}")
+            content[event["index"]]["input"] = args if isinstance(args, dict) else {}
+        elif kind == "message_delta":
+            message.update(event["delta"])
+            message["usage"] = event["usage"]
+    if not message:
+        raise ValueError("no message_start")
+    message["content"] = content
+    return message
 
 
 class AnthropicStream:
     """Chat chunks -> Messages events: exactly one message_start (at the first sign of life,
     a keep-alive included), blocks with increasing indexes that never mix kinds (thinking,
     text, tool_use each get their own), and message_delta held until the upstream's [DONE],
-    so it carries the usage chunk's counts."""
+    so it carries the usage chunk's counts.
 
-    def __init__(self, alias: str, input_estimate: int = 0) -> None:
+    Stop sequences are matched in the text here. Text that could be the start of one is held
+    back until the next chunk decides; on a match the text before it is sent, the message
+    ends at once (`stop_reason: "stop_sequence"`) and `ended` tells the relay to hang up on
+    the upstream, which stops generating."""
+
+    def __init__(self, alias: str, input_estimate: int = 0,
+                 stop_sequences: tuple[str, ...] = ()) -> None:
         self.alias = alias
         self.input_estimate = input_estimate
+        self.stop_sequences = tuple(s for s in stop_sequences if s)
         self.usage: dict[str, Any] | None = None
         self.id = message_id()
+        self.ended = False  # the message is complete before the upstream's [DONE]
+        self._held = ""  # text that may begin a stop sequence
+        self._matched: str | None = None
         self._started = False
         self._index = -1
         self._open: str | None = None  # "thinking" | "text" | "tool_use" | None
@@ -349,6 +367,8 @@ class AnthropicStream:
         self._chars = 0  # generated characters: an output estimate if usage never comes
 
     def feed(self, chunk: dict[str, Any]) -> list[bytes]:
+        if self.ended:
+            return []
         out = self._start()
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
@@ -366,9 +386,9 @@ class AnthropicStream:
                 self._chars += len(reasoning)
             text = delta.get("content")
             if isinstance(text, str) and text:
-                out += self._block("text", {"type": "text", "text": ""})
-                out.append(self._delta({"type": "text_delta", "text": text}))
-                self._chars += len(text)
+                out += self._text(text)
+                if self.ended:
+                    return out
             for call in delta.get("tool_calls") or ():
                 if isinstance(call, dict):
                     out += self._tool(call)
@@ -379,17 +399,62 @@ class AnthropicStream:
         return out
 
     def keepalive(self) -> list[bytes]:
+        if self.ended:
+            return []
         return [*self._start(), encode_event("ping", {"type": "ping"})]
 
     def finish(self) -> list[bytes]:
+        if self.ended:
+            return []
+        self.ended = True
         out = self._start() + self._close()
         usage = _usage(self.usage, self.input_estimate, max(1, self._chars // 4))
-        reason = STOP_REASONS.get(self._finish or "stop", "end_turn")
+        if self._matched is not None:
+            reason = "stop_sequence"
+        else:
+            reason = STOP_REASONS.get(self._finish or "stop", "end_turn")
         out.append(encode_event("message_delta", {
-            "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": None},
+            "type": "message_delta",
+            "delta": {"stop_reason": reason, "stop_sequence": self._matched},
             "usage": usage}))
         out.append(encode_event("message_stop", {"type": "message_stop"}))
         return out
+
+    def _text(self, text: str) -> list[bytes]:
+        """Text out, minus what may start a stop sequence; a match ends the message."""
+        out: list[bytes] = []
+        if self.stop_sequences:
+            text, self._held = self._held + text, ""
+            # the match that completes first (as generation would meet it), the longer on a tie
+            _, at, matched = min(((i + len(s), i, s) for s in self.stop_sequences
+                                  if (i := text.find(s)) >= 0), default=(0, -1, ""))
+            if at >= 0:
+                if at:
+                    out += self._text_delta(text[:at])
+                self._matched = matched
+                return out + self.finish()
+            keep = self._partial(text)
+            if keep:
+                text, self._held = text[:-keep], text[-keep:]
+        if text or self._held:
+            out += self._block("text", {"type": "text", "text": ""})
+        if text:
+            out += self._text_delta(text)
+        return out
+
+    def _text_delta(self, text: str) -> list[bytes]:
+        self._chars += len(text)
+        return [*self._block("text", {"type": "text", "text": ""}),
+                self._delta({"type": "text_delta", "text": text})]
+
+    def _partial(self, text: str) -> int:
+        """Length of the longest end of `text` that is a proper start of a stop sequence."""
+        longest = min(len(text), max(len(s) for s in self.stop_sequences) - 1)
+        for k in range(longest, 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in self.stop_sequences):
+                return k
+        return 0
 
     def fail(self, err: GatewayError) -> list[bytes]:
         return [encode_event("error", error_object(err))]
@@ -421,10 +486,16 @@ class AnthropicStream:
     def _close(self) -> list[bytes]:
         if self._open is None:
             return []
+        out = []
+        if self._held:  # no stop sequence after all
+            out.append(self._delta({"type": "text_delta", "text": self._held}))
+            self._chars += len(self._held)
+            self._held = ""
         self._open = None
         self._tool_key = None
-        return [encode_event("content_block_stop", {"type": "content_block_stop",
-                                                    "index": self._index})]
+        out.append(encode_event("content_block_stop", {"type": "content_block_stop",
+                                                       "index": self._index}))
+        return out
 
     def _tool(self, call: dict[str, Any]) -> list[bytes]:
         """mlx sends a whole call per chunk: block start with `input: {}`, one

@@ -252,14 +252,15 @@ async def _translated_request(request: web.Request) -> tuple[RouteTable, dict[st
 
 
 async def relay_chat(request: web.Request, route: Route, chat: dict[str, Any],
-                     dialect: Dialect) -> web.StreamResponse:
+                     dialect: Dialect, stream: bool) -> web.StreamResponse:
     """Send a translated request (already a chat completion) through the ordinary relay:
-    routing, queueing, failover, timeouts, disconnect and shutdown are the same."""
+    routing, queueing, failover, timeouts, disconnect and shutdown are the same. `stream`:
+    whether the client gets a stream (the upstream may stream either way: Dialect.collect)."""
     request[ALIAS] = route.alias
     o = request[OUTCOME]
-    o.model, o.stream = route.alias, wants_stream(chat)
+    o.model, o.stream = route.alias, stream
     prefix = conversation_prefix(chat) if len(route.upstreams) > 1 else None
-    call = Call(path="/v1/chat/completions", stream=o.stream, rid=request[RID],
+    call = Call(path="/v1/chat/completions", stream=stream, rid=request[RID],
                 key=request.get(KEY_NAME, "-"), prefix=prefix,
                 body=jsonfast.dumps(chat), dialect=dialect)
     return await relay(request, request.app[UPSTREAM], route, call)
@@ -272,10 +273,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
     route = _route_for(table, payload)
     chat = anthropic.to_chat(payload, route.model)
     estimate = anthropic.estimate_tokens(chat)
-    alias = route.alias
-    dialect = Dialect(stream=lambda: anthropic.AnthropicStream(alias, estimate),
-                      unary=lambda c: anthropic.from_chat(c, alias, estimate))
-    return await relay_chat(request, route, chat, dialect)
+    alias, stops = route.alias, anthropic.stop_sequences(payload)
+    dialect = Dialect(stream=lambda: anthropic.AnthropicStream(alias, estimate, stops),
+                      collect=anthropic.collect)
+    return await relay_chat(request, route, chat, dialect, stream=payload.get("stream") is True)
 
 
 async def responses_api(request: web.Request) -> web.StreamResponse:

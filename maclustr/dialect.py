@@ -19,7 +19,11 @@ from .sse import SSEError
 
 
 class ChatStream(Protocol):
-    """A dialect's stream state machine, fed the upstream's chat-completion chunks."""
+    """A dialect's stream state machine, fed the upstream's chat-completion chunks.
+
+    Optional: an `ended` attribute that turns True when the answer is complete before the
+    upstream's [DONE] (an Anthropic stop sequence matched): the relay then hangs up on the
+    upstream, which stops generating."""
 
     usage: dict[str, Any] | None  # the upstream's chat usage, once its usage chunk was seen
 
@@ -43,11 +47,14 @@ class ChatStream(Protocol):
 @dataclass(frozen=True)
 class Dialect:
     """How one translated request rides the relay: a fresh stream state machine for a
-    streamed answer, and the translation of a unary chat completion. (Errors are rendered
-    by path in the app's error funnel, before and after routing alike.)"""
+    streamed answer; for a unary answer either `unary` (the upstream answered a unary chat
+    completion) or `collect` (the upstream was asked to stream even so: the whole event
+    output of `stream()` folded into one answer). Errors are rendered by path in the app's
+    error funnel, before and after routing alike."""
 
     stream: Callable[[], ChatStream]
-    unary: Callable[[dict[str, Any]], dict[str, Any]]
+    unary: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    collect: Callable[[bytes], dict[str, Any]] | None = None
 
 
 def encode_event(name: str | None, obj: dict[str, Any]) -> bytes:
@@ -91,7 +98,8 @@ class ChatEventRewriter:
         out: list[bytes] = []
         for frame in frames:
             out += self._event(frame)
-            if self.done:
+            if self.done or getattr(self.stream, "ended", False):
+                self.done = True
                 self._tail = b""
                 break
         return b"".join(out)

@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -202,7 +203,13 @@ async def relay(request: web.Request, up: Upstream, route: Route,
             if resp.status != 200:
                 raise UpstreamBadResponse(route.alias)
             ctype = resp.content_type
-            if ctype == "text/event-stream":
+            collect = call.dialect.collect if call.dialect is not None else None
+            out: web.StreamResponse
+            if ctype == "text/event-stream" and not call.stream and collect is not None:
+                assert call.dialect is not None
+                out = await relay_collected(resp, route, call.dialect, call.rid, dog, o)
+                ok = True
+            elif ctype == "text/event-stream":
                 if not call.stream:
                     raise UpstreamBadResponse(route.alias)
                 rewriter = (SSERewriter(route.alias, route.model, strip_usage=not call.usage)
@@ -298,15 +305,50 @@ async def relay_translated(resp: Response, route: Route, dialect: Dialect, rid: 
     data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
     try:
         completion = jsonfast.loads(data)
-    except (ValueError, RecursionError):
-        raise UpstreamBadResponse(route.alias) from None
-    if not isinstance(completion, dict):
-        raise UpstreamBadResponse(route.alias)
-    try:
+        if not isinstance(completion, dict) or dialect.unary is None:
+            raise ValueError("not a completion")
         answer = dialect.unary(completion)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         raise UpstreamBadResponse(route.alias) from None
     o.usage(completion.get("usage"))
+    return _json_answer(answer, rid, o)
+
+
+async def relay_collected(resp: Response, route: Route, dialect: Dialect, rid: str,
+                          dog: Watchdog, o: Outcome) -> web.Response:
+    """A unary answer built from an upstream stream: the dialect's events, folded. Reading
+    stops when the dialect's answer is complete (its [DONE], or an Anthropic stop sequence);
+    the caller's resp.close() then hangs up, which stops the generation."""
+    assert dialect.collect is not None
+    rewriter = ChatEventRewriter(dialect.stream())
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while not rewriter.done:
+            chunk = await resp.read()
+            if not chunk:
+                raise UpstreamFailed(route.alias, "stopped in the middle of the response")
+            dog.touch()
+            events = rewriter.feed(chunk)
+            size += len(events)
+            if size > MAX_UNARY_BYTES:
+                raise UpstreamBadResponse(route.alias)
+            parts.append(events)
+        answer = dialect.collect(b"".join(parts))
+    except asyncio.CancelledError:
+        if not dog.fired:
+            raise
+        dog.absorb()
+        raise UpstreamTimeout(route.alias, dog.phase) from None
+    except OSError:
+        raise UpstreamFailed(route.alias, "stopped in the middle of the response") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        raise UpstreamBadResponse(route.alias) from None  # SSEError is a ValueError
+    o.usage(rewriter.usage)
+    return _json_answer(answer, rid, o)
+
+
+def _json_answer(answer: dict[str, Any], rid: str, o: Outcome) -> web.Response:
     body = jsonfast.dumps(answer)
     o.bytes_out = len(body)
     return web.Response(body=body,

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maclustr import anthropic
-from maclustr.anthropic import AnthropicStream, from_chat, to_chat
+from maclustr.anthropic import AnthropicStream, collect, to_chat
 from maclustr.dialect import ChatEventRewriter, encode_event
 from maclustr.errors import BadRequest, UpstreamFailed, UpstreamRejected, UpstreamTimeout
 from maclustr.sse import SSEError
@@ -71,7 +71,7 @@ CLAUDE_CODE_TURN_2_CHAT = {
     "tools": [{"type": "function", "function": {
         "name": "Bash", "description": "Run a command",
         "parameters": CLAUDE_CODE_TURN_2["tools"][0]["input_schema"]}}],
-    "max_tokens": 32000, "temperature": 1, "top_p": 0.95, "top_k": 20, "stop": ["</done>"],
+    "max_tokens": 32000, "temperature": 1, "top_p": 0.95, "top_k": 20,
     "stream": True, "stream_options": {"include_usage": True},
 }
 
@@ -184,41 +184,95 @@ def test_byte_by_byte() -> None:
     assert decode(got) == EXPECTED_EVENTS
 
 
-def test_recorded_unary() -> None:
-    completion = {
-        "id": "chatcmpl-1", "system_fingerprint": "0.32.2-Linux", "object": "chat.completion",
-        "model": MODEL, "created": 1,
-        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-            "role": "assistant", "content": "Sure", "reasoning": "User wants hi.",
-            "tool_calls": [{"function": {"name": "Bash", "arguments": '{"command": "ls"}'},
-                            "type": "function", "id": "call_1"}]}}],
-        "usage": {"prompt_tokens": 50, "completion_tokens": 9, "total_tokens": 59,
-                  "prompt_tokens_details": {"cached_tokens": 0}}}
-    msg = from_chat(completion, ALIAS)
-    assert msg["id"].startswith("msg_")
-    del msg["id"]
+def test_collect_folds_the_recorded_stream_into_a_message() -> None:
+    """A unary answer is the stream's events folded, as the SDKs fold them."""
+    msg = collect(ChatEventRewriter(new_stream()).feed(RECORDED_STREAM))
     assert msg == {
-        "type": "message", "role": "assistant", "model": ALIAS,
+        "id": "msg_test", "type": "message", "role": "assistant", "model": ALIAS,
         "content": [{"type": "thinking", "thinking": "User wants hi.", "signature": ""},
                     {"type": "text", "text": "Sure"},
                     {"type": "tool_use", "id": "call_1", "name": "Bash",
-                     "input": {"command": "ls"}}],
+                     "input": {"command": "echo h\u00e9"}}],
         "stop_reason": "tool_use", "stop_sequence": None,
-        "usage": {"input_tokens": 50, "cache_creation_input_tokens": 0,
-                  "cache_read_input_tokens": 0, "output_tokens": 9}}
+        "usage": {"input_tokens": 20, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 100, "output_tokens": 30}}
     assert MODEL not in json.dumps(msg)
+    with pytest.raises(ValueError):
+        collect(b"")
 
 
 @pytest.mark.parametrize(("finish", "reason"), [
     ("stop", "end_turn"), ("length", "max_tokens"), ("tool_calls", "tool_use"),
     (None, "end_turn")])
 def test_stop_reasons(finish: str | None, reason: str) -> None:
-    completion = {"choices": [{"finish_reason": finish,
-                               "message": {"role": "assistant", "content": "x"}}]}
-    assert from_chat(completion, ALIAS)["stop_reason"] == reason
     s = new_stream()
     events = decode(b"".join(s.feed(_chunk({"content": "x"}, finish)) + s.finish()))
     assert events[-2][1]["delta"]["stop_reason"] == reason
+
+
+# --- stop sequences: matched by the gateway ----------------------------------------------------
+
+
+def stop_run(pieces: list[str], stops: tuple[str, ...]) -> tuple[str, Any, bool]:
+    """(text the client sees, stop_sequence, ended before [DONE])."""
+    s = AnthropicStream(ALIAS, 1, stops)
+    out: list[bytes] = []
+    for p in pieces:
+        out += s.feed(_chunk({"content": p}))
+    ended = s.ended
+    out += s.feed(_chunk({}, "stop")) + s.finish()
+    events = decode(b"".join(out))
+    text = "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta")
+    check = [n for n, _ in events]
+    assert check.count("message_stop") == 1 and check[-1] == "message_stop"
+    delta = events[-2][1]["delta"]
+    assert delta["stop_reason"] == ("stop_sequence" if delta["stop_sequence"] else "end_turn")
+    return text, delta["stop_sequence"], ended
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
+    """Reference: the stop sequence that completes first (the longer on a tie)."""
+    for end in range(1, len(text) + 1):
+        hits = [s for s in stops if text[:end].endswith(s)]
+        if hits:
+            s = max(hits, key=len)
+            return text[:end - len(s)], s
+    return text, None
+
+
+def test_stop_sequence_across_chunks() -> None:
+    assert stop_run(["Hello </d", "one> tail"], ("</done>",)) == ("Hello ", "</done>", True)
+    assert stop_run(["a <", "/x", "> b"], ("</done>",)) == ("a </x> b", None, False)
+    assert stop_run(["abc"], ("abc", "b")) == ("a", "b", True)
+    assert stop_run(["ab", "c"], ("abc", "b")) == ("a", "b", True)
+    assert stop_run(["</d"], ("</done>",)) == ("</d", None, False)  # held, then flushed
+
+
+_alphabet = st.text(alphabet="ab<", max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_alphabet, st.lists(st.integers(0, 12), max_size=4),
+       st.lists(st.text(alphabet="ab<", min_size=1, max_size=3), min_size=1, max_size=3))
+def test_stop_sequences_whatever_the_cut(text: str, cuts: list[int],
+                                         stops: list[str]) -> None:
+    points = sorted({min(c, len(text)) for c in cuts})
+    bounds = zip([0, *points], [*points, len(text)], strict=True)
+    pieces = [text[a:b] for a, b in bounds if text[a:b]]
+    want_text, want_stop = first_stop(text, tuple(stops))
+    got_text, got_stop, _ = stop_run(pieces, tuple(stops))
+    assert (got_text, got_stop) == (want_text, want_stop)
+
+
+def test_stop_sequence_hangs_up_through_the_rewriter() -> None:
+    rw = ChatEventRewriter(AnthropicStream(ALIAS, 1, ("STOP",)))
+    body = b"".join(b"data: " + json.dumps(_chunk({"content": t})).encode() + b"\n\n"
+                    for t in ("one ", "two ST", "OP three", "four"))
+    out = rw.feed(body)
+    assert rw.done  # the relay hangs up on the upstream here
+    msg = collect(out)
+    assert msg["content"] == [{"type": "text", "text": "one two "}]
+    assert (msg["stop_reason"], msg["stop_sequence"]) == ("stop_sequence", "STOP")
 
 
 # --- the stream state machine ----------------------------------------------------------------
@@ -473,7 +527,6 @@ def test_translation_keeps_everything_upstream_can_express(req: dict[str, Any]) 
     for ours, theirs in (("max_tokens", "max_tokens"), ("temperature", "temperature"),
                          ("top_p", "top_p"), ("top_k", "top_k")):
         assert chat.get(theirs) == req.get(ours)
-    assert chat.get("stop", []) == req.get("stop_sequences", [])
-    assert chat.get("stream", False) == req.get("stream", False)
-    if req.get("stream"):
-        assert chat["stream_options"] == {"include_usage": True}
+    assert "stop" not in chat  # the gateway matches stop sequences (AnthropicStream)
+    assert anthropic.stop_sequences(req) == tuple(req.get("stop_sequences", ()))
+    assert chat["stream"] is True and chat["stream_options"] == {"include_usage": True}

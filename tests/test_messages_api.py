@@ -88,7 +88,10 @@ async def test_create_unary(gateway: Gateway, fake: FakeMLX) -> None:
     assert sent.json["model"].startswith("/Users/admin/models/")
     assert sent.json["messages"] == [{"role": "system", "content": "Be brief."},
                                      {"role": "user", "content": "Hi"}]
-    assert sent.json["max_tokens"] == 50 and "stream" not in sent.json
+    assert sent.json["max_tokens"] == 50
+    # the upstream streams even for a unary answer (one translation; stop sequences)
+    assert sent.json["stream"] is True and sent.json["stream_options"] == {
+        "include_usage": True}
 
 
 async def test_stream_with_sdk_helper(gateway: Gateway, fake: FakeMLX) -> None:
@@ -218,6 +221,28 @@ async def test_reasoning_becomes_thinking_block(gateway: Gateway, fake: FakeMLX,
     assert msg.content[0].thinking == "Let me think."  # type: ignore[union-attr]
     assert msg.content[1].text == "4242"  # type: ignore[union-attr]
     assert "thinking" not in fake.requests[-1].json
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stop_sequence_ends_the_answer_and_the_generation(
+        gateway: Gateway, fake: FakeMLX, stream: bool) -> None:
+    """mlx_lm.server cannot say which stop sequence matched (it strips it and reports "stop"),
+    so the gateway matches them itself and hangs up on the upstream, which stops generating."""
+    fake.push(Behavior(events=40, delay=0.02))  # The quick\ufffd brown fox jumps over ...
+    args: Any = {"model": "maclustr-coder", "max_tokens": 100,
+                 "stop_sequences": ["fox", "k\ufffd b"],
+                 "messages": [{"role": "user", "content": "Hi"}]}
+    async with sdk(gateway) as client:
+        if stream:
+            async with client.messages.stream(**args) as s:
+                msg = await s.get_final_message()
+        else:
+            msg = await client.messages.create(**args)
+    assert msg.content[0].text == "The quic"  # type: ignore[union-attr]
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "k\ufffd b")
+    rec = fake.requests[-1]
+    assert "stop" not in rec.json
+    await asyncio.wait_for(rec.closed_by_peer.wait(), 5)  # long before its 40 tokens
 
 
 async def test_count_tokens(gateway: Gateway, fake: FakeMLX) -> None:
