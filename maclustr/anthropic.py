@@ -22,7 +22,7 @@ import os
 from typing import Any
 
 from .dialect import encode_event
-from .errors import BadRequest, GatewayError, UpstreamRejected
+from .errors import BadRequest, GatewayError
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -528,17 +528,9 @@ class AnthropicStream:
 # --- errors -------------------------------------------------------------------------------
 
 
-def error_status(err: GatewayError) -> int:
-    """mlx_lm.server answers 404 when it cannot build the prompt (a template error, bad tool
-    arguments in the history): that is the request's fault, not a missing model or path."""
-    if err.status == 404 and isinstance(err, UpstreamRejected):
-        return 400
-    return err.status
-
-
 def error_type(err: GatewayError) -> str:
     """Anthropic's error type for our status."""
-    s = error_status(err)
+    s = err.status
     if s == 401:
         return "authentication_error"
     if s == 403:
@@ -564,4 +556,4 @@ def error_body(err: GatewayError) -> bytes:
 
 def error_answer(err: GatewayError) -> tuple[int, bytes]:
     """Status and body of the error answer on /v1/messages*."""
-    return error_status(err), error_body(err)
+    return err.status, error_body(err)
