@@ -513,4 +513,30 @@ async def test_sdk_against_real_mlx(make_gateway: Any, real_mlx: RealMLX) -> Non
         count = await client.messages.count_tokens(
             model="maclustr-coder", messages=[{"role": "user", "content": "Hi"}])
         assert count.input_tokens > 0
-    check_sequence(events_of(gw.client.answers[-2].body))
+        check_sequence(events_of(gw.client.answers[-2].body))
+        # A tool loop's second turn, as Claude Code sends it: the real server's chat template
+        # and message checks (text-only content, JSON tool arguments) accept the translation.
+        async with client.messages.stream(
+                model="maclustr-coder", max_tokens=4, tools=TOOLS,
+                system=[{"type": "text", "text": "You are an agent."}],
+                messages=[
+                    {"role": "user", "content": [{"type": "text", "text": "run echo hi"}]},
+                    {"role": "assistant", "content": [
+                        {"type": "thinking", "thinking": "ok", "signature": "x"},
+                        {"type": "text", "text": "Running."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                         "input": {"command": "echo hi"}}]},
+                    {"role": "system", "content": "Mid-conversation note."},
+                    {"role": "user", "content": [
+                        {"type": "tool_result", "tool_use_id": "toolu_1",
+                         "content": [{"type": "text", "text": "hi"}]},
+                        {"type": "text", "text": "go on"}]}]) as s:
+            final = await s.get_final_message()
+        assert final.usage.output_tokens > 0 and final.stop_reason in (
+            "max_tokens", "end_turn", "tool_use")
+
+
+TOOLS: Any = [{"name": "Bash", "description": "Run a shell command",
+               "input_schema": {"type": "object",
+                                "properties": {"command": {"type": "string"}},
+                                "required": ["command"]}}]
