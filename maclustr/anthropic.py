@@ -389,7 +389,8 @@ class AnthropicStream:
                 out += self._text(text)
                 if self.ended:
                     return out
-            for call in delta.get("tool_calls") or ():
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
                     out += self._tool(call)
         finish = choice.get("finish_reason")
