@@ -252,10 +252,13 @@ async def _translated_request(request: web.Request) -> tuple[RouteTable, dict[st
 
 
 async def relay_chat(request: web.Request, route: Route, chat: dict[str, Any],
-                     dialect: Dialect, stream: bool) -> web.StreamResponse:
+                     dialect: Dialect, stream: bool | None = None) -> web.StreamResponse:
     """Send a translated request (already a chat completion) through the ordinary relay:
     routing, queueing, failover, timeouts, disconnect and shutdown are the same. `stream`:
-    whether the client gets a stream (the upstream may stream either way: Dialect.collect)."""
+    whether the client gets a stream (default: as the chat request says; the upstream may
+    stream either way, see Dialect.collect)."""
+    if stream is None:
+        stream = wants_stream(chat)
     request[ALIAS] = route.alias
     o = request[OUTCOME]
     o.model, o.stream = route.alias, stream
