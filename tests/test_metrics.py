@@ -396,3 +396,25 @@ async def test_translated_requests_count_the_same(make_gateway: Any, fake: FakeM
     assert total(s, "maclustr_tokens_total", key="alice", type="completion") == sum(
         w["completion_tokens"] for w in want)
     assert total(s, "maclustr_time_to_first_token_seconds_count", model=A) == 1
+
+
+async def test_responses_requests_count_the_same(make_gateway: Any, fake: FakeMLX) -> None:
+    """OpenAI Responses requests (unary and stream) count like chat ones."""
+    models = {A: "internal-a", F: "internal-f", G: "internal-g"}
+    gw: Gateway = await make_gateway(mix_routes(models, fake.url, fake.url, [fake.url]),
+                                     keys=KEYS)
+    req = {"model": A, "input": "hi", "max_output_tokens": 8}
+    for stream in (False, True):
+        ans = await gw.client.post("/v1/responses", {**req, "stream": stream}, auth=False,
+                                   headers=BOB)
+        assert ans.status == 200, ans.body
+    sent = [r.json for r in fake.requests]
+    assert len(sent) == 2 and sent[1]["stream_options"] == {"include_usage": True}
+    want = [await asyncio.to_thread(direct_usage, fake.url, models[A], b) for b in sent]
+    s = await scrape(gw.client)
+    assert total(s, "maclustr_requests_total", endpoint="/v1/responses", key="bob",
+                 code="200") == 2
+    for kind, field_ in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+        assert total(s, "maclustr_tokens_total", model=A, key="bob", type=kind) == sum(
+            w[field_] for w in want)
+    assert total(s, "maclustr_time_to_first_token_seconds_count", model=A) == 1

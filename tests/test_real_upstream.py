@@ -204,6 +204,18 @@ def test_sdk_stream_include_usage_ends_with_usage(env: Env) -> None:
 
 
 @pytest.mark.real_upstream
+def test_sdk_stream_without_include_usage_sees_no_usage(env: Env) -> None:
+    """The gateway asks mlx for usage on every stream (metrics); a client that did not ask
+    (no stream_options, or include_usage false) gets no usage chunk, as from OpenAI."""
+    for extra in ({}, {"stream_options": {"include_usage": False}}):
+        chunks = list(env.sdk.chat.completions.create(
+            model="maclustr-coder", messages=MSG, max_tokens=MAX, stream=True, **extra))
+        assert chunks and all(c.usage is None for c in chunks)
+        assert all(c.choices for c in chunks)  # no choices-less usage event either
+        assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.real_upstream
 def test_prompt_mlx_cannot_prepare_is_400_not_404(env: Env) -> None:
     """mlx_lm.server answers 404 {"error": ...} when preparing the prompt fails; 404 and
     model_not_found are the gateway's, for an unknown alias: the client gets a 400 with
