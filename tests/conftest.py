@@ -30,12 +30,13 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import wire_tap
 from fake_mlx import Behavior, FakeMLX
 
 from maclustr import jsonfast
 from maclustr.app import make_app
 from maclustr.auth import KeyRing
-from maclustr.config import RouteTable, parse_routes
+from maclustr.config import ConfigError, RouteTable, parse_routes
 from maclustr.harness import (
     free_port,
     make_tiny_model,
@@ -175,12 +176,33 @@ def sdk_http_client(gw: Gateway) -> httpx2.AsyncClient:
 
 
 def internal_strings(table: RouteTable) -> set[str]:
+    """Model ids and every replica's URL, host:port and :port: none may reach a client."""
     out: set[str] = set()
     for r in table.routes:
-        parts = urlsplit(r.upstream)
-        out |= {r.model, r.upstream, parts.netloc, f":{parts.port}" if parts.port else ""}
+        out.add(r.model)
+        for url in r.upstreams:
+            parts = urlsplit(url)
+            out |= {url, parts.netloc, f":{parts.port}" if parts.port else ""}
     out.discard("")
     return out
+
+
+def routes_file_secrets(path: Path) -> set[str]:
+    """internal_strings of a routes file as it is now (nothing when it does not parse)."""
+    try:
+        return internal_strings(parse_routes(path.read_text(), str(path)))
+    except (OSError, ConfigError):
+        return set()
+
+
+# Every byte an in-process gateway writes to any client, by the gateway's port (wire_tap.py).
+WIRE = wire_tap.PortRecorder()
+wire_tap.install(WIRE.route)
+
+
+def assert_wire_clean(streams: list[bytes], secrets: set[str]) -> None:
+    found = wire_tap.leaks(streams, secrets)
+    assert not found, "internal strings reached a client:\n" + "\n".join(found[:5])
 
 
 def assert_no_leaks(answers: list[Answer], secrets: set[str]) -> None:
@@ -218,6 +240,7 @@ async def make_gateway(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Any
     server options as `maclustr serve` (TestServer turns handler cancellation on)."""
     made: list[Gateway] = []
     sessions: list[aiohttp.ClientSession] = []
+    ports: list[int] = []
 
     async def make(text: str, keys: tuple[str, ...] = (KEY, KEY2)) -> Gateway:
         path = tmp_path / f"routes-{len(made)}.yaml"
@@ -228,6 +251,8 @@ async def make_gateway(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Any
         server = await aiohttp_server(app, max_field_size=32768,
                                       max_line_size=32768)
         url = str(server.make_url("")).rstrip("/")
+        ports.append(server.port)
+        WIRE.watch(server.port)
         session = aiohttp.ClientSession()
         sessions.append(session)
         gw = Gateway(url, GatewayClient(url, session), holder, app, internal_strings(table))
@@ -237,8 +262,11 @@ async def make_gateway(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Any
     yield make
     for s in sessions:
         await s.close()
+    wire = [bytes(b) for port in ports for b in WIRE.forget(port)]
+    secrets = set().union(*(gw.secrets | internal_strings(gw.holder.current) for gw in made))
     for gw in made:
         assert_no_leaks(gw.client.answers, gw.secrets | internal_strings(gw.holder.current))
+    assert_wire_clean(wire, secrets)
 
 
 @pytest.fixture
@@ -280,14 +308,20 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
 @pytest.fixture
 def gateway_process(tmp_path: Path) -> Iterator[Any]:
     """start(routes_path, *extra_args, env=None) -> GatewayProcess running `python -m maclustr
-    serve` on a free port; every process started is stopped by PID at teardown."""
+    serve` on a free port; every process started is stopped by PID at teardown. Everything
+    each process wrote to any client is then checked against the internal strings of its
+    routes file, as it was at start and as it is at the end (wire_tap.py)."""
     started: list[subprocess.Popen[bytes]] = []
+    taps: list[tuple[Path, Path, set[str]]] = []  # (wire file, routes file, start secrets)
 
     def start(routes: Path, *extra: str, env: dict[str, str] | None = None,
               wait: bool = True) -> GatewayProcess:
         port = free_port()
         log = tmp_path / f"gateway-{port}.log"
-        e = {**os.environ, "MACLUSTR_API_KEY": f"{KEY},{KEY2}", **(env or {})}
+        wire = tmp_path / f"gateway-{port}.wire"
+        taps.append((wire, routes, routes_file_secrets(routes)))
+        e = {**os.environ, "MACLUSTR_API_KEY": f"{KEY},{KEY2}", **(env or {}),
+             **wire_tap.process_env(wire)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "maclustr", "serve", "--routes", str(routes),
              "--port", str(port), *extra],
@@ -304,6 +338,8 @@ def gateway_process(tmp_path: Path) -> Iterator[Any]:
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             p.wait(5)
+    for wire, routes, secrets in taps:
+        assert_wire_clean(wire_tap.read_file(wire), secrets | routes_file_secrets(routes))
 
 
 # --- the real upstream ----------------------------------------------------------------------
@@ -314,6 +350,7 @@ class RealMLX:
     url: str
     models: dict[str, Path]  # alias -> tiny model dir (the internal id)
     log: Path
+    pid: int  # the mlx_lm.server process this fixture started
 
 
 @pytest.fixture(params=["orjson", "stdlib"])
@@ -345,7 +382,7 @@ def real_mlx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealMLX]:
     proc = start_mlx_server(models["maclustr-coder"], port, log)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", timeout=90, proc=proc)
-        yield RealMLX(f"http://127.0.0.1:{port}", models, log)
+        yield RealMLX(f"http://127.0.0.1:{port}", models, log, proc.pid)
     finally:
         stop(proc)
 
