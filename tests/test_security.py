@@ -97,7 +97,7 @@ async def test_upstream_error_never_echoes_the_upstream_key(make_gateway: Any, f
     fake.push(Behavior(kind="error", status=401,
                        error_body=f'{{"error": "bad key {UPSTREAM_SECRET}"}}'.encode()))
     ans = await gw.client.post(CHAT, BODY)
-    assert ans.status >= 400
+    assert ans.status == 502, ans.body  # the upstream refusing *our* key is not the client's 4xx
     assert UPSTREAM_SECRET.encode() not in ans.body
 
 
@@ -219,7 +219,7 @@ async def test_cors_on_for_configured_origins_only(make_gateway: Any, fake: Fake
     pre = await gw.client.request("OPTIONS", CHAT, auth=False, headers={
         **ok, "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization, content-type"})
-    assert pre.status in (200, 204)
+    assert pre.status == 204, pre.body
     h = lower(pre.headers)
     assert h["access-control-allow-origin"] == "https://app.example"
     assert "authorization" in h["access-control-allow-headers"].lower()
