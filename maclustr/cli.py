@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 log = logging.getLogger("maclustr")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "network, so it must be asked for explicitly)")
     serve.add_argument("--port", type=int, default=9000, help="port (default: %(default)s)")
     serve.add_argument("--log-level", default=os.environ.get("MACLUSTR_LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"])
+                       choices=LOG_LEVELS)
     serve.add_argument("--log-format", choices=["text", "json"], default="text",
                        help="text (default) or json: one JSON object per line, the access "
                             "log's with time, request id, key name, model, status, timings, "
@@ -316,6 +317,12 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    # argparse checks --log-level against its choices, but not the default it takes from
+    # MACLUSTR_LOG_LEVEL: an unknown value there would otherwise end in a traceback.
+    if args.log_level.lower() not in LOG_LEVELS:
+        print(f"maclustr serve: MACLUSTR_LOG_LEVEL={args.log_level!r} is not one of "
+              f"{', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return 2
     configure_logging(args.log_level.upper(), args.log_format)
     try:
         keys = parse_keys(os.environ.get("MACLUSTR_API_KEY"))

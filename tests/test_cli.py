@@ -136,3 +136,38 @@ def test_console_script_check_and_refusal() -> None:
     assert len(r.stderr.splitlines()) == 1
     r = run("--help", exe=[str(CONSOLE)])
     assert r.returncode == 0 and "usage: maclustr" in r.stdout
+
+
+def test_readme_documents_every_serve_flag_and_environment_variable() -> None:
+    """Every option `maclustr serve --help` lists, and every MACLUSTR_* variable the code reads,
+    has a row in the README's serve table."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("`maclustr serve` (also"):readme.index("Each entry of")]
+    r = run("serve", "--help")
+    flags = set(re.findall(r"(--[a-z][a-z-]+)", r.stdout)) - {"--help"}
+    assert {"--routes", "--host", "--port", "--log-level", "--loop",
+            "--reload-interval"} <= flags
+    code = "\n".join(p.read_text() for p in (ROOT / "maclustr").glob("*.py"))
+    variables = set(re.findall(r"\b(MACLUSTR_[A-Z_]+)\b", code))
+    assert {"MACLUSTR_API_KEY", "MACLUSTR_LOG_LEVEL"} <= variables
+    missing = sorted(x for x in flags | variables if f"`{x}" not in table)
+    assert not missing, f"README's serve table does not document {missing}"
+
+
+@pytest.mark.parametrize("level", ["verbose", "5"])
+def test_a_bad_log_level_from_the_environment_is_one_clear_line(level: str) -> None:
+    """argparse checks --log-level against its choices, but not the default it takes from
+    MACLUSTR_LOG_LEVEL: that must not end in a traceback."""
+    r = run("serve", "--port", "1", env={"MACLUSTR_API_KEY": "k1", "MACLUSTR_LOG_LEVEL": level},
+            timeout=15)
+    assert r.returncode == 2
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert "MACLUSTR_LOG_LEVEL" in r.stderr and level in r.stderr
+
+
+def test_log_level_from_the_environment_in_any_case(tmp_path: Path) -> None:
+    r = run("serve", "--routes", str(tmp_path / "none.yaml"), "--port", "1",
+            env={"MACLUSTR_API_KEY": "k1", "MACLUSTR_LOG_LEVEL": "WARNING"}, timeout=15)
+    assert r.returncode == 2 and "none.yaml" in r.stderr and "Traceback" not in r.stderr
