@@ -6,18 +6,26 @@ internal id, and the same id anywhere as a `model` key's value is replaced too),
 `system_fingerprint` (mlx puts the node's OS, kernel and libc there) is an opaque token, and
 the stream's usage event is labelled `chat.completion.chunk` as OpenAI labels it.
 
-mlx writes every event as `data: {json.dumps(obj)}\\n\\n`, so `"model": "<internal id>"` is a
-fixed byte string, and so is `"system_fingerprint": "<fp>"` once the first event has told us
-the value. A block of events read together is spliced with one `bytes.replace` per string,
-without decoding it, when that provably gives the same objects as the JSON path:
+A block of events read together is spliced without decoding it, when that provably gives
+the same objects as the JSON path (`KeySplice` checks and rewrites one key):
 
-* every `"model"` token in the block is followed by exactly the internal id's echo, and every
-  `"system_fingerprint"` token by the learned value (inside a JSON string a quote is escaped,
-  so these bytes can only be keys: `"a": "model"` ends in a quote, not a colon);
-* no event is a usage event (`"object": "chat.completion"`), and every `data:` holds an
-  object (so non-JSON data is still refused by the JSON path). Non-data lines (comments, `id:`)
-  get the same replacement on both paths, and a key split across `data:` lines fails the
-  count, so events need not be one line.
+* every `"model"` token in the block is a key whose value is the internal id, and every
+  `"system_fingerprint"` token a key whose value is the learned fingerprint. A token is a key
+  when a colon follows (spaces and tabs allowed, as any JSON writer may put them) and its
+  opening quote is not escaped (`\\"model"` can end a string, so a block holding it is left
+  to the JSON path); the value may be written as `json.dumps` writes it, with or without
+  ASCII escapes, or with `\\/` for `/`. Anything else fails the count;
+* no `"object"` key holds `chat.completion` or an escaped value that could decode to it (so
+  the usage event is never passed unlabelled; `chat.completion.chunk` and `text_completion`
+  splice), and every `data:` holds an object (so
+  non-JSON data is still refused by the JSON path). Non-data lines (comments, `id:`) get the
+  same replacement on both paths, and a key split across `data:` lines fails the count, so
+  events need not be one line.
+
+mlx writes every event as `data: {json.dumps(obj)}\\n\\n`: `"model": "<internal id>"` is then
+one fixed byte string and one `bytes.replace` does it. Another server's spacing (compact
+`"model":"x"`, for one) costs one regular-expression pass on the first block, which learns the
+bytes that server writes; later blocks take `bytes.replace` again.
 
 Usage: the gateway always asks the upstream for the stream's usage event (the metrics count
 tokens on every request); `strip_usage` drops it for a client that did not ask, and `usage`
@@ -35,14 +43,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 
 from . import jsonfast
 
 DONE = b"data: [DONE]"
 _MODEL_KEY = b'"model"'
 _FP_KEY = b'"system_fingerprint"'
-_USAGE_OBJECT = b'"object": "chat.completion"'  # not a prefix of "...chunk": the quote closes
-_USAGE = b'"usage":'  # only a key: a string value is followed by `,` `]` or `}`, never `:`
+_USAGE_LABEL = b'"chat.completion"'  # the usage event's object; "...chunk" has no quote here
+# `usage` as a token: a key, or (rarely) a string value; either way that event is decoded
+_USAGE = b'"usage"'
 
 
 class SSEError(ValueError):
@@ -105,19 +115,18 @@ def rewrite_body(body: bytes, alias: str, internal: str, fingerprint: str | None
     one already known).
 
     With the replica's fingerprint already known, the stream's splice applies (same proof:
-    every `"model"` key carries the internal id's echo, every fingerprint key the known
-    value); otherwise, or when the counts disagree, the JSON path, which also learns the
-    fingerprint. Raises SSEError when the body is not JSON (on the JSON path).
+    every `"model"` key carries the internal id, every fingerprint key the known value,
+    whatever the spacing); otherwise, or when the counts disagree, the JSON path, which also
+    learns the fingerprint. Raises SSEError when the body is not JSON (on the JSON path).
     """
-    if fingerprint is not None and body[:1] == b"{" and body[-1:] == b"}":
-        internal_echo, fp = echo("model", internal), echo("system_fingerprint", fingerprint)
-        out = body.replace(internal_echo, echo("model", alias))
-        n = _count(body, out, internal_echo, echo("model", alias))
-        if n and n == body.count(_MODEL_KEY):
-            masked = echo("system_fingerprint", mask_fingerprint(fingerprint))
-            done = out.replace(fp, masked)
-            if _count(out, done, fp, masked) == body.count(_FP_KEY):
-                return done, fingerprint
+    if (fingerprint is not None and body[:1] == b"{" and body[-1:] == b"}"
+            and _MODEL_KEY in body):
+        out = KeySplice("model", internal, alias, newlines=True).apply(body)
+        if out is not None:
+            out = KeySplice("system_fingerprint", fingerprint, mask_fingerprint(fingerprint),
+                            newlines=True).apply(out)
+            if out is not None:
+                return out, fingerprint
     try:
         obj = jsonfast.loads(body)
     except (ValueError, RecursionError):
@@ -138,11 +147,103 @@ def usage_of(body: bytes) -> dict[str, object] | None:
     at = body.rfind(_USAGE)
     if at < 0:
         return None
+    rest = body[at + len(_USAGE):].lstrip()
+    if rest[:1] != b":":  # a string value "usage", not the key
+        return None
     try:
-        obj, _ = _DECODER.raw_decode(body[at + len(_USAGE):].decode().lstrip())
+        obj, _ = _DECODER.raw_decode(rest[1:].decode().lstrip())
     except (ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def encodings(value: str) -> list[bytes]:
+    """The ways the JSON writers we know encode one string (`json.dumps` with and without
+    ASCII escapes, with `/` escaped as `\\/` or not): each decodes to `value`."""
+    out: list[bytes] = []
+    for ascii_only in (True, False):
+        try:
+            enc = json.dumps(value, ensure_ascii=ascii_only).encode()
+        except UnicodeEncodeError:  # a lone surrogate: only the escaped form exists
+            continue
+        for e in (enc, enc.replace(b"/", b"\\/")):
+            if e not in out:
+                out.append(e)
+    return out
+
+
+class KeySplice:
+    """Rewrites the string value of every `"key": "old"` in raw JSON bytes to `new`, or says
+    it cannot prove that equal to decoding (`apply` returns None): some `"key"` token is not
+    such a key with such a value. Spacing-tolerant; learns the bytes it saw, so a server's
+    later blocks take one `bytes.replace`. `newlines`: JSON whitespace in full (a unary
+    body); without it only spaces and tabs (inside an SSE event a newline ends the line)."""
+
+    __slots__ = ("_exact", "_seen", "_spec")
+
+    def __init__(self, key: str, old: str, new: str, newlines: bool = False) -> None:
+        self._spec = _spec(key, old, new, newlines)
+        self._exact = self._spec.exact  # json.dumps's bytes until the server shows its own
+        self._seen = self._spec.exact_new
+
+    @property
+    def exact(self) -> bytes:
+        """The bytes of one `"key": "old"` as this server writes it."""
+        return self._exact
+
+    def replace_all(self, data: bytes) -> bytes:
+        """Every `"key": "old"`, without the proof (comment lines: the same on both paths)."""
+        spec = self._spec
+        return spec.pattern.sub(spec.repl, data) if spec.token in data else data
+
+    def apply(self, block: bytes) -> bytes | None:
+        spec = self._spec
+        n = block.count(spec.token)
+        if not n:
+            return block
+        if spec.escaped in block:
+            return None
+        out = block.replace(self._exact, self._seen)
+        if _count(block, out, self._exact, self._seen) == n:
+            return out
+        out, done = spec.pattern.subn(spec.repl, block)
+        if done != n:
+            return None
+        m = spec.pattern.search(block)
+        if m is not None and b"\n" not in m.group(0):  # learn this server's bytes
+            self._exact = m.group(0)
+            self._seen = m.group(1) + spec.new
+        return out
+
+
+class _Spec:
+    """What a KeySplice needs that depends only on its arguments (cached)."""
+
+    __slots__ = ("escaped", "exact", "exact_new", "new", "pattern", "repl", "token")
+
+    def __init__(self, key: str, old: str, new: str, newlines: bool) -> None:
+        self.token = json.dumps(key).encode()
+        self.escaped = b"\\" + self.token
+        self.new = json.dumps(new).encode()
+        self.exact = self.token + b": " + json.dumps(old).encode()
+        self.exact_new = self.token + b": " + self.new
+        ws = rb"[ \t\r\n]*" if newlines else rb"[ \t]*"
+        values = b"|".join(re.escape(e) for e in encodings(old))
+        self.pattern = re.compile(b"(" + re.escape(self.token) + ws + b":" + ws + b")(?:"
+                                  + values + b")")
+        self.repl = b"\\1" + self.new.replace(b"\\", b"\\\\")  # a template: escape \\
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(key: str, old: str, new: str, newlines: bool) -> _Spec:
+    return _Spec(key, old, new, newlines)
+
+
+_OBJECT_KEY = b'"object"'
+_CHUNK_LABEL = b'"object": "chat.completion.chunk"'
+# an `object` that may be the usage event's: `chat.completion`, or any escaped value (it could
+# decode to that). Other labels (`chat.completion.chunk`, `text_completion`) splice.
+_USAGE_LABEL_AT = re.compile(rb'"object"[ \t]*:[ \t]*"(?:chat\.completion"|[^"\\]*\\)')
 
 
 def _count(before: bytes, after: bytes, old: bytes, new: bytes) -> int:
@@ -170,17 +271,16 @@ class SSERewriter:
     see it (the usage-only event is dropped, a `usage` key elsewhere removed).
     """
 
-    __slots__ = ("_alias", "_alias_echo", "_cr", "_echo", "_fp", "_fp_repl", "_internal",
-                 "_tail", "done", "max_event", "strip_usage", "usage")
+    __slots__ = ("_alias", "_cr", "_fp", "_internal", "_label", "_model", "_tail", "done",
+                 "max_event", "strip_usage", "usage")
 
     def __init__(self, alias: str, internal: str, max_event: int = 8 * 1024 * 1024,
                  strip_usage: bool = False) -> None:
         self._alias = alias
         self._internal = internal
-        self._echo = echo("model", internal)
-        self._alias_echo = echo("model", alias)
-        self._fp: bytes | None = None  # learned from the first event that carries it
-        self._fp_repl = b""
+        self._model = KeySplice("model", internal, alias)
+        self._label = _CHUNK_LABEL  # `"object": "chat.completion.chunk"`, mlx's bytes
+        self._fp: KeySplice | None = None  # learned from the first event that carries it
         self._tail = b""
         self._cr = False
         self.done = False
@@ -232,20 +332,20 @@ class SSERewriter:
         return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
     def _splice(self, block: bytes) -> bytes | None:
-        """`block` with the echo and fingerprint replaced, or None when that would differ from
-        the JSON path (the module docstring's conditions). The replacements' counts come from
-        the length change, so each string costs one pass."""
-        if _USAGE in block or block.count(b"data:") != block.count(b"data: {"):
+        """`block` with `model` and the fingerprint rewritten, or None when that would differ
+        from the JSON path (the module docstring's conditions)."""
+        if _USAGE in block or (block.count(b"data:")
+                               != block.count(b"data: {") + block.count(b"data:{")):
             return None  # usage (any event that carries it), or data not an object: JSON path
-        out = block.replace(self._echo, self._alias_echo)
-        if _count(block, out, self._echo, self._alias_echo) != block.count(_MODEL_KEY):
+        labels = block.count(_OBJECT_KEY)
+        if labels and labels != block.count(self._label) and _USAGE_LABEL_AT.search(block):
+            return None  # the usage event (or a label we cannot read without decoding)
+        out = self._model.apply(block)
+        if out is None:
             return None
         if self._fp is None:
             return out if _FP_KEY not in block else None
-        done = out.replace(self._fp, self._fp_repl)
-        if _count(out, done, self._fp, self._fp_repl) != block.count(_FP_KEY):
-            return None
-        return done
+        return self._fp.apply(out)
 
     def _rewrite(self, block: bytes) -> bytes:
         """`block`: complete events joined by blank lines, without the last blank line.
@@ -257,7 +357,7 @@ class SSERewriter:
         out = self._splice(block)
         if out is not None:
             return out + b"\n\n"
-        at = block.find(_USAGE_OBJECT)
+        at = block.find(_USAGE_LABEL)
         if at < 0:
             return self._rewrite_frames(block)
         start = block.rfind(b"\n\n", 0, at)
@@ -304,8 +404,8 @@ class SSERewriter:
 
     def _plain(self, line: bytes) -> bytes:
         """A non-data line (comment, id:, event:) never shows the internal id either."""
-        out = line.replace(self._echo, self._alias_echo)
-        return out.replace(self._fp, self._fp_repl) if self._fp is not None else out
+        out = self._model.replace_all(line)
+        return self._fp.replace_all(out) if self._fp is not None else out
 
     def _rewrite_event(self, frame: bytes) -> bytes | None:
         """The JSON path for one event; learns the upstream's fingerprint and usage on the
@@ -343,5 +443,5 @@ class SSERewriter:
 
     def _learn(self, fingerprint: str) -> None:
         if self._fp is None:
-            self._fp = echo("system_fingerprint", fingerprint)
-            self._fp_repl = echo("system_fingerprint", mask_fingerprint(fingerprint))
+            self._fp = KeySplice("system_fingerprint", fingerprint,
+                                 mask_fingerprint(fingerprint))

@@ -482,3 +482,125 @@ def test_strip_usage_at_any_cut() -> None:
         assert b'"usage":' not in got
         kept = [f for f in want.split(b"\n\n") if b'"usage":' not in f]
         assert got == b"\n\n".join(kept), cut
+# --- any server's spacing (issue 15): the splice is a tolerant scan, still equal to the JSON path
+
+# (item separator, key separator): json.dumps's default, compact (other OpenAI-compatible
+# servers), and odd but valid spacing. Never a newline inside an SSE event's line.
+SEPARATORS = [(", ", ": "), (",", ":"), (" ,", " : "), (",\t", "\t:\t"), (", ", ":")]
+
+
+@st.composite
+def writers(draw: st.DrawFn, newlines: bool = False) -> Any:
+    """A JSON writer: spacing, ASCII escapes or raw UTF-8, `/` escaped as `\\/` or not (valid
+    anywhere: a `/` can only be inside a string); unary bodies may also be indented."""
+    seps = draw(st.sampled_from(SEPARATORS))
+    ascii_only = draw(st.booleans())
+    slash = draw(st.booleans())
+    indent = draw(st.sampled_from([None, 2])) if newlines else None
+
+    def write(obj: Any) -> bytes:
+        text = json.dumps(obj, separators=seps, ensure_ascii=ascii_only, indent=indent)
+        raw = text.encode("utf-8", "surrogatepass")
+        return raw.replace(b"/", b"\\/") if slash else raw
+
+    return write
+
+
+def no_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, any JSON decode in sse.py fails the test: the splice must do it all."""
+    def refuse(_: Any) -> Any:
+        raise AssertionError("took the JSON path")
+
+    monkeypatch.setattr("maclustr.sse.jsonfast.loads", refuse)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(obj=chunk_objects(), model=st.sampled_from(IDS), write=writers(),
+       first=st.sampled_from(FPS))
+def test_any_spacing_splice_equals_json_path(obj: dict[str, Any], model: str, write: Any,
+                                             first: str) -> None:
+    payload = write(obj)
+    try:
+        reference = json.loads(rewrite_json(payload, ALIAS, model, stream=True))
+    except SSEError:  # raw lone surrogates: not UTF-8, nobody can read it
+        return
+    assert json.loads(SSERewriter(ALIAS, model).feed(b"data: " + payload + b"\n\n")[6:-2]) \
+        == reference
+    rw = SSERewriter(ALIAS, model)  # the same after learning a fingerprint from the writer
+    rw.feed(b"data: " + write(chunk("x", model=model) | {"system_fingerprint": first})
+            + b"\n\n")
+    assert json.loads(rw.feed(b"data: " + payload + b"\n\n")[6:-2]) == reference
+    check_reference(obj, reference, model)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(obj=chunk_objects(), model=st.sampled_from(IDS), known=st.sampled_from(FPS),
+       write=writers(newlines=True))
+def test_any_spacing_unary_splice_equals_json_path(obj: dict[str, Any], model: str,
+                                                   known: str, write: Any) -> None:
+    payload = write(obj)
+    try:
+        reference = json.loads(rewrite_json(payload, ALIAS, model))
+    except SSEError:
+        return
+    out, _ = rewrite_body(payload, ALIAS, model, known)
+    assert json.loads(out) == reference
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(write=writers(), model=st.sampled_from(IDS), text=st.text(max_size=20))
+def test_a_compact_server_streams_through_the_splice(write: Any, model: str, text: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the first event has told the fingerprint, every chunk of any writer is spliced:
+    no decode per event, whatever the server's spacing, escapes or key order."""
+    with monkeypatch.context() as m:
+        rw = SSERewriter(ALIAS, model)
+        rw.feed(b"data: " + write(chunk("a", model=model)) + b"\n\n")
+        no_decode(m)
+        reordered = dict(reversed(list(chunk(text, model=model).items())))
+        block = b"".join(b"data: " + write(o) + b"\n\n"
+                         for o in (chunk(text, model=model), reordered, chunk(None, "stop",
+                                                                             model=model)))
+        out = rw.feed(block)
+    got = [json.loads(f[6:]) for f in frames(out)]
+    assert got == [as_alias(chunk(text)), as_alias(dict(reversed(list(chunk(text).items())))),
+                   as_alias(chunk(None, "stop"))]
+
+
+def test_a_completions_stream_takes_the_splice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`text_completion` events (/v1/completions) are not the usage event: spliced too."""
+    ev = {"id": "cmpl-1", "object": "text_completion", "model": INTERNAL, "created": 1,
+          "system_fingerprint": FP, "choices": [{"index": 0, "text": "hi"}]}
+    rw = rewriter()
+    rw.feed(data(ev))
+    no_decode(monkeypatch)
+    out = rw.feed(data(ev) * 3)
+    assert [json.loads(f[6:]) for f in frames(out)] == [as_alias(ev)] * 3
+
+
+@pytest.mark.parametrize("label", [b'"object":"chat.completion"', b'"object" : "chat.completion"',
+                                   b'"object": "chat\\u002ecompletion"'])
+def test_usage_event_is_relabelled_whatever_its_spelling(label: bytes) -> None:
+    """The usage event's label, however written, never passes the splice unrelabelled."""
+    rw = rewriter()
+    rw.feed(data(EVENTS[0]))
+    usage = json.dumps(USAGE).encode().replace(b'"object": "chat.completion"', label)
+    out = rw.feed(b"data: " + usage + b"\n\n")
+    assert json.loads(out[6:-2])["object"] == "chat.completion.chunk"
+
+
+@pytest.mark.parametrize("key", ["model", "system_fingerprint"])
+def test_a_key_that_only_ends_in_the_token_is_not_rewritten(key: str) -> None:
+    """`"say \\"model": "<id>"` holds the bytes `"model": "<id>"` but its key is `say "model`:
+    the splice must not touch it (the JSON path does not)."""
+    rw = rewriter()
+    rw.feed(data(EVENTS[0]))  # learn the fingerprint
+    value = INTERNAL if key == "model" else FP
+    obj = {**chunk("x"), f'say "{key}': value}
+    out = rw.feed(data(obj))
+    assert json.loads(out[6:-2])[f'say "{key}'] == value
+    assert json.loads(out[6:-2]) == json.loads(rewrite_json(json.dumps(obj).encode(), ALIAS,
+                                                            INTERNAL, stream=True))
+    body, _ = rewrite_body(json.dumps(obj).encode(), ALIAS, INTERNAL, FP)
+    assert json.loads(body)[f'say "{key}'] == value
