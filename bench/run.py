@@ -61,10 +61,18 @@ RESULTS = BENCH / "results"
 PY = sys.executable
 MODEL = "/Users/admin/models/qwen3-coder-30b"
 KEY = "bench-key-0123456789"
-ALL_TARGETS = ["direct", "nginx", "caddy", "litellm", "maclustr"]
+ALL_TARGETS = ["direct", "nginx", "caddy", "maclustr", "maclustr-metrics"]
+# litellm: the Python proxy people compare with (slow; installed on first use);
 # maclustr-quiet: --log-level warning (the access log's share); maclustr-asyncio: the
-# standard event loop instead of uvloop (the optional extra's share)
-EXTRA_TARGETS = ["maclustr-quiet", "maclustr-asyncio"]
+# standard event loop instead of uvloop (uvloop's share)
+EXTRA_TARGETS = ["litellm", "maclustr-quiet", "maclustr-asyncio"]
+# (b): content events per stream, and how far apart the per-event-read upstream sends them
+STREAM_CHUNKS = 64
+TRICKLE_MS = 2.0
+# (i): streams started at once, per burst; the burst upstream's events and pacing
+BURST_STREAMS = 16
+BURST_CHUNKS = 8
+BURST_PACE_MS = 5.0
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -76,6 +84,7 @@ class Sizes:
     wrk_s: float = 3.0
     seq_s: float = 2.0
     paced_streams: int = 48
+    bursts: int = 20  # (i) bursts of BURST_STREAMS streams, one after another
     slow_streams: int = 1000
     slow_s: int = 30
     real_requests: int = 3
@@ -86,7 +95,8 @@ class Sizes:
     affinity_turns: int = 6
 
 
-QUICK = Sizes(rounds=1, wrk_s=1.0, seq_s=1.0, paced_streams=16, slow_streams=100, slow_s=3,
+QUICK = Sizes(rounds=1, wrk_s=1.0, seq_s=1.0, paced_streams=16, bursts=4, slow_streams=100,
+              slow_s=3,
               real_requests=1, real_tokens=64, queue_s=3.0, affinity_convs=2,
               affinity_turns=4)
 
@@ -166,13 +176,13 @@ def mem_kb(pids: list[int], key: str) -> int:
 class Pinning:
     """Which CPUs the load generator, the upstreams and the target may use.
 
-    split (default): load + upstreams | target. The target never competes with the load,
+    none (default, the faithful regime): everything floats, as on the Mac that runs it all.
+    split: load + upstreams | target. The target never competes with the load,
       but a proxy that coalesces the upstream's small writes saves the load CPU work, so
       stream throughput can exceed 1.0x direct (it means: the target is not the limit).
     upstream-with-target: load | upstreams + target. Direct is then the upstream's own
       limit, and a target's ratio shows how much CPU it takes from the upstream's machine
       (the Mac that also runs the model).
-    none: everything floats.
     """
 
     def __init__(self, placement: str) -> None:
@@ -311,10 +321,17 @@ class Upstreams:
 
 
 def start_upstreams(pin: Pinning, sizes: Sizes, http11: bool, chunk_size: int = 8,
-                    queue: bool = False) -> Upstreams:
+                    queue: bool = False, compact: bool = False) -> Upstreams:
     ups = Upstreams()
-    specs = {"fast": ["--chunks", "64", "--chunk-size", str(chunk_size)],
-             "paced": ["--chunks", "64", "--pace-ms", "20", "--stamp"],
+    chunks = str(STREAM_CHUNKS)
+    specs = {"fast": ["--chunks", chunks, "--chunk-size", str(chunk_size)],
+             # one write per event, TRICKLE_MS apart: each event is its own read, as from
+             # mlx_lm.server (a token at a time), the faithful regime for CPU per event
+             "trickle": ["--chunks", chunks, "--chunk-size", str(chunk_size), "--pace-ms",
+                         str(TRICKLE_MS)],
+             "paced": ["--chunks", chunks, "--pace-ms", "20", "--stamp"],
+             "burst": ["--chunks", str(BURST_CHUNKS), "--pace-ms", str(BURST_PACE_MS),
+                       "--stamp"],
              "slow": ["--chunks", str(sizes.slow_s + 1), "--pace-ms", "1000"]}  # lasts slow_s
     if queue:  # (g): at most 2 streams at a time, ~0.4 s each
         specs["queue"] = ["--chunks", "20", "--pace-ms", "20",
@@ -324,6 +341,8 @@ def start_upstreams(pin: Pinning, sizes: Sizes, http11: bool, chunk_size: int = 
         cmd = [PY, str(BENCH / "upstream.py"), "--port", str(port), *extra]
         if http11:
             cmd.append("--http11")
+        if compact:
+            cmd.append("--compact")
         proc = spawn(f"upstream-{kind}", cmd, pin, "upstream")
         ups.ports[kind] = port
         ups.procs.append(proc)
@@ -373,6 +392,7 @@ class Target:
     error: str | None = None
     note: str = ""
     health: str = "/health"
+    metrics: bool = False  # serves /metrics (maclustr-metrics): scraped once after the run
 
     @property
     def pids(self) -> list[int]:
@@ -514,8 +534,9 @@ def start_litellm(ups: Upstreams, pin: Pinning, http11: bool,
 
 
 def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = False,
-                   loop: str = "auto") -> Target:
-    name = "maclustr-quiet" if quiet else "maclustr-asyncio" if loop == "asyncio" else "maclustr"
+                   loop: str = "auto", metrics: bool = False) -> Target:
+    name = ("maclustr-quiet" if quiet else "maclustr-asyncio" if loop == "asyncio"
+            else "maclustr-metrics" if metrics else "maclustr")
     t = Target(name)
     exe = Path(PY).parent / "maclustr"
     if not exe.exists():
@@ -550,10 +571,28 @@ def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = Fal
     check = subprocess.run([str(exe), "check", "--routes", str(routes)], capture_output=True,
                            timeout=30)
     if check.returncode != 0:
-        routes.write_text("\n".join(lines) + "\n")
+        lifted = lines
         t.note += "admission limits: build default; "
     else:
         t.note += "admission limits lifted (max_concurrency/max_queue 100000); "
+    # Metrics (issue 12: `gateway.metrics`, on by default where the build has it): off for
+    # `maclustr` (the relay alone), on for `maclustr-metrics`, /metrics then scraped once at
+    # the end to prove it counted. A build without the key: `maclustr-metrics` is not run.
+    gateway = ["gateway:", f"  metrics: {'true' if metrics else 'false'}",
+               "  metrics_public: true"] if metrics else ["gateway:", "  metrics: false"]
+    routes.write_text("\n".join(lifted + gateway) + "\n")
+    check = subprocess.run([str(exe), "check", "--routes", str(routes)], capture_output=True,
+                           timeout=30)
+    if check.returncode != 0:
+        if metrics:
+            t.error = "this build has no metrics (gateway.metrics is not a known setting)"
+            return t
+        routes.write_text("\n".join(lifted) + "\n")
+        t.note += "no metrics in this build; "
+    else:
+        t.note += f"gateway.metrics {'on' if metrics else 'off'}; "
+        if metrics:
+            t.metrics = True
     port = free_port()
     for k in t.models:
         t.urls[k] = f"http://127.0.0.1:{port}"
@@ -574,6 +613,7 @@ STARTERS: dict[str, Callable[..., Target]] = {
     "litellm": start_litellm, "maclustr": start_maclustr,
     "maclustr-quiet": lambda u, p, h: start_maclustr(u, p, h, quiet=True),
     "maclustr-asyncio": lambda u, p, h: start_maclustr(u, p, h, loop="asyncio"),
+    "maclustr-metrics": lambda u, p, h: start_maclustr(u, p, h, metrics=True),
 }
 
 
@@ -616,8 +656,9 @@ async def sanity(t: Target) -> None:
             chunks = [json.loads(e) for e in events[:-1]]
             content = sum(1 for c in chunks if c.get("choices")
                           and c["choices"][0].get("delta", {}).get("content"))
-            if content != 63:
-                raise RuntimeError(f"stream relayed {content} content chunks, expected 63")
+            if content != STREAM_CHUNKS - 1:
+                raise RuntimeError(f"stream relayed {content} content chunks, "
+                                   f"expected {STREAM_CHUNKS - 1}")
 
 
 # ---------------------------------------------------------------- load generators
@@ -793,13 +834,22 @@ def scenario_a(t: Target, sizes: Sizes, pin: Pinning) -> dict[str, float]:
 
 
 def scenario_b(t: Target, sizes: Sizes, pin: Pinning) -> dict[str, float]:
-    r = run_wrk(t, "fast", True, 16, sizes.wrk_s, pin)
-    events = 65  # 64 chunk events + [DONE] relayed per stream
-    out = {f"c16_{k}": v for k, v in r.items()}
-    out["streams_s"] = r["rps"]
-    out["chunks_s"] = r["rps"] * 64
+    """Streams through wrk. Faithful (the headline): the `trickle` upstream, one write per
+    event TRICKLE_MS apart, so every event is its own read, c=32. Batched (secondary): the
+    unpaced `fast` upstream, whose writes coalesce into large reads, c=16.
+    CPU per event counts each stream's events (64 chunks + `[DONE]`); streams still open when
+    wrk stops (≤ c, ~2 % of a 3 s run) are charged but not counted, for every target alike."""
+    events = STREAM_CHUNKS + 1
+    r = run_wrk(t, "trickle", True, 32, sizes.wrk_s, pin)
+    out = {f"trickle_{k}": v for k, v in r.items()}
     if r.get("requests"):
         out["cpu_us_per_event"] = r["cpu_s"] / (r["requests"] * events) * 1e6
+    r = run_wrk(t, "fast", True, 16, sizes.wrk_s, pin)
+    out.update({f"c16_{k}": v for k, v in r.items()})
+    out["streams_s"] = r["rps"]
+    out["chunks_s"] = r["rps"] * STREAM_CHUNKS
+    if r.get("requests"):
+        out["batched_cpu_us_per_event"] = r["cpu_s"] / (r["requests"] * events) * 1e6
     return out
 
 
@@ -817,6 +867,46 @@ def scenario_c(t: Target, sizes: Sizes, pin: Pinning) -> dict[str, Any]:
             "chunk_lag_p50_ms": pct(lag, 50) * 1e3, "chunk_lag_p99_ms": pct(lag, 99) * 1e3,
             "stamped_events": float(len(lag)),
             "cpu_s": cpu,
+            "errors": float(len(results) - len(ok)),
+            "first_error": next((r.error for r in results if not r.ok), "")}
+
+
+async def one_burst(t: Target, n: int) -> list[StreamResult]:
+    """n streams sent at once, each on its own new connection (n clients arriving together)."""
+    import aiohttp
+
+    url = t.urls["burst"] + "/v1/chat/completions"
+    data = body(t.models["burst"], True)
+    hdrs = {"Content-Type": "application/json", **t.headers}
+    conn = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
+        return list(await asyncio.gather(*(one_stream(s, url, data, hdrs, BURST_CHUNKS)
+                                           for _ in range(n))))
+
+
+def scenario_i(t: Target, sizes: Sizes, pin: Pinning) -> dict[str, Any]:
+    """(i) bursts: BURST_STREAMS streams started at once, `bursts` times, one burst after the
+    previous has ended. TTFB = send to the first data event, per stream; the added figure
+    (target − direct) is each request's setup cost queueing behind the others'."""
+
+    async def run() -> list[StreamResult]:
+        out: list[StreamResult] = []
+        for _ in range(sizes.bursts):
+            out += await one_burst(t, BURST_STREAMS)
+            await asyncio.sleep(0.05)
+        return out
+
+    cpu0 = cpu_seconds(t.pids)
+    results = asyncio.run(run())
+    cpu = cpu_seconds(t.pids) - cpu0
+    ok = [r for r in results if r.ok]
+    ttfb = [r.ttfb * 1e3 for r in ok]
+    lag = [x for r in ok for x in r.relay]
+    return {"streams": float(len(results)), "complete": float(len(ok)),
+            "ttfb_p50_ms": pct(ttfb, 50), "ttfb_p99_ms": pct(ttfb, 99),
+            "chunk_lag_p50_ms": pct(lag, 50) * 1e3, "cpu_s": cpu,
+            "cpu_us_per_stream": cpu / len(results) * 1e6 if results else math.nan,
             "errors": float(len(results) - len(ok)),
             "first_error": next((r.error for r in results if not r.ok), "")}
 
@@ -1127,6 +1217,22 @@ def scenario_h(sizes: Sizes, pin: Pinning) -> dict[str, Any]:
             proc.stop()
 
 
+def scrape_metrics(t: Target) -> dict[str, Any]:
+    """GET /metrics once: proof that the metrics target counted what it served."""
+    url = t.urls["fast"] + "/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode(errors="replace")
+    except (OSError, urllib.error.URLError) as e:
+        return {"error": repr(e)[:200]}
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("maclustr_requests_total{"):
+            with contextlib.suppress(ValueError):
+                total += float(line.rsplit(" ", 1)[1])
+    return {"requests_total": total, "bytes": len(text)}
+
+
 def summarize_collapsed(path: Path, top: int = 25) -> str:
     """Top frames by self and inclusive samples from py-spy's collapsed-stack output."""
     self_n: dict[str, int] = {}
@@ -1190,10 +1296,10 @@ def profile(t: Target, sizes: Sizes, pin: Pinning, scen: set[str]) -> dict[str, 
 
 RATIO_KEYS = ["a.c64_rps", "a.c16_rps", "b.streams_s"]
 ADDED_KEYS = ["a.c1_p50_ms", "c.ttfb_p50_ms", "c.ttfb_p99_ms", "c.chunk_lag_p50_ms",
-              "c.chunk_lag_p99_ms"]
+              "c.chunk_lag_p99_ms", "i.ttfb_p50_ms", "i.ttfb_p99_ms", "i.chunk_lag_p50_ms"]
 
 SCENARIOS: dict[str, Callable[[Target, Sizes, Pinning], dict[str, Any]]] = {
-    "a": scenario_a, "b": scenario_b, "c": scenario_c,
+    "a": scenario_a, "b": scenario_b, "c": scenario_c, "i": scenario_i,
 }
 
 
@@ -1214,6 +1320,107 @@ def ratio(v: float, d: float) -> str:
     if math.isnan(v) or math.isnan(d) or not d:
         return ""
     return f" ({v / d:.2f}×)"
+
+
+RSS_LIMIT_MB = 150.0
+TOKENS_FLOOR = 0.97
+BURST_TTFB_LIMIT_MS = 1.0
+
+
+def verdicts(report: dict[str, Any], name: str) -> list[tuple[str, str, bool | None]]:
+    """Issue 15's targets for one maclustr target, from this run's figures only:
+    (what, the figures, met? — None when not measured in this run)."""
+    m = report["medians"].get(name, {})
+    c = report["medians"].get("caddy", {})
+    d = report["medians"].get("direct", {})
+
+    def get(src: dict[str, float], k: str) -> float:
+        return float(src.get(k, math.nan))
+
+    def below(v: float, ref: float) -> bool | None:
+        return None if math.isnan(v) or math.isnan(ref) else v < ref
+
+    out: list[tuple[str, str, bool | None]] = []
+    for key, what in (("b.cpu_us_per_event", "CPU per relayed event (per-event reads)"),
+                      ("a.c64_cpu_us_per_req", "CPU per unary request")):
+        v, ref = get(m, key), get(c, key)
+        out.append((f"{what} below Caddy's", f"{fmt(v, 1)} vs {fmt(ref, 1)} µs"
+                    f"{ratio(v, ref)}", below(v, ref)))
+    added = get(m, "i.ttfb_p50_ms") - get(d, "i.ttfb_p50_ms")
+    out.append((f"added TTFB p50, {BURST_STREAMS}-stream burst ≤ {BURST_TTFB_LIMIT_MS:g} ms",
+                f"{fmt(added, 2)} ms", None if math.isnan(added)
+                else added <= BURST_TTFB_LIMIT_MS))
+    lag = get(m, "c.chunk_lag_p50_ms") - get(d, "c.chunk_lag_p50_ms")
+    lag_c = get(c, "c.chunk_lag_p50_ms") - get(d, "c.chunk_lag_p50_ms")
+    out.append(("added per-chunk latency p50 ≤ Caddy's", f"{fmt(lag, 3)} vs {fmt(lag_c, 3)} ms",
+                None if math.isnan(lag) or math.isnan(lag_c) else lag <= lag_c))
+    real, rd = report.get("real", {}).get(name, {}), report.get("real", {}).get("direct", {})
+    tps = float(real.get("tokens_s", math.nan)) / float(rd.get("tokens_s", math.nan) or math.nan)
+    out.append((f"real tiny mlx_lm.server tokens/s ≥ {TOKENS_FLOOR}× direct", f"{fmt(tps, 3)}×",
+                None if math.isnan(tps) else tps >= TOKENS_FLOOR))
+    slow = report.get("slow", {}).get(name, {})
+    if "complete" in slow:
+        ok: bool | None = (slow["complete"] == slow["streams"]
+                           and slow["rss_peak_mb"] <= RSS_LIMIT_MB)
+        if ok and slow["streams"] < 1000:
+            ok = None  # a smaller run (--quick) proves nothing about 1,000
+        out.append((f"1,000 slow streams complete, peak RSS ≤ {RSS_LIMIT_MB:g} MB",
+                    f"{slow['complete']}/{slow['streams']}, {fmt(slow['rss_peak_mb'], 0)} MB",
+                    ok))
+    else:
+        out.append((f"1,000 slow streams complete, peak RSS ≤ {RSS_LIMIT_MB:g} MB",
+                    "not measured", None))
+    return out
+
+
+def headline(report: dict[str, Any]) -> str:
+    """The faithful-regime summary: CPU per unit of work beside Caddy and direct, the burst,
+    per-chunk latency; batched-read CPU as a secondary row; issue 15's targets checked."""
+    med_ = report["medians"]
+    if not med_:
+        return ""
+    d, c = med_.get("direct", {}), med_.get("caddy", {})
+    lines = ["Faithful regime: HTTP/1.0 upstream (one request per connection), `data: ` + "
+             "json.dumps(obj) per event, one write per event"
+             f" ({TRICKLE_MS:g} ms apart in (b): each event its own read), "
+             f"{report['placement']}.\n",
+             "| target | CPU µs / unary request (× Caddy) | CPU µs / relayed event (× Caddy) "
+             f"| burst of {BURST_STREAMS}: TTFB p50 / p99 ms (added p50 / p99) "
+             "| paced: added per-chunk p50 ms |", "|---|---|---|---|---|"]
+    for name in report["targets"]:
+        if report["target_info"].get(name, {}).get("error") or name not in med_:
+            continue
+        m = med_[name]
+
+        def g(k: str, src: dict[str, float] = m) -> float:
+            return float(src.get(k, math.nan))
+
+        direct = name == "direct"
+        lag = ("(" + fmt(g("c.chunk_lag_p50_ms"), 3) + " direct)" if direct
+               else fmt(g("c.chunk_lag_p50_ms") - g("c.chunk_lag_p50_ms", d), 3))
+        lines.append(
+            f"| {name} | {'' if direct else fmt(g('a.c64_cpu_us_per_req'), 0)}"
+            f"{'' if direct else ratio(g('a.c64_cpu_us_per_req'), g('a.c64_cpu_us_per_req', c))}"
+            f" | {'' if direct else fmt(g('b.cpu_us_per_event'), 1)}"
+            f"{'' if direct else ratio(g('b.cpu_us_per_event'), g('b.cpu_us_per_event', c))}"
+            f" | {fmt(g('i.ttfb_p50_ms'), 2)} / {fmt(g('i.ttfb_p99_ms'), 2)}"
+            + ("" if direct else f" (+{fmt(g('i.ttfb_p50_ms') - g('i.ttfb_p50_ms', d), 2)} / "
+                                 f"+{fmt(g('i.ttfb_p99_ms') - g('i.ttfb_p99_ms', d), 2)})")
+            + f" | {lag} |")
+    row = ["Secondary (batched reads: the unpaced upstream, whose events coalesce into large "
+           "reads), CPU µs / relayed event: "]
+    row.append(", ".join(
+        f"{n} {fmt(float(med_[n].get('b.batched_cpu_us_per_event', math.nan)), 1)}"
+        for n in report["targets"] if n in med_ and n != "direct"))
+    out = "\n".join(lines) + "\n\n" + "".join(row) + "\n"
+    for name in report["targets"]:
+        if not name.startswith("maclustr") or name not in med_:
+            continue
+        out += f"\nIssue 15 targets, {name} (this run):\n\n"
+        for what, figures, ok in verdicts(report, name):
+            mark = "not measured" if ok is None else "met" if ok else "NOT met"
+            out += f"- {what}: {figures} — {mark}\n"
+    return out + "\n"
 
 
 def build_tables(report: dict[str, Any]) -> str:
@@ -1375,19 +1582,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run")
     p.add_argument("--only", default=",".join(ALL_TARGETS),
                    help=f"targets (default: %(default)s; also: {','.join(EXTRA_TARGETS)})")
-    p.add_argument("--scenarios", default="a,b,c,d,e,f,g,h", help="(default: %(default)s)")
+    p.add_argument("--scenarios", default="a,b,c,d,e,f,i",
+                   help="(default: %(default)s; also g, h: queueing and cache affinity)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
     p.add_argument("--slow-seconds", type=int, help="(d) duration (default 30, quick 3)")
     p.add_argument("--slow-streams", type=int, help="(d) streams (default 1000, quick 100)")
     p.add_argument("--slow-targets",
-                   help="targets that run (d) (default: nginx,caddy,maclustr,maclustr-quiet; "
-                        "quick: maclustr,maclustr-quiet)")
+                   help="targets that run (d) (default: nginx,caddy,maclustr,maclustr-metrics; "
+                        "quick: maclustr,maclustr-metrics)")
     p.add_argument("--slow-apart", action="store_true",
                    help="(d) one target after another instead of all at the same time")
     p.add_argument("--http11", action="store_true", help="keep-alive HTTP/1.1 fake upstream")
+    p.add_argument("--compact-upstream", action="store_true",
+                   help="the fake upstream writes compact JSON (separators , and :)")
     p.add_argument("--chunk-size", type=int, default=8,
                    help="content bytes per event of the unpaced fake (default: %(default)s)")
-    p.add_argument("--placement", default="split",
+    p.add_argument("--placement", default="none",
                    choices=["split", "upstream-with-target", "none"],
                    help="CPU placement (default: %(default)s; see Pinning)")
     p.add_argument("--profile", action="store_true",
@@ -1410,7 +1620,7 @@ def main(argv: list[str] | None = None) -> int:
     scen = {s.strip() for s in args.scenarios.split(",") if s.strip()}
     if "e" in scen:
         scen |= {"a", "b"}  # (e) is computed from (a) and (b)
-    if "direct" not in names and scen & {"a", "b", "c", "f"}:
+    if "direct" not in names and scen & {"a", "b", "c", "f", "i"}:
         names.insert(0, "direct")  # ratios need the limit
 
     started = time.monotonic()
@@ -1434,12 +1644,14 @@ def main(argv: list[str] | None = None) -> int:
         "nproc": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
         "placement": pin.describe(), "quick": args.quick, "sizes": sizes.__dict__,
         "upstream_mode": ("HTTP/1.1 keep-alive" if args.http11 else "HTTP/1.0 close-delimited")
-        + f", {args.chunk_size}-byte content per chunk",
+        + f", {args.chunk_size}-byte content per chunk"
+        + (", compact JSON" if args.compact_upstream else ", json.dumps default separators"),
         "targets": names, "scenarios": sorted(scen), "target_info": {}, "raw": {},
         "medians": {}, "ratios": {}, "rss": {}, "slow": {}, "real": {}, "queue": {},
-        "cache_affinity": {}, "versions": {}}
+        "cache_affinity": {}, "versions": {}, "metrics_scrape": {}}
     try:
-        ups = start_upstreams(pin, sizes, args.http11, args.chunk_size, queue="g" in scen)
+        ups = start_upstreams(pin, sizes, args.http11, args.chunk_size, queue="g" in scen,
+                              compact=args.compact_upstream)
         if "f" in scen:
             print("  starting the real tiny mlx_lm.server for (f) ...", flush=True)
             start_real_mlx(ups, pin)
@@ -1473,7 +1685,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for rnd in range(sizes.rounds):
             for t in live:
-                for s in ("a", "b", "c"):
+                for s in ("a", "b", "c", "i"):
                     if s not in scen:
                         continue
                     try:
@@ -1484,7 +1696,8 @@ def main(argv: list[str] | None = None) -> int:
                     report["raw"].setdefault(t.name, {}).setdefault(s, []).append(r)
                     brief = {k: round(v, 2) for k, v in r.items()
                              if k in ("c64_rps", "streams_s", "ttfb_p50_ms", "cpu_us_per_event",
-                                      "c64_cpu_us_per_req", "chunk_lag_p50_ms")}
+                                      "batched_cpu_us_per_event", "c64_cpu_us_per_req",
+                                      "chunk_lag_p50_ms")}
                     print(f"  round {rnd + 1} {t.name:>14} ({s}) {brief or r}", flush=True)
         for t in live:
             m: dict[str, float] = {}
@@ -1502,8 +1715,8 @@ def main(argv: list[str] | None = None) -> int:
             report["ratios"][name] = rat
 
         if "d" in scen:
-            slow_default = ("maclustr,maclustr-quiet" if args.quick
-                            else "nginx,caddy,maclustr,maclustr-quiet")
+            slow_default = ("maclustr,maclustr-metrics" if args.quick
+                            else "nginx,caddy,maclustr,maclustr-metrics")
             slow_names = [n.strip() for n in (args.slow_targets or slow_default).split(",")]
             slow_ts = [t for t in live if t.name in slow_names]
             print(f"  (d) {sizes.slow_streams} slow streams for {sizes.slow_s} s through "
@@ -1520,7 +1733,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"      {t.name}: {report['slow'][t.name]}", flush=True)
         if "f" in scen:
             for t in live:
-                if t.name not in ("direct", "maclustr", "maclustr-quiet"):
+                if t.name not in ("direct", "maclustr", "maclustr-metrics", "maclustr-quiet"):
                     continue
                 if ups.real_error or "real" not in t.urls:
                     report["real"][t.name] = {"skipped": ups.real_error or "no real upstream"}
@@ -1570,6 +1783,9 @@ def main(argv: list[str] | None = None) -> int:
                 report["cache_affinity"] = {"skipped": "maclustr not among the targets"}
             print(f"      {report['cache_affinity']}", flush=True)
 
+        for t in live:
+            if t.metrics:
+                report["metrics_scrape"][t.name] = scrape_metrics(t)
         if args.profile:
             for t in live:
                 if t.name.startswith("maclustr"):
@@ -1606,7 +1822,7 @@ def main(argv: list[str] | None = None) -> int:
               "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
               + "\n\nTargets: " + "; ".join(
                   f"{n}: {i['note'] or ''}" for n, i in report["target_info"].items()) + "\n\n")
-    md = header + table + "\n"
+    md = header + headline(report) + table + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(md)

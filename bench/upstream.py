@@ -18,8 +18,11 @@ no byte sent) until one ends, FIFO: an upstream that is saturated, for scenario 
 A slow reader gets backpressure: the stream pauses while the transport is above its high
 water mark (mlx's blocking `wfile.write` behaves the same way).
 
+`--compact` writes `json.dumps(obj, separators=(",", ":"))` instead, as other
+OpenAI-compatible servers do (the splice must not depend on one server's spacing).
+
 Usage: python bench/upstream.py --port P [--chunks 64] [--chunk-size 8] [--pace-ms 0]
-       [--unary-chunks 16] [--http11] [--stamp] [--max-concurrent N]
+       [--unary-chunks 16] [--http11] [--stamp] [--max-concurrent N] [--compact]
 """
 
 from __future__ import annotations
@@ -44,7 +47,13 @@ def _text(size: int) -> str:
 class Bodies:
     """Every byte the fake will ever send, encoded once at start-up."""
 
-    def __init__(self, chunks: int, chunk_size: int, unary_chunks: int) -> None:
+    def __init__(self, chunks: int, chunk_size: int, unary_chunks: int,
+                 compact: bool = False) -> None:
+        seps = (",", ":") if compact else (", ", ": ")
+
+        def dumps(obj: object) -> str:
+            return json.dumps(obj, separators=seps)
+
         rid = f"chatcmpl-{uuid.uuid4()}"
         created = int(time.time())
         text = _text(chunk_size)
@@ -56,7 +65,7 @@ class Bodies:
                 delta["content"] = content
             obj = dict(base, object="chat.completion.chunk", model=MODEL, created=created,
                        choices=[{"index": 0, "finish_reason": finish, "delta": delta}])
-            return f"data: {json.dumps(obj)}\n\n".encode()
+            return f"data: {dumps(obj)}\n\n".encode()
 
         self.events = [chunk(None, text) for _ in range(chunks - 1)] + [chunk("stop", None)]
         # --stamp: the content is the send time (CLOCK_MONOTONIC, shared by all processes
@@ -68,7 +77,7 @@ class Bodies:
                  "prompt_tokens_details": {"cached_tokens": 0}}
         usage_obj = dict(base, object="chat.completion", model=MODEL, created=created,
                          choices=[], usage=usage)
-        self.usage = f"data: {json.dumps(usage_obj)}\n\n".encode()
+        self.usage = f"data: {dumps(usage_obj)}\n\n".encode()
         self.keepalive = b": keepalive 1/1\n\n"
         self.done = b"data: [DONE]\n\n"
         unary = dict(base, object="chat.completion", model=MODEL, created=created,
@@ -78,7 +87,7 @@ class Bodies:
                      usage={"prompt_tokens": 19, "completion_tokens": unary_chunks,
                             "total_tokens": 19 + unary_chunks,
                             "prompt_tokens_details": {"cached_tokens": 0}})
-        self.unary = json.dumps(unary).encode()
+        self.unary = dumps(unary).encode()
         self.health = json.dumps({"status": "ok"}).encode()
 
 
@@ -277,7 +286,7 @@ class Upstream(asyncio.Protocol):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    Upstream.bodies = Bodies(args.chunks, args.chunk_size, args.unary_chunks)
+    Upstream.bodies = Bodies(args.chunks, args.chunk_size, args.unary_chunks, args.compact)
     Upstream.pace = args.pace_ms / 1000.0
     Upstream.http11 = args.http11
     Upstream.stamp = args.stamp
@@ -304,6 +313,8 @@ def main() -> None:
     p.add_argument("--http11", action="store_true", help="HTTP/1.1 keep-alive answers")
     p.add_argument("--max-concurrent", type=int, default=0,
                    help="serve at most N streams at a time, hold the rest (0: no limit)")
+    p.add_argument("--compact", action="store_true",
+                   help="compact JSON separators (other servers' style), not json.dumps's")
     p.add_argument("--stamp", action="store_true",
                    help="content = send time (time.monotonic) to measure relay latency")
     args = p.parse_args()
