@@ -21,7 +21,8 @@ Requests, item by item (every item a plain dict as the client sent it):
     `file_search`, ...) is dropped, not refused. Function tools inside a `namespace` are
     dropped too: Codex routes a namespaced call by its namespace, which a chat tool call
     cannot carry back.
-  * `max_output_tokens` -> `max_tokens`; `temperature`, `top_p` pass. What a local model
+  * `max_output_tokens` -> `max_tokens` (DEFAULT_MAX_TOKENS when absent); `temperature`,
+    `top_p` pass. What a local model
     cannot honour (`reasoning`, `include`, `store`, `tool_choice`, `parallel_tool_calls`,
     `text`, `prompt_cache_key`, `client_metadata`, `metadata`, `truncation`, `user`, ...) is
     ignored.
@@ -44,6 +45,13 @@ from .dialect import encode_event
 from .errors import BadRequest, GatewayError
 
 # --- request ---------------------------------------------------------------------------------
+
+# Without `max_output_tokens` OpenAI lets a model write up to its own limit, and Codex never
+# sends one; mlx_lm.server would cap the answer at its `--max-tokens` default (512), and Codex
+# treats the resulting response.incomplete as a failed turn (exit 1) -- any longer answer or
+# file write would fail. So the gateway asks for this much instead (Claude Code's own per-turn
+# budget is 32000); generation still ends at the model's end of turn.
+DEFAULT_MAX_TOKENS = 32768
 
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
 _DROPPED_ITEMS = frozenset({"reasoning"})
@@ -91,6 +99,7 @@ def to_chat(req: dict[str, Any], model: str) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise BadRequest(f"'{src}' must be a number.", param=src)
             out[dst] = value
+    out.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     if req.get("stream") is True:
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}  # mlx fails on `{}` after the content

@@ -25,6 +25,8 @@ from conftest import (
     sdk_http_client,
 )
 
+from maclustr.responses import DEFAULT_MAX_TOKENS
+
 ALIAS = "maclustr-coder"
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 SHELL_TOOL = {"type": "function", "name": "exec_command", "description": "Run a command",
@@ -266,6 +268,7 @@ async def test_codex_exec_completes_a_turn(codex_gw: Gateway, fake: FakeMLX,
     assert first["messages"][-1] == {"role": "user", "content": "say pong"}
     assert {t["function"]["name"] for t in first["tools"]} >= {"exec_command"}
     assert first["stream_options"] == {"include_usage": True}
+    assert first["max_tokens"] == DEFAULT_MAX_TOKENS  # Codex sends no max_output_tokens
 
 
 async def test_codex_exec_runs_a_tool_loop(codex_gw: Gateway, fake: FakeMLX,
@@ -325,3 +328,15 @@ async def test_codex_with_the_readme_config_toml(codex_gw: Gateway, fake: FakeML
         codex_gw), args=["exec", "--skip-git-repo-check", "say pong"])
     assert rc == 0, err[-2000:]
     assert "pong" in out and len(upstream_turns(fake)) == 1
+
+
+async def test_codex_reports_the_token_limit_without_retrying(codex_gw: Gateway, fake: FakeMLX,
+                                                             tmp_path: Path) -> None:
+    """response.incomplete is a failed turn to Codex (exit 1, the reason on stderr), not a
+    broken stream: no retry. Why the gateway asks for DEFAULT_MAX_TOKENS when Codex names
+    no limit, instead of leaving mlx_lm.server's 512."""
+    fake.default = Behavior(events=2, text="partial", finish_reason="length")
+    rc, _, err = await run_codex(codex_gw, tmp_path, "say pong")
+    assert rc != 0
+    assert "Incomplete response returned, reason: max_output_tokens" in err
+    assert len(upstream_turns(fake)) == 1
