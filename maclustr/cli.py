@@ -307,6 +307,12 @@ class _JSONFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
+    # The access log writes a record per request: skip what no line shows (the caller's
+    # file and line, found by walking the stack; thread and process ids): 2 µs a request.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = _BufferedHandler()
     handler.setFormatter(_JSONFormatter() if log_format == "json" else
                          _Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
