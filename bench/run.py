@@ -321,6 +321,13 @@ class Upstreams:
         return f"http://127.0.0.1:{self.ports[kind]}"
 
 
+def internal_model(kind: str) -> str:
+    """maclustr's internal id for one fake upstream (one alias per internal id), which that
+    fake echoes in every answer as mlx_lm.server echoes the id it was asked for (an answer
+    naming another id would send every event down the JSON path)."""
+    return MODEL if kind == "fast" else f"{MODEL}-{kind}"
+
+
 def start_upstreams(pin: Pinning, sizes: Sizes, http11: bool, chunk_size: int = 8,
                     queue: bool = False, compact: bool = False) -> Upstreams:
     ups = Upstreams()
@@ -339,7 +346,8 @@ def start_upstreams(pin: Pinning, sizes: Sizes, http11: bool, chunk_size: int = 
                           "--max-concurrent", str(QUEUE_LIMITS["max_concurrency"])]
     for kind, extra in specs.items():
         port = free_port()
-        cmd = [PY, str(BENCH / "upstream.py"), "--port", str(port), *extra]
+        cmd = [PY, str(BENCH / "upstream.py"), "--port", str(port), "--model",
+               internal_model(kind), *extra]
         if http11:
             cmd.append("--http11")
         if compact:
@@ -547,7 +555,7 @@ def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = Fal
     d.mkdir(parents=True, exist_ok=True)
     lines = ["models:"]
     for k in ups.ports:
-        model = MODEL if k == "fast" else f"{MODEL}-{k}"  # one alias per internal model
+        model = internal_model(k)
         lines += [f"  bench-{k}:", f"    model: {model}", f"    upstream: {ups.url(k)}"]
         t.models[k] = f"bench-{k}"
     if ups.real_port:

@@ -48,7 +48,7 @@ class Bodies:
     """Every byte the fake will ever send, encoded once at start-up."""
 
     def __init__(self, chunks: int, chunk_size: int, unary_chunks: int,
-                 compact: bool = False) -> None:
+                 compact: bool = False, model: str = MODEL) -> None:
         seps = (",", ":") if compact else (", ", ": ")
 
         def dumps(obj: object) -> str:
@@ -63,7 +63,7 @@ class Bodies:
             delta: dict[str, str] = {"role": "assistant"}
             if content:
                 delta["content"] = content
-            obj = dict(base, object="chat.completion.chunk", model=MODEL, created=created,
+            obj = dict(base, object="chat.completion.chunk", model=model, created=created,
                        choices=[{"index": 0, "finish_reason": finish, "delta": delta}])
             return f"data: {dumps(obj)}\n\n".encode()
 
@@ -75,12 +75,12 @@ class Bodies:
         self.stamp_parts = (head, tail)
         usage = {"prompt_tokens": 19, "completion_tokens": chunks, "total_tokens": 19 + chunks,
                  "prompt_tokens_details": {"cached_tokens": 0}}
-        usage_obj = dict(base, object="chat.completion", model=MODEL, created=created,
+        usage_obj = dict(base, object="chat.completion", model=model, created=created,
                          choices=[], usage=usage)
         self.usage = f"data: {dumps(usage_obj)}\n\n".encode()
         self.keepalive = b": keepalive 1/1\n\n"
         self.done = b"data: [DONE]\n\n"
-        unary = dict(base, object="chat.completion", model=MODEL, created=created,
+        unary = dict(base, object="chat.completion", model=model, created=created,
                      choices=[{"index": 0, "finish_reason": "stop",
                                "message": {"role": "assistant",
                                            "content": _text(chunk_size * unary_chunks)}}],
@@ -286,7 +286,8 @@ class Upstream(asyncio.Protocol):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    Upstream.bodies = Bodies(args.chunks, args.chunk_size, args.unary_chunks, args.compact)
+    Upstream.bodies = Bodies(args.chunks, args.chunk_size, args.unary_chunks, args.compact,
+                             args.model)
     Upstream.pace = args.pace_ms / 1000.0
     Upstream.http11 = args.http11
     Upstream.stamp = args.stamp
@@ -313,6 +314,9 @@ def main() -> None:
     p.add_argument("--http11", action="store_true", help="HTTP/1.1 keep-alive answers")
     p.add_argument("--max-concurrent", type=int, default=0,
                    help="serve at most N streams at a time, hold the rest (0: no limit)")
+    p.add_argument("--model", default=MODEL,
+                   help="the model id every answer names (mlx_lm.server echoes the one it "
+                        "was asked for: the gateway's internal id for this route)")
     p.add_argument("--compact", action="store_true",
                    help="compact JSON separators (other servers' style), not json.dumps's")
     p.add_argument("--stamp", action="store_true",
