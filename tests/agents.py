@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+from maclustr.harness import require
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".npm-tools" / "node_modules" / ".bin"
@@ -17,12 +17,8 @@ PINNED = {"claude": "2.1.197", "codex": "0.171.0"}  # the Makefile's agents targ
 def require_cli(name: str) -> Path:
     """The installed CLI; a missing one FAILS under CI=true (never a silent skip there)."""
     path = BIN / name
-    if path.exists():
-        return path
-    msg = f"`{name}` is not installed in {BIN}: run `make agents` (npm, pinned {PINNED[name]})"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
+    return require(path if path.exists() else None, f"`{name}` in {BIN}",
+                   f"`make agents` (npm, pinned {PINNED[name]})")
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:

@@ -40,6 +40,7 @@ from maclustr.config import ConfigError, RouteTable, parse_routes
 from maclustr.harness import (
     free_port,
     make_tiny_model,
+    missing,
     require,
     require_command,
     require_module,
@@ -360,10 +361,7 @@ def json_backend(request: pytest.FixtureRequest) -> Iterator[str]:
     before = jsonfast.use_orjson(request.param == "orjson")
     try:
         if request.param == "orjson" and not jsonfast.available():
-            msg = "orjson is a run-time dependency (setup.cfg) but is not installed"
-            if os.environ.get("CI"):
-                pytest.fail(msg)
-            pytest.skip(msg)
+            missing("the Python module 'orjson'", "the run-time dependency orjson (setup.cfg)")
         yield request.param
     finally:
         jsonfast.use_orjson(before)

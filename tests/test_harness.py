@@ -4,6 +4,7 @@ test that needs a missing real part fails under CI=true instead of skipping."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,17 @@ def test_a_present_part_is_returned(monkeypatch: pytest.MonkeyPatch) -> None:
     assert require_command(("no-such-program-maclustr", "sh"), "x").endswith("/sh")
     assert require_module("json", "x").dumps([]) == "[]"
     assert require(0, "zero is found", "x") == 0
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", "FAIL under CI=true"), ("", "skip")])
+def test_make_test_names_the_system_package_it_could_not_install(ci: str, outcome: str) -> None:
+    """`make test`'s system-deps step says which Debian package is missing and what that means
+    for the tests (SUDO=false makes the install fail at once, without apt or the network)."""
+    r = subprocess.run(["make", "-s", "system-deps", "SUDO=false",
+                        "SYSTEM_DEPS=sh:dash no-such-program-maclustr:maclustr-nope-pkg"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "CI": ci})
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("make test:")]
+    assert lines == ["make test: could not install the Debian package maclustr-nope-pkg "
+                     f"(no no-such-program-maclustr); the tests that need it {outcome}"], r.stdout

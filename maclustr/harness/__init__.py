@@ -12,8 +12,8 @@ mlx, mlx-lm, tokenizers and pytest are imported inside the functions that need t
 from __future__ import annotations
 
 from .mlx_server import free_port, start_mlx_server, stop, wait_healthy
-from .requirements import ci_strict, require, require_command, require_module
+from .requirements import ci_strict, missing, require, require_command, require_module
 from .tiny_model import make_tiny_model
 
-__all__ = ["ci_strict", "free_port", "make_tiny_model", "require", "require_command",
+__all__ = ["ci_strict", "free_port", "make_tiny_model", "missing", "require", "require_command",
            "require_module", "start_mlx_server", "stop", "wait_healthy"]
