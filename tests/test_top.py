@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import KEY, ROOT, Behavior, FakeMLX, routes_yaml
+import wire_tap
+from conftest import KEY, ROOT, Behavior, FakeMLX, routes_yaml, wait_for
 
 from maclustr.stats import ModelCounts, Snapshot, quantile, window
 
@@ -53,7 +54,11 @@ async def test_top_reads_a_running_gateway(gateway_process: Any, tmp_path: Path,
     top = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "maclustr", "top", "--url", gp.url, "--key", KEY, "--once",
         "--interval", "2", cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    await asyncio.sleep(0.5)  # top's first scrape
+    # top's first scrape must come before the traffic (a fixed sleep lost that race on a busy
+    # machine): the wire tap shows when the gateway has sent its first /metrics answer.
+    wire = tmp_path / f"gateway-{gp.url.rsplit(':', 1)[1]}.wire"
+    await wait_for(lambda: b"maclustr_build_info" in b"".join(wire_tap.read_file(wire)),
+                   timeout=20, interval=0.05)
     async with aiohttp.ClientSession() as s:
         for i in range(6):
             async with s.post(gp.url + CHAT, headers={"Authorization": f"Bearer {KEY}"},

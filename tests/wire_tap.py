@@ -103,13 +103,15 @@ def record_to_file(path: str) -> None:
 
 
 def read_file(path: Path) -> list[bytes]:
-    """The per-connection byte streams recorded by `record_to_file`."""
+    """The per-connection byte streams recorded by `record_to_file` (so far)."""
     if not path.exists():
         return []
     raw, i = path.read_bytes(), 0
     conns: dict[int, bytearray] = {}
     while i < len(raw):
-        nl = raw.index(b"\n", i)
+        nl = raw.find(b"\n", i)
+        if nl < 0:
+            break  # a record still being written (the process is running)
         conn, size = map(int, raw[i:nl].split())
         conns.setdefault(conn, bytearray()).extend(raw[nl + 1:nl + 1 + size])
         i = nl + 1 + size
