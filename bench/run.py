@@ -1463,7 +1463,7 @@ def build_tables(report: dict[str, Any]) -> str:
     lines = ["| target | unary req/s c=64 | unary req/s c=16 | unary p50/p99 ms c=64 "
              "| seq c=1 added ms | stream req/s c=16 | chunks/s | paced TTFB p50/p99 ms "
              "(added p50) | paced added per-chunk p50 ms | CPU µs / unary req | "
-             "CPU µs / relayed event | peak RSS MB |",
+             "CPU µs / relayed event (per-event reads) | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in report["targets"]:
         info = report["target_info"][name]
