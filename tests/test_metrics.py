@@ -18,7 +18,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Answer, Behavior, FakeMLX, Gateway, GatewayClient, RealMLX, read_until
+from conftest import (
+    Answer,
+    Behavior,
+    FakeMLX,
+    Gateway,
+    GatewayClient,
+    RealMLX,
+    read_until,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from real_mlx import free_port
 
@@ -320,6 +329,28 @@ async def test_config_metrics_flags_must_be_booleans(value: Any) -> None:
                          "    model: m\n    upstream: http://127.0.0.1:1\n")
 
 
+FIELDS = {"time", "request_id", "key", "model", "method", "endpoint", "stream", "status",
+          "replica", "ttft_ms", "duration_ms", "prompt_tokens", "completion_tokens",
+          "bytes_out", "error"}
+
+
+def check_json_log(log: str, e: Expect, internal: set[str]) -> list[dict[str, Any]]:
+    """Every line one JSON object; no secret or internal string anywhere; one access record
+    per API request of the mix, with its labels. Returns the API records."""
+    records = [json.loads(ln) for ln in log.splitlines() if ln.strip()]  # every line parses
+    for s in (*internal, "sk-alice-0001", "sk-bob-0002"):
+        assert s not in log, f"{s!r} in the log"
+    access = [r for r in records if "request_id" in r]
+    assert all(set(r) == FIELDS for r in access)
+    others = [r for r in records if "request_id" not in r]
+    assert all(set(r) >= {"time", "level", "logger", "message"} for r in others)
+    api = [r for r in access if r["endpoint"] in (CHAT, COMPLETIONS)]
+    got = Counter((r["model"], r["endpoint"], r["key"], str(r["status"]),
+                   "true" if r["stream"] else "false") for r in api)
+    assert got == e.requests
+    return api
+
+
 async def test_json_access_log_after_known_mix(gateway_process: Any, tmp_path: Path,
                                                fake: FakeMLX, fake2: FakeMLX) -> None:
     """`--log-format json`: every line is one JSON object; one access record per request with
@@ -338,24 +369,11 @@ async def test_json_access_log_after_known_mix(gateway_process: Any, tmp_path: P
         client = GatewayClient(gp.url, session)
         e = await run_mix(client, body(F, "hold", True, stream_options={"include_usage": True}),
                           body(A, "leave", True, max_tokens=1000))
-        await asyncio.sleep(0.3)  # the abandoned stream's handler ends
+    await wait_for(lambda: '"status":499' in gp.output(), 15)  # the abandoned stream
     gp.proc.terminate()
     await asyncio.to_thread(gp.proc.wait, 10)
-    lines = [ln for ln in gp.output().splitlines() if ln.strip()]
-    records = [json.loads(ln) for ln in lines]  # every line parses
-    log = gp.output()
     netlocs = [u.split("//", 1)[1] for u in (fake.url, fake2.url, dead)]  # host:port
-    for s in (*models.values(), *netlocs, "sk-alice-0001", "sk-bob-0002"):
-        assert s not in log, f"{s!r} in the log"
-    access = [r for r in records if "request_id" in r]
-    api = [r for r in access if r["endpoint"] in (CHAT, COMPLETIONS)]
-    got = Counter((r["model"], r["endpoint"], r["key"], str(r["status"]),
-                   "true" if r["stream"] else "false") for r in api)
-    assert got == e.requests
-    fields = {"time", "request_id", "key", "model", "method", "endpoint", "stream", "status",
-              "replica", "ttft_ms", "duration_ms", "prompt_tokens", "completion_tokens",
-              "bytes_out", "error"}
-    assert all(set(r) == fields for r in access)
+    api = check_json_log(gp.output(), e, {*models.values(), *netlocs})
     failover = next(r for r in api if r["model"] == G)
     assert failover["replica"] == "1" and failover["error"] is None
     assert failover["prompt_tokens"] > 0 and failover["ttft_ms"] is None
@@ -366,8 +384,61 @@ async def test_json_access_log_after_known_mix(gateway_process: Any, tmp_path: P
     assert len(gone) == 1 and gone[0]["error"] == "client_disconnected"
     rejected = next(r for r in api if r["status"] == 429)
     assert rejected["error"] == "rate_limit_exceeded" and rejected["key"] == "bob"
-    others = [r for r in records if "request_id" not in r]
-    assert all(set(r) >= {"time", "level", "logger", "message"} for r in others)
+
+
+async def test_json_access_log_after_known_mix_real(gateway_process: Any, tmp_path: Path,
+                                                    real_mlx: RealMLX) -> None:
+    """The same against the real mlx_lm.server, whose model ids are filesystem paths."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    general = tmp_path / "tiny-general"
+    general.symlink_to(real_mlx.models[A], target_is_directory=True)
+    models = {A: str(real_mlx.models[A]), F: str(real_mlx.models[F]), G: str(general)}
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(mix_routes(models, real_mlx.url, real_mlx.url, [dead, real_mlx.url]))
+    gp = gateway_process(routes, "--log-format", "json",
+                         env={"MACLUSTR_API_KEY": ",".join(KEYS)})
+    async with aiohttp.ClientSession() as session:
+        client = GatewayClient(gp.url, session)
+        e = await run_mix(client, body(F, "hold the slot", True, max_tokens=600,
+                                       stream_options={"include_usage": True}),
+                          body(A, "leave early", True, max_tokens=100000))
+    await wait_for(lambda: '"status":499' in gp.output(), 15)  # the abandoned stream
+    gp.proc.terminate()
+    await asyncio.to_thread(gp.proc.wait, 10)
+    netlocs = [u.split("//", 1)[1] for u in (real_mlx.url, dead)]
+    api = check_json_log(gp.output(), e, {*models.values(), *netlocs, "tiny-"})
+    done = [r for r in api if r["status"] == 200]
+    assert all(r["prompt_tokens"] > 0 and r["completion_tokens"] >= 0 for r in done)
+
+
+async def test_text_access_log_holds_nothing_internal(gateway_process: Any, tmp_path: Path,
+                                                      fake: FakeMLX, fake2: FakeMLX) -> None:
+    """The default text format: one line per request with the key's name, never a secret,
+    an upstream address or an internal id."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    models = {A: "/Users/admin/models/internal-a", F: "/Users/admin/models/internal-f",
+              G: "/Users/admin/models/internal-g"}
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(mix_routes(models, fake.url, fake.url, [dead, fake2.url]))
+    gp = gateway_process(routes, env={"MACLUSTR_API_KEY": ",".join(KEYS)})
+    fake.by_model(models[F], Behavior(events=6, delay=0.3))
+    fake.push(*[Behavior()] * 7, Behavior(events=100, delay=0.05))
+    async with aiohttp.ClientSession() as session:
+        e = await run_mix(GatewayClient(gp.url, session),
+                          body(F, "hold", True, stream_options={"include_usage": True}),
+                          body(A, "leave", True, max_tokens=1000))
+    await wait_for(lambda: " status=499 " in gp.output(), 15)  # the abandoned stream
+    gp.proc.terminate()
+    await asyncio.to_thread(gp.proc.wait, 10)
+    log = gp.output()
+    for s in (*models.values(), *[u.split("//", 1)[1] for u in (fake.url, fake2.url, dead)],
+              "sk-alice-0001", "sk-bob-0002"):
+        assert s not in log, f"{s!r} in the log"
+    access = [ln for ln in log.splitlines() if " maclustr.access " in ln and
+              (f" {CHAT} " in ln or f" {COMPLETIONS} " in ln)]
+    assert len(access) == sum(e.requests.values())
+    assert sum(" key=alice " in ln for ln in access) == sum(
+        n for k, n in e.requests.items() if k[2] == "alice")
 
 
 async def test_translated_requests_count_the_same(make_gateway: Any, fake: FakeMLX) -> None:
