@@ -22,10 +22,10 @@ Requests, item by item (every item a plain dict as the client sent it):
     dropped too: Codex routes a namespaced call by its namespace, which a chat tool call
     cannot carry back.
   * `max_output_tokens` -> `max_tokens` (DEFAULT_MAX_TOKENS when absent); `temperature`,
-    `top_p` pass. What a local model
-    cannot honour (`reasoning`, `include`, `store`, `tool_choice`, `parallel_tool_calls`,
-    `text`, `prompt_cache_key`, `client_metadata`, `metadata`, `truncation`, `user`, ...) is
-    ignored.
+    `top_p` pass; `tool_choice: "none"` sends no tools (as the Anthropic dialect does). What a
+    local model cannot honour (`reasoning`, `include`, `store`, other `tool_choice` values,
+    `parallel_tool_calls`, `text`, `prompt_cache_key`, `client_metadata`, `metadata`,
+    `truncation`, `user`, ...) is ignored.
 
 Answers: the upstream's `delta.reasoning` becomes a `reasoning` item with `reasoning_text`
 content (what OpenAI sends for open-weight models' raw reasoning), text a `message` item,
@@ -90,7 +90,7 @@ def to_chat(req: dict[str, Any], model: str) -> dict[str, Any]:
     messages = ([{"role": "system", "content": "\n\n".join(system)}] if system else [])
     out: dict[str, Any] = {"model": model, "messages": messages + turns.messages}
     tools = _tools(req.get("tools"))
-    if tools:
+    if tools and req.get("tool_choice") != "none":  # "none": the model may not call one
         out["tools"] = tools
     for src, dst in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
                      ("top_p", "top_p")):

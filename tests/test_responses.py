@@ -125,6 +125,14 @@ def test_parallel_calls_of_one_turn_share_one_assistant_message() -> None:
     assert msgs[4]["tool_calls"][0]["function"]["arguments"] == "{}"  # mlx json.loads it
 
 
+def test_tool_choice_none_sends_no_tools_and_other_choices_are_ignored() -> None:
+    req = {"model": ALIAS, "input": "hi", "tools": [CODEX_TURN_2["tools"][0]]}
+    assert "tools" not in to_chat({**req, "tool_choice": "none"}, INTERNAL)
+    for choice in ("auto", "required", {"type": "function", "name": "exec_command"}):
+        assert to_chat({**req, "tool_choice": choice}, INTERNAL)["tools"] == \
+            CODEX_TURN_2_CHAT["tools"]
+
+
 @pytest.mark.parametrize(("req", "param"), [
     ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "hi", "conversation": "conv_1"}, "conversation"),
