@@ -320,8 +320,9 @@ def render_page(table: RouteTable, base_url: str,
         for r in table.routes
     )
 
-    def endpoint(method: str, path: str, what: str, auth: bool = True) -> str:
-        lock = "Bearer" if auth else "no auth"
+    def endpoint(method: str, path: str, what: str, auth: bool = True,
+                 lock: str = "Bearer") -> str:
+        lock = lock if auth else "no auth"
         return (f'<div class="endpoint"><span class="method {method.lower()}">{method}</span>'
                 f"<code>{e(base)}{e(path)}</code><span class=\"chip\">{lock}</span>"
                 f'<span class="what">{what}</span></div>')
@@ -337,6 +338,12 @@ def render_page(table: RouteTable, base_url: str,
         endpoint("POST", "/v1/responses", "OpenAI's Responses API, for Codex CLI and "
                  "<code>client.responses</code>: stateless (send the whole conversation in "
                  "<code>input</code>), unary or streamed, function tools included."),
+        endpoint("POST", "/v1/messages", "Anthropic's Messages API, for Claude Code "
+                 "(<code>ANTHROPIC_BASE_URL</code> = this host, <code>ANTHROPIC_MODEL</code> = "
+                 "an alias) and the <code>anthropic</code> SDKs: unary or streamed, tools "
+                 "included.", lock="x-api-key or Bearer"),
+        endpoint("POST", "/v1/messages/count_tokens", "Anthropic's token count: an estimate "
+                 "(about 4 bytes of text per token).", lock="x-api-key or Bearer"),
         endpoint("GET", "/v1/models", "The model aliases, OpenAI list format, with "
                  "<code>description</code> and <code>parameters</code>."),
         endpoint("GET", "/v1/models/{alias}", "One model card."),

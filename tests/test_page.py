@@ -72,8 +72,8 @@ async def test_page_is_public_and_lists_every_alias_with_description_and_paramet
     assert text.count("1B") >= 4
     status_cells = [a["data-status-for"] for t, a in doc.tags if "data-status-for" in a]
     assert status_cells == list(FOUR)
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models",
-                 "/health"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                 "/v1/messages/count_tokens", "/v1/models", "/health"):
         assert path in text
     for needle in ("model_not_found", "invalid_api_key", "upstream_unavailable",
                    "Troubleshooting", "Quick start"):
