@@ -39,6 +39,39 @@ _COMPLETION_ERRORS = {
 }
 
 
+def _anthropic_err(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/AnthropicError"}}}}
+
+
+_MESSAGES_ERRORS = {
+    "400": _anthropic_err("Malformed body, or refused by the model server "
+                          "(`invalid_request_error`)."),
+    "401": _anthropic_err("Missing or invalid key (`authentication_error`)."),
+    "404": _anthropic_err("Unknown model alias (`not_found_error`)."),
+    "413": _anthropic_err("Body over the size limit (`request_too_large`)."),
+    "415": _anthropic_err("Content-Type is not JSON (`invalid_request_error`)."),
+    "429": _anthropic_err("The model is busy (`overloaded_error`)."),
+    "4XX": _anthropic_err("Other refusals by the model server (`invalid_request_error`)."),
+    "502": _anthropic_err("Model server unreachable or failing (`api_error`)."),
+    "503": _anthropic_err("The gateway is restarting (`overloaded_error`)."),
+    "504": _anthropic_err("The model did not answer in time (`api_error`)."),
+}
+
+
+def _messages_op(op_id: str, summary: str, request: str, ok: dict[str, Any]
+                 ) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "operationId": op_id,
+        "tags": ["inference"],
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{request}"}}}},
+        "responses": {"200": ok, **_MESSAGES_ERRORS},
+    }
+
+
 def _completion_op(kind: str, summary: str, ref: str) -> dict[str, Any]:
     return {
         "summary": summary,
@@ -74,6 +107,9 @@ def _schemas(aliases: list[str]) -> dict[str, Any]:
             "content": {"type": "string"},
         },
     }
+    text_blocks = {"type": "array", "items": {
+        "type": "object", "required": ["type", "text"],
+        "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}
     common = {
         "model": model,
         "stream": {"type": "boolean"},
@@ -98,6 +134,67 @@ def _schemas(aliases: list[str]) -> dict[str, Any]:
                     "param": {"type": ["string", "null"]},
                 },
             }},
+        },
+        "AnthropicError": {
+            "type": "object",
+            "required": ["type", "error"],
+            "properties": {"type": {"const": "error"}, "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+            }},
+        },
+        "MessagesRequest": {
+            "type": "object",
+            "required": ["model", "messages"],
+            "description": "Anthropic's Messages API. Also accepted: tool_use / tool_result "
+                           "blocks, role system inside messages, cache_control anywhere; "
+                           "thinking, metadata, context_management, output_config are "
+                           "ignored.",
+            "properties": {
+                "model": model,
+                "messages": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["role", "content"],
+                    "properties": {
+                        "role": {"type": "string", "enum": ["user", "assistant"]},
+                        "content": {"anyOf": [{"type": "string"}, text_blocks]}}}},
+                "system": {"anyOf": [{"type": "string"}, text_blocks]},
+                "max_tokens": {"type": "integer", "minimum": 1},
+                "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+                "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+                "top_k": {"type": "integer", "minimum": 0},
+                "stop_sequences": {"type": "array", "maxItems": 4,
+                                   "items": {"type": "string", "minLength": 1}},
+                "stream": {"type": "boolean"},
+                "tools": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "input_schema"],
+                    "properties": {"name": {"type": "string", "minLength": 1},
+                                   "description": {"type": "string"},
+                                   "input_schema": {"type": "object"}}}},
+            },
+        },
+        "Message": {
+            "type": "object",
+            "required": ["id", "type", "role", "model", "content", "stop_reason", "usage"],
+            "properties": {
+                "id": {"type": "string"},
+                "type": {"const": "message"},
+                "role": {"const": "assistant"},
+                "model": model,
+                "content": {"type": "array", "items": {
+                    "type": "object", "required": ["type"],
+                    "properties": {"type": {"type": "string",
+                                            "enum": ["text", "thinking", "tool_use"]}}}},
+                "stop_reason": {"type": "string", "enum": [
+                    "end_turn", "max_tokens", "tool_use", "stop_sequence"]},
+                "stop_sequence": {"type": ["string", "null"]},
+                "usage": {"type": "object", "required": ["input_tokens", "output_tokens"]},
+            },
+        },
+        "TokenCount": {
+            "type": "object",
+            "required": ["input_tokens"],
+            "properties": {"input_tokens": {"type": "integer", "minimum": 1}},
         },
         "Event": {
             "type": "object",
@@ -203,6 +300,24 @@ def openapi_document(table: RouteTable) -> dict[str, Any]:
                 "ChatCompletionRequest")},
             "/v1/completions": {"post": _completion_op(
                 "Completion", "Text completion (unary or streamed)", "CompletionRequest")},
+            "/v1/messages": {"post": _messages_op(
+                "createMessage", "Anthropic Messages API (Claude Code): unary or streamed",
+                "MessagesRequest", {
+                    "description": "The Message: JSON, or Server-Sent Events when "
+                                   "`\"stream\": true` (`event:` message_start, "
+                                   "content_block_start/delta/stop, ping, message_delta, "
+                                   "message_stop; `error` if it fails mid-way).",
+                    "content": {
+                        "application/json": {"schema": {
+                            "$ref": "#/components/schemas/Message"}},
+                        "text/event-stream": {"schema": {
+                            "$ref": "#/components/schemas/Event"}}}})},
+            "/v1/messages/count_tokens": {"post": _messages_op(
+                "countMessageTokens", "Anthropic token count (an estimate: ~4 bytes a token)",
+                "MessagesRequest", {
+                    "description": "The estimated prompt size.",
+                    "content": {"application/json": {"schema": {
+                        "$ref": "#/components/schemas/TokenCount"}}}})},
             "/v1/models": {"get": {
                 "summary": "List the model aliases",
                 "operationId": "listModels",
@@ -262,7 +377,11 @@ def openapi_document(table: RouteTable) -> dict[str, Any]:
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "A key from MACLUSTR_API_KEY."}},
+                                           "description": "A key from MACLUSTR_API_KEY."},
+                                "apiKey": {"type": "apiKey", "in": "header",
+                                           "name": "x-api-key",
+                                           "description": "The same key, as Anthropic "
+                                                          "clients send it (/v1/messages*)."}},
             "schemas": _schemas(aliases),
         },
     }

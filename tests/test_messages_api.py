@@ -540,3 +540,26 @@ TOOLS: Any = [{"name": "Bash", "description": "Run a shell command",
                "input_schema": {"type": "object",
                                 "properties": {"command": {"type": "string"}},
                                 "required": ["command"]}}]
+
+
+async def test_answers_match_the_openapi_document(gateway: Gateway, fake: FakeMLX) -> None:
+    """What /openapi.json documents for /v1/messages* (schemathesis fuzzes it too)."""
+    import jsonschema
+
+    doc = (await gateway.client.get("/openapi.json", auth=False)).json()
+    schemas = doc["components"]["schemas"]
+    assert doc["paths"]["/v1/messages"]["post"]["security"] == [{"bearer": []}, {"apiKey": []}]
+    body = {"model": "maclustr-coder", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "Hi"}]}
+    errors = [await gateway.client.post("/v1/messages", body, auth=False),
+              await gateway.client.post("/v1/messages", {**body, "model": "nope"}),
+              await gateway.client.post("/v1/messages", {**body, "messages": []}),
+              await gateway.client.post("/v1/messages/count_tokens", {**body, "model": "x"})]
+    assert [a.status for a in errors] == [401, 404, 400, 404]
+    for a in errors:
+        jsonschema.validate(a.json(), schemas["AnthropicError"])
+    ok = await gateway.client.post("/v1/messages", body)
+    assert ok.status == 200
+    jsonschema.validate(ok.json(), schemas["Message"])
+    count = await gateway.client.post("/v1/messages/count_tokens", body)
+    jsonschema.validate(count.json(), schemas["TokenCount"])
