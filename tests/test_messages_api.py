@@ -417,7 +417,7 @@ async def test_garbage_stream_ends_with_error_event(gateway: Gateway, fake: Fake
 
 
 async def run_claude(gw: Gateway, tmp_path: Path, prompt: str, *args: str,
-                     timeout: float = 120) -> tuple[int, str, str]:
+                     timeout: float = 120, **env_extra: str) -> tuple[int, str, str]:
     """`claude -p` as the issue runs it: base URL + token + model from the environment, an
     empty HOME, no stdin, a time limit."""
     claude = require_cli("claude")
@@ -425,7 +425,8 @@ async def run_claude(gw: Gateway, tmp_path: Path, prompt: str, *args: str,
     work.mkdir(exist_ok=True)
     env = clean_env(tmp_path / "home", ANTHROPIC_BASE_URL=gw.url, ANTHROPIC_AUTH_TOKEN=KEY,
                     ANTHROPIC_MODEL="maclustr-coder", DISABLE_AUTOUPDATER="1",
-                    CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_TELEMETRY="1")
+                    CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_TELEMETRY="1",
+                    **env_extra)
     proc = await asyncio.create_subprocess_exec(
         str(claude), "-p", prompt, *args, cwd=str(work), env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -493,6 +494,25 @@ async def test_claude_cli_tool_loop(gateway: Gateway, fake: FakeMLX, tmp_path: P
 
 
 # --- the real mlx_lm.server -------------------------------------------------------------------
+
+
+@pytest.mark.real_upstream
+async def test_claude_cli_against_real_mlx(make_gateway: Any, real_mlx: RealMLX,
+                                           tmp_path: Path) -> None:
+    """Claude Code's whole request (system blocks, 20+ tools, reminders) through the real
+    server's prompt preparation; the random-weight model answers noise, so only the exit
+    code and the exchange are checked. Output is capped so the tiny model stops soon."""
+    gw: Gateway = await make_gateway(real_routes(real_mlx))
+    rc, out, err = await run_claude(gw, tmp_path, "say pong", "--output-format", "json",
+                                    timeout=240, CLAUDE_CODE_MAX_OUTPUT_TOKENS="8")
+    result = json.loads(out)
+    # Noise rarely ends on its own within 8 tokens; Claude Code then reports the cap as an
+    # error (rc 1) -- which proves it parsed a complete answer that stopped at max_tokens.
+    capped = "exceeded the 8 output token maximum" in str(result.get("result"))
+    assert (rc, result["is_error"]) in ((0, False), (1, True)), (out[-2000:], err[-2000:])
+    assert not result["is_error"] or capped, result
+    usage = result["modelUsage"]["maclustr-coder"]  # the real server's counts
+    assert usage["inputTokens"] + usage["cacheReadInputTokens"] > 1000
 
 
 @pytest.mark.real_upstream
