@@ -471,7 +471,8 @@ async def test_claude_cli_tool_loop(gateway: Gateway, fake: FakeMLX, tmp_path: P
             return Behavior(events=1, text="Tool loop")  # side requests (session title)
         if msgs and msgs[-1]["role"] == "tool":
             return Behavior(events=1, text="The command printed the marker.")
-        return Behavior(events=1, text="Running it.", tool_calls=(
+        return Behavior(events=1, text="Running it.", reasoning=("The user wants", " it."),
+                        tool_calls=(
             {"name": "Bash", "arguments": {"command": f"echo {marker}",
                                            "description": "Print the marker"},
              "id": "call_loop_1"},))
@@ -488,6 +489,7 @@ async def test_claude_cli_tool_loop(gateway: Gateway, fake: FakeMLX, tmp_path: P
     assert second, "no request carried the tool result"
     msgs = second[-1]["messages"]
     assert msgs[-1]["tool_call_id"] == "call_loop_1" and marker in msgs[-1]["content"]
+    assert msgs[-2]["content"] == "Running it."  # the thinking block it replays is dropped
     call = msgs[-2]["tool_calls"][0]
     assert call["id"] == "call_loop_1" and json.loads(call["function"]["arguments"]) == {
         "command": f"echo {marker}", "description": "Print the marker"}
