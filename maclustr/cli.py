@@ -106,15 +106,18 @@ def run_check(path: str) -> int:
         print(f"maclustr check: {e}", file=sys.stderr)
         return 1
     if table.nodes:
-        from .cluster import plan_cluster
-        from .sizing import check_fit
+        from .cluster import node_for, plan_cluster, shard_nodes
+        from .sizing import check_fit, check_nodes
 
         try:
             plans = plan_cluster(table)
         except ConfigError as e:
             print(f"maclustr check: {where(path, e.line)}: {e.message}", file=sys.stderr)
             return 1
-        findings = [f for r in table.routes for f in check_fit(r, table.nodes)]
+        placed = [(r, shard_nodes(r, table.nodes) if r.shards else [node_for(r, table.nodes)])
+                  for r in table.routes]
+        findings = [f for r, group in placed for f in check_fit(r, group)]
+        findings += check_nodes(placed)
         for f in findings:
             print(f"maclustr check: {where(path, f.line)}: {'' if f.error else 'warning: '}"
                   f"{f.message}", file=sys.stderr)

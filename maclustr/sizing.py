@@ -56,12 +56,11 @@ def need_gb(route: Route) -> tuple[float, float]:
     return size, route.kv_gb if route.kv_gb is not None else round(size * KV_FRACTION, 1)
 
 
-def check_fit(route: Route, nodes: tuple[Node, ...]) -> list[Finding]:
-    """For a model with `size_gb`: does it fit on its shards, and would one node do?"""
+def check_fit(route: Route, group: list[Node]) -> list[Finding]:
+    """For a sharded model with `size_gb` on its shard nodes `group` (rank 0 first): does it
+    fit on its shards, and would one node do?"""
     if route.size_gb is None or not route.shards:
         return []
-    by_name = {n.name: n for n in nodes}
-    group = [by_name[s] for s in route.shards if s in by_name]
     what = f"models.{route.alias}"
     missing = [n.name for n in group if _memory(n) is None
                and _positive(n, "gpu_limit_gb") is None]
@@ -86,4 +85,38 @@ def check_fit(route: Route, nodes: tuple[Node, ...]) -> list[Finding]:
             f"{what}: would fit on one node anyway ({total:.1f} GB with KV cache <= "
             f"{usable_gb(one[0]):.1f} GB on {one[0].name}); sharding only adds network hops "
             "per token unless you want the extra memory bandwidth"), route.line))
+    return out
+
+
+def check_nodes(placed: list[tuple[Route, list[Node]]]) -> list[Finding]:
+    """Every node must hold all it runs: the models with `size_gb` on it (a sharded model
+    counts its per-rank share). This is what says a one-node model needs shards."""
+    load: dict[str, list[tuple[Route, float]]] = {}
+    nodes: dict[str, Node] = {}
+    for route, group in placed:
+        if route.size_gb is None:
+            continue
+        share = sum(need_gb(route)) / len(group)
+        for n in group:
+            nodes[n.name] = n
+            load.setdefault(n.name, []).append((route, share))
+    out: list[Finding] = []
+    for name, items in load.items():
+        node = nodes[name]
+        used = sum(share for _, share in items)
+        if _memory(node) is None and _positive(node, "gpu_limit_gb") is None:
+            if not any(r.shards for r, _ in items):  # sharded ones already said so
+                out.append(Finding(True, f"models.{items[0][0].alias}: size_gb is set but "
+                                   f"{name} has no memory_gb (or gpu_limit_gb) to check it "
+                                   "against", items[0][0].line))
+            continue
+        if used <= usable_gb(node) or (len(items) == 1 and items[0][0].shards):
+            continue  # fits, or check_fit already reported the one group
+        parts = " + ".join(f"{r.alias} {s:.1f} GB" for r, s in items)
+        last = items[-1][0]
+        hint = (" (weights + KV cache); shard it over several nodes (shards: [...], see "
+                "README 'A model bigger than one Mac')" if len(items) == 1 else
+                "; move a model to another node")
+        out.append(Finding(True, f"node {name} cannot hold what it runs: {parts} = "
+                           f"{used:.1f} GB but {_offer(node)}{hint}", last.line))
     return out

@@ -144,6 +144,33 @@ def test_shards_without_a_nodes_section_are_refused(tmp_path: Path,
             "nodes, but there is no 'nodes:' section") in err, err
 
 
+def test_check_says_when_a_one_node_model_needs_shards(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    text = _edit("    upstream: http://studio-3.local:8081\n",
+                 "    upstream: http://studio-3.local:8081\n    size_gb: 80\n")
+    code, out, err = run(tmp_path, text, "check", capsys=capsys)
+    assert code == 1 and out == ""
+    assert (f"routes.yaml:{line_of(text, 'maclustr-coder:')}: node studio-3 cannot hold what it "
+            "runs: maclustr-coder 88.0 GB = 88.0 GB but studio-3 offers 72.0 GB (75% of 96) "
+            "(weights + KV cache); shard it over several nodes") in err, err
+    code, out, err = run(tmp_path, text.replace("size_gb: 80", "size_gb: 17"), "check",
+                         capsys=capsys)
+    assert code == 0 and err == "", err
+
+
+def test_check_adds_up_everything_a_node_runs(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Rank 0's share of the group (68.2 GB) and a one-node model on studio-1 (18.7 GB)."""
+    text = _edit("    upstream: http://studio-3.local:8081\n",
+                 "    upstream: http://studio-1.local:8081\n    size_gb: 17\n")
+    code, _, err = run(tmp_path, text, "check", capsys=capsys)
+    assert code == 1
+    assert ("node studio-1 cannot hold what it runs: maclustr-coder 18.7 GB + maclustr-giant "
+            "68.2 GB = 86.9 GB but studio-1 offers 72.0 GB (75% of 96); move a model to "
+            "another node") in err, err
+    assert "studio-2" not in err  # rank 1's node holds only its share
+
+
 def test_check_warns_when_the_model_would_fit_on_one_node_anyway(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(tmp_path, _edit("size_gb: 124", "size_gb: 40"), "check",
