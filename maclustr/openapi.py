@@ -267,6 +267,10 @@ def _schemas(aliases: list[str]) -> dict[str, Any]:
                              "status": {"type": "string",
                                         "description": "up, down, or a state such as loading"},
                              "latency_ms": {"type": ["number", "null"]},
+                             "placement": {"type": "string",
+                                           "description": "only for a model sharded over "
+                                                          "several nodes: 'sharded over N "
+                                                          "nodes'"},
                          },
                      }},
                 ]},

@@ -414,6 +414,10 @@ async def test_deep_health_and_front_page_say_sharded_over_n_nodes_and_nothing_m
     assert models["maclustr-giant"]["status"] == "up"
     assert models["maclustr-giant"]["placement"] == "sharded over 2 nodes"
     assert "placement" not in models["maclustr-fast"]
+    schema = (await gw.client.get("/openapi.json", auth=False)).json()
+    health = schema["components"]["schemas"]["Health"]["properties"]["models"]["anyOf"][1]
+    assert "sharded over N nodes" in health["additionalProperties"]["properties"]["placement"][
+        "description"]
     page = await gw.client.get("/", auth=False)
     text = page.body.decode()
     assert text.count("sharded over 2 nodes") == 1
