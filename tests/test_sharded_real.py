@@ -38,7 +38,8 @@ import openai
 import pytest
 from conftest import KEY, ROOT
 from openai import OpenAI
-from real_mlx import free_port, wait_healthy
+
+from maclustr.harness import free_port, make_tiny_model, require, wait_healthy
 
 pytestmark = pytest.mark.real_upstream
 
@@ -140,8 +141,8 @@ class ShardedGroup:
 
 @pytest.fixture
 def group(tmp_path: Path) -> Iterator[ShardedGroup]:
-    from tiny_model import make_tiny_model
-
+    launch = Path(sys.executable).parent / "mlx.launch"  # what the plist will name
+    require(launch if launch.exists() else None, f"the program {launch}", "mlx")
     g = ShardedGroup(tmp_path, make_tiny_model(tmp_path / "tiny-giant", seed=3))
     try:
         yield g
