@@ -373,12 +373,13 @@ async def _serve(args: argparse.Namespace, table: RouteTable, keys: KeyRing) -> 
     from aiohttp import web
 
     from .app import make_app
+    from .protocol import GatewayRunner
     from .reload import RoutesHolder
 
     holder = RoutesHolder(args.routes, table)
     app = make_app(holder, keys, args.log_format)
     grace = table.settings.shutdown_grace
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+    runner = GatewayRunner(app, handle_signals=False, access_log=None,
                            handler_cancellation=True, shutdown_timeout=1.0,
                            max_field_size=32768, max_line_size=32768)
     await runner.setup()

@@ -55,6 +55,23 @@ class InvalidJSON(BadRequest):
     code = "invalid_json"
 
 
+class MalformedRequest(BadRequest):
+    """What the HTTP parser refused before the request reached the gateway's code."""
+
+    code = "malformed_request"
+
+    def __init__(self, message: str = "The request is not valid HTTP/1.1.") -> None:
+        super().__init__(message)
+
+
+class HeaderTooLarge(GatewayError):
+    status, type, code = 431, "invalid_request_error", "request_header_too_large"
+
+    def __init__(self) -> None:
+        super().__init__("The request line or a request header is longer than the gateway "
+                         "accepts.")
+
+
 class ModelNotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 

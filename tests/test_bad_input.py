@@ -235,3 +235,52 @@ async def test_fuzzed_bodies_always_get_envelope_or_relay(gateway: Gateway) -> N
     assert len(statuses) >= 200, len(statuses)
     assert 200 in statuses and 400 in statuses  # both relays and rejections were exercised
     await assert_serving(gateway)
+
+
+# --- what aiohttp's HTTP parser refuses, answered by `maclustr serve` itself ----------------
+
+
+async def _raw_exchange(url: str, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(raw)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(-1), 10)  # the answer closes the connection
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize(("raw", "status", "code"), [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n",
+     431, "request_header_too_large"),
+    (b"GET /" + b"a" * 40000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431, "request_header_too_large"),
+    (b"THIS IS NOT HTTP\r\n\r\n", 400, "malformed_request"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header Name: y\r\n\r\n", 400, "malformed_request"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n", 400,
+     "malformed_request"),
+], ids=["header-over-limit", "request-line-over-limit", "bad-request-line", "bad-header",
+        "bad-content-length"])
+async def test_parser_refusals_answer_our_envelope_and_server_header(
+        gateway_process: Any, fake: FakeMLX, tmp_path: Any, raw: bytes, status: int,
+        code: str) -> None:
+    """aiohttp answers these before any middleware runs: text/plain, `Server: aiohttp/…`.
+    `maclustr serve` answers them like every other error."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(routes_yaml({"maclustr-fast": fake.url}))
+    gw = gateway_process(routes)
+    got, headers, body = await _raw_exchange(gw.url, raw)
+    assert got == status, (got, headers, body[:300])
+    assert headers["server"] == "maclustr"
+    assert headers["content-type"].startswith("application/json")
+    assert headers.get("x-request-id")
+    err = json.loads(body)["error"]
+    assert (err["code"], err["type"]) == (code, "invalid_request_error")
+    assert "aiohttp" not in body.decode() and "Traceback" not in body.decode()
+    ok, _, _ = await _raw_exchange(gw.url, b"GET /health HTTP/1.1\r\nHost: x\r\n"
+                                             b"Connection: close\r\n\r\n")
+    assert ok == 200

@@ -1,0 +1,60 @@
+"""aiohttp's own answers to requests that never reach the app (a header over the limit, a
+request line that is not HTTP) in our envelope and with our Server header.
+
+aiohttp builds those in `RequestHandler.handle_error` as text/plain with `Server:
+aiohttp/…`; the app's middlewares never see them. `GatewayRunner` serves the app through a
+request handler whose `handle_error` answers like every other error of the gateway.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from .errors import GatewayError, HeaderTooLarge, MalformedRequest
+from .headers import SERVER, request_id
+
+log = logging.getLogger("maclustr.access")
+
+
+def protocol_error(status: int, exc: BaseException | None) -> GatewayError:
+    """The envelope for what aiohttp could not parse (4xx) or a failure outside the app's
+    error funnel (5xx)."""
+    if isinstance(exc, LineTooLong):
+        return HeaderTooLarge()
+    if 400 <= status < 500:
+        return MalformedRequest()
+    return GatewayError()
+
+
+class EnvelopeRequestHandler(RequestHandler):
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # aiohttp's: logs, and raises when part of a response was already sent.
+        super().handle_error(request, status, exc, message)
+        err = protocol_error(status, exc)
+        rid = request_id(None)
+        log.info("%s - - - status=%d outcome=%s", rid, err.status, err.code)
+        resp = web.Response(body=err.to_body(), status=err.status,
+                            headers={"Content-Type": "application/json", "Server": SERVER,
+                                     "X-Request-Id": rid, **err.headers})
+        resp.force_close()
+        return resp
+
+
+class EnvelopeServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """web.AppRunner whose connections answer protocol errors in our envelope."""
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()  # starts the app, builds aiohttp's Server
+        return EnvelopeServer(base.request_handler, request_factory=base.request_factory,
+                              handler_cancellation=base.handler_cancellation, **base._kwargs)
