@@ -17,7 +17,7 @@ from aiohttp.web_protocol import RequestHandler
 from .errors import GatewayError, HeaderTooLarge, MalformedRequest
 from .headers import SERVER, request_id
 
-log = logging.getLogger("maclustr.access")
+log = logging.getLogger("maclustr.protocol")  # not the access log: its lines are JSON
 
 
 def protocol_error(status: int, exc: BaseException | None) -> GatewayError:
@@ -38,7 +38,7 @@ class EnvelopeRequestHandler(RequestHandler):
         super().handle_error(request, status, exc, message)
         err = protocol_error(status, exc)
         rid = request_id(None)
-        log.info("%s - - - status=%d outcome=%s", rid, err.status, err.code)
+        log.info("%s refused before routing: status=%d code=%s", rid, err.status, err.code)
         resp = web.Response(body=err.to_body(), status=err.status,
                             headers={"Content-Type": "application/json", "Server": SERVER,
                                      "X-Request-Id": rid, **err.headers})
