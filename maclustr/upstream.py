@@ -21,7 +21,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 HIGH_WATER = 256 * 1024
@@ -29,6 +29,7 @@ MAX_HEAD = 64 * 1024
 POOL_PER_SERVER = 32
 IDLE_POOL_SECONDS = 30.0
 DNS_TTL = 10.0
+ATTEMPT_DELAY = 0.25  # RFC 8305 §5: the next address is tried after this, or at a failure
 _HEX = b"0123456789abcdefABCDEF"
 
 
@@ -414,7 +415,7 @@ class Client:
 
     def __init__(self) -> None:
         self._targets: dict[str, _Target] = {}
-        self._dns: dict[str, tuple[float, str]] = {}
+        self._dns: dict[str, tuple[float, list[Addr]]] = {}
         self._idle: dict[tuple[str, int, bool], list[_Conn]] = {}
         self._ssl: ssl.SSLContext | None = None
 
@@ -455,33 +456,43 @@ class Client:
 
     async def _connect(self, t: _Target) -> _Conn:
         loop = asyncio.get_running_loop()
-        addr = t.host if t.is_ip else await self._resolve(t.host, t.port)
+        if t.is_ip:
+            family = socket.AF_INET6 if ":" in t.host else socket.AF_INET
+            addrs: list[Addr] = [(family, (t.host, t.port))]
+        else:
+            addrs = await self._resolve(t.host, t.port)
+        sock = await happy_eyeballs(addrs)
         key = (t.host, t.port, t.ssl)
         ctx = None
         if t.ssl:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             ctx = self._ssl
-        _, proto = await loop.create_connection(
-            lambda: _Conn(self, key), addr, t.port, ssl=ctx,
-            server_hostname=t.host if ctx else None,
-        )
+        try:
+            _, proto = await loop.create_connection(
+                lambda: _Conn(self, key), sock=sock, ssl=ctx,
+                server_hostname=t.host if ctx else None,
+            )
+        except BaseException:
+            sock.close()
+            raise
         return proto
 
-    async def _resolve(self, host: str, port: int) -> str:
+    async def _resolve(self, host: str, port: int) -> list[Addr]:
+        """Every address of `host`, in RFC 8305 order, each sockaddr whole (an IPv6 scope id
+        is what makes `fe80::…%en0` reachable). Cached for DNS_TTL."""
         now = time.monotonic()
         hit = self._dns.get(host)
         if hit is not None and hit[0] > now:
             return hit[1]
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-        if not infos:
+        infos = await getaddrinfo(host, port)
+        addrs = interleave([(family, sockaddr) for family, _, _, _, sockaddr in infos])
+        if not addrs:
             raise UpstreamError("name did not resolve")
-        addr = str(infos[0][4][0])
         if len(self._dns) > 1024:
             self._dns.clear()
-        self._dns[host] = (now + DNS_TTL, addr)
-        return addr
+        self._dns[host] = (now + DNS_TTL, addrs)
+        return addrs
 
     def _pooled(self, key: tuple[str, int, bool]) -> _Conn | None:
         idle = self._idle.get(key)
@@ -513,6 +524,86 @@ class Client:
                 if conn.transport is not None:
                     conn.transport.abort()
         self._idle.clear()
+
+
+Addr = tuple[int, tuple[Any, ...]]  # (address family, sockaddr as getaddrinfo gave it)
+
+
+async def getaddrinfo(host: str, port: int) -> list[tuple[Any, ...]]:
+    """The resolver (a seam: tests make a name resolve to chosen addresses)."""
+    return await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+
+
+def interleave(addrs: list[Addr]) -> list[Addr]:
+    """RFC 8305 §4: duplicates dropped, families alternated starting with the first answer's
+    (a name with a dead IPv6 and a live IPv4 address costs one attempt delay, not all v6)."""
+    by_family: dict[int, list[Addr]] = {}
+    seen: set[tuple[Any, ...]] = set()
+    for family, sockaddr in addrs:
+        if sockaddr not in seen:
+            seen.add(sockaddr)
+            by_family.setdefault(family, []).append((family, sockaddr))
+    queues = list(by_family.values())
+    out: list[Addr] = []
+    while queues:
+        for q in queues:
+            out.append(q.pop(0))
+        queues = [q for q in queues if q]
+    return out
+
+
+async def happy_eyeballs(addrs: list[Addr], delay: float = ATTEMPT_DELAY) -> socket.socket:
+    """A connected socket to the first address that answers (RFC 8305 §5): attempts start
+    `delay` apart, or at once when the previous one fails; the first to connect wins and the
+    others are closed. Raises the last OSError when every address failed."""
+    if len(addrs) == 1:
+        return await _attempt(*addrs[0])
+    pending: set[asyncio.Task[socket.socket]] = set()
+    last: OSError = UpstreamError("no address")
+    try:
+        for i in range(len(addrs) + 1):
+            if i < len(addrs):
+                pending.add(asyncio.ensure_future(_attempt(*addrs[i])))
+            while pending:
+                done, _ = await asyncio.wait(pending, timeout=delay if i < len(addrs) else None,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break  # nothing answered within the delay: start the next attempt
+                pending -= done
+                winner = None
+                for task in done:
+                    exc = task.exception()
+                    if exc is None and winner is None:
+                        winner = task.result()
+                    elif exc is None:
+                        task.result().close()
+                    elif isinstance(exc, OSError):
+                        last = exc
+                    else:
+                        raise exc
+                if winner is not None:
+                    return winner
+                if i < len(addrs) - 1:
+                    break  # a failure: the next attempt starts now
+        raise last
+    finally:
+        for task in pending:  # the losers: cancelled, or closed if they connected meanwhile
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled() and task.exception() is None:
+                task.result().close()
+
+
+async def _attempt(family: int, sockaddr: tuple[Any, ...]) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _is_ip(host: str) -> bool:

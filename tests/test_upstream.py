@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+from conftest import FakeMLX, routes_yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from real_mlx import free_port
 
+from maclustr import upstream
 from maclustr.upstream import Client, UpstreamError, _Dechunker
 
 
@@ -185,3 +191,120 @@ async def test_garbage_head_is_an_error(serve: list[Server]) -> None:
             await fetch(client, s.url)
     finally:
         client.close()
+
+
+# --- every DNS address, happy-eyeballs order (RFC 8305) ------------------------------------
+
+
+V4, V6 = socket.AF_INET, socket.AF_INET6
+
+
+def test_interleave_alternates_families_from_the_first_answer_and_drops_duplicates() -> None:
+    a6, b6 = (V6, ("fe80::1", 80, 0, 4)), (V6, ("2001:db8::1", 80, 0, 0))
+    c6 = (V6, ("::1", 80, 0, 0))
+    a4, b4 = (V4, ("10.0.0.1", 80)), (V4, ("10.0.0.2", 80))
+    assert upstream.interleave([a6, b6, c6, a4, b4, a6]) == [a6, a4, b6, b4, c6]
+    assert upstream.interleave([a4, a6, b4, b6]) == [a4, a6, b4, b6]
+    assert upstream.interleave([a4, b4]) == [a4, b4]
+    assert upstream.interleave([a6, a4])[0][1] == ("fe80::1", 80, 0, 4)  # scope id kept
+
+
+@pytest.fixture
+def silent_port() -> Iterator[tuple[str, int]]:
+    """An address whose connect hangs without an answer (as a dead host's would): a listener
+    on 127.0.0.2 with a full accept queue, so further SYNs are dropped."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.2", 0))
+    srv.listen(0)
+    filler = socket.create_connection(srv.getsockname(), timeout=1)
+    try:
+        yield srv.getsockname()
+    finally:
+        filler.close()
+        srv.close()
+
+
+async def test_name_with_dead_addresses_first_reaches_the_live_one(
+        make_gateway: Any, fake: FakeMLX, silent_port: tuple[str, int],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """studio-1.local resolves to a refusing IPv6 address, a silent IPv4 address and the live
+    one: the request is served (one attempt delay late), not a 502 after the first."""
+    closed = socket.socket(socket.AF_INET6)
+    closed.bind(("::1", 0))
+    dead6 = closed.getsockname()
+    closed.close()  # nothing listens there now: refused
+    answers = [(V6, socket.SOCK_STREAM, 6, "", dead6),
+               (V4, socket.SOCK_STREAM, 6, "", silent_port),
+               (V4, socket.SOCK_STREAM, 6, "", ("127.0.0.1", fake.port))]
+    asked: list[str] = []
+
+    async def resolve(host: str, port: int) -> list[tuple[Any, ...]]:
+        asked.append(host)
+        return answers if host == "studio-1.local" else []
+
+    monkeypatch.setattr(upstream, "getaddrinfo", resolve)
+    gw = await make_gateway(routes_yaml({"maclustr-coder": f"http://studio-1.local:{fake.port}"}))
+    body = {"model": "maclustr-coder", "messages": [{"role": "user", "content": "hi"}]}
+    t0 = time.monotonic()
+    ans = await gw.client.post("/v1/chat/completions", body, timeout=10)
+    elapsed = time.monotonic() - t0
+    assert ans.status == 200, ans.body[:300]
+    assert upstream.ATTEMPT_DELAY <= elapsed < 3, elapsed  # the silent one cost one delay
+    streamed = await gw.client.post("/v1/chat/completions", {**body, "stream": True})
+    assert streamed.status == 200 and streamed.data()[-1] == "[DONE]"
+    assert asked == ["studio-1.local"]  # cached
+    assert len([r for r in fake.requests if r.method == "POST"]) == 2
+
+
+async def test_every_address_dead_is_a_502_in_bounded_time(
+        make_gateway: Any, silent_port: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    async def resolve(host: str, port: int) -> list[tuple[Any, ...]]:
+        return [(V4, socket.SOCK_STREAM, 6, "", silent_port),
+                (V4, socket.SOCK_STREAM, 6, "", ("127.0.0.1", free_port()))]
+
+    monkeypatch.setattr(upstream, "getaddrinfo", resolve)
+    gw = await make_gateway(routes_yaml({"maclustr-coder": "http://studio-1.local:1234"},
+                                        extra="timeouts: {connect: 1}"))
+    t0 = time.monotonic()
+    ans = await gw.client.post("/v1/chat/completions", {"model": "maclustr-coder"}, timeout=10)
+    assert ans.status == 502 and ans.json()["error"]["code"] == "upstream_unavailable"
+    assert time.monotonic() - t0 < 3
+
+
+async def test_ipv6_scope_id_reaches_the_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fe80::…%en0` is reachable only with its scope id: the sockaddr from the resolver is
+    what the connect uses, whole."""
+    async def hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(hello, "::1", 0)
+    port = server.sockets[0].getsockname()[1]
+    scoped = ("::1", port, 0, socket.if_nametoindex("lo"))
+
+    async def resolve(host: str, p: int) -> list[tuple[Any, ...]]:
+        return [(V6, socket.SOCK_STREAM, 6, "", scoped)]
+
+    monkeypatch.setattr(upstream, "getaddrinfo", resolve)
+    loop = asyncio.get_running_loop()
+    seen: list[Any] = []
+    real = loop.sock_connect
+
+    async def spy(sock: socket.socket, address: Any) -> None:
+        seen.append(address)
+        await real(sock, address)
+
+    monkeypatch.setattr(loop, "sock_connect", spy)
+    client = Client()
+    try:
+        resp = await client.request("GET", f"http://studio-1.local:{port}", "/", b"", {})
+        assert resp.status == 200 and await resp.read() == b"ok"
+        resp.close()
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+    assert [tuple(a) for a in seen] == [scoped]
