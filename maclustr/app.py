@@ -23,6 +23,7 @@ from .body import ask_for_usage, check_content_type, parse_request, upstream_bod
 from .config import Route, RouteTable
 from .dialect import Dialect
 from .errors import (
+    BadRequest,
     BodyTooLarge,
     GatewayError,
     InvalidApiKey,
@@ -93,11 +94,8 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Gatewa
         return err
     if exc.status == 413:
         return BodyTooLarge(request.app[ROUTES].current.settings.max_body_bytes)
-    other = GatewayError(exc.reason or "Request failed.")
-    other.status = exc.status
-    other.type = "invalid_request_error" if exc.status < 500 else "server_error"
-    other.code = (exc.reason or "error").lower().replace(" ", "_")
-    return other
+    # Any other refusal from aiohttp: one of the documented codes, never one made up here.
+    return BadRequest(f"{exc.reason or 'Bad request'}.") if exc.status < 500 else GatewayError()
 
 
 def _endpoint(request: web.Request) -> str:

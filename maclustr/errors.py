@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from . import jsonfast
@@ -19,6 +20,8 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
+    shown_status = ""  # the error table's status column when not `status` (e.g. "4xx")
+    meaning = "The gateway hit an unexpected error; its log, under the request id, says where"
 
     def __init__(self, message: str = "The gateway hit an internal error.", *,
                  param: str | None = None, headers: dict[str, str] | None = None) -> None:
@@ -41,6 +44,8 @@ class GatewayError(Exception):
 
 class InvalidApiKey(GatewayError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
+    meaning = ("Missing or wrong `Authorization: Bearer` key, on `/v1/*` and "
+               "`/health?deep=generate`")
 
     def __init__(self, message: str = "Invalid or missing API key. Send 'Authorization: "
                  "Bearer <key>' with a key from MACLUSTR_API_KEY.") -> None:
@@ -49,16 +54,21 @@ class InvalidApiKey(GatewayError):
 
 class BadRequest(GatewayError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
+    meaning = ("The body is not a JSON object, or a field is wrong: `model` missing or empty, "
+               "`stream` not a boolean, `n` other than 1, `stream_options` without "
+               "`stream: true`")
 
 
 class InvalidJSON(BadRequest):
     code = "invalid_json"
+    meaning = "The body is empty or not valid JSON"
 
 
 class MalformedRequest(BadRequest):
     """What the HTTP parser refused before the request reached the gateway's code."""
 
     code = "malformed_request"
+    meaning = "Not valid HTTP/1.1 (request line, header syntax, Content-Length)"
 
     def __init__(self, message: str = "The request is not valid HTTP/1.1.") -> None:
         super().__init__(message)
@@ -66,6 +76,7 @@ class MalformedRequest(BadRequest):
 
 class HeaderTooLarge(GatewayError):
     status, type, code = 431, "invalid_request_error", "request_header_too_large"
+    meaning = "The request line or a header is over the gateway's limit (32 KiB)"
 
     def __init__(self) -> None:
         super().__init__("The request line or a request header is longer than the gateway "
@@ -74,6 +85,8 @@ class HeaderTooLarge(GatewayError):
 
 class ModelNotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
+    meaning = ("Unknown model alias (the message lists the valid ones); only ever for the "
+               "`model` you sent")
 
     def __init__(self, name: str, aliases: Iterable[str]) -> None:
         shown = name if len(name) <= 80 else name[:77] + "..."
@@ -84,14 +97,17 @@ class ModelNotFound(GatewayError):
 
 class NotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "not_found"
+    meaning = "Unknown path"
 
 
 class MethodNotAllowed(GatewayError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
+    meaning = "e.g. `GET /v1/chat/completions`"
 
 
 class BodyTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
+    meaning = "Body over `max_body_bytes` (10 MiB by default), or the model server's 413"
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"Request body is larger than the limit of {limit} bytes.")
@@ -99,6 +115,7 @@ class BodyTooLarge(GatewayError):
 
 class UnsupportedMediaType(GatewayError):
     status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+    meaning = "A Content-Type that is not JSON-ish (multipart, ...)"
 
 
 class UpstreamRejected(GatewayError):
@@ -107,6 +124,10 @@ class UpstreamRejected(GatewayError):
     prompt fails), so it becomes 400."""
 
     type, code = "invalid_request_error", "upstream_rejected"
+    shown_status = "4xx"
+    meaning = ("The model server refused the request (its 404, when it cannot prepare the "
+               "prompt, becomes 400): its status is kept; its message is shown only when it is "
+               "one plain sentence")
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -119,6 +140,8 @@ class UpstreamRejected(GatewayError):
 
 class UpstreamFailed(GatewayError):
     status, type, code = 502, "server_error", "upstream_unavailable"
+    meaning = ("Model server unreachable (refused, DNS, reset, connect timeout), failing (its "
+               "5xx; its words go to the log only) or cut off mid-answer")
 
     def __init__(self, alias: str, why: str = "is unreachable or failed",
                  detail: str = "") -> None:
@@ -131,6 +154,7 @@ class UpstreamFailed(GatewayError):
 
 class UpstreamBadResponse(UpstreamFailed):
     code = "upstream_bad_response"
+    meaning = "The model server answered something that is not valid JSON / SSE"
 
     def __init__(self, alias: str) -> None:
         super().__init__(alias, "sent a response the gateway could not understand")
@@ -138,6 +162,7 @@ class UpstreamBadResponse(UpstreamFailed):
 
 class UpstreamTimeout(GatewayError):
     status, type, code = 504, "server_error", "upstream_timeout"
+    meaning = "No first byte within `first_byte`, or silence longer than `idle`"
 
     def __init__(self, alias: str, phase: str) -> None:
         super().__init__(
@@ -150,6 +175,7 @@ class ModelUnavailable(GatewayError):
     """Every replica of the model is out (failed repeatedly, cooling down)."""
 
     status, type, code = 503, "server_error", "model_unavailable"
+    meaning = "Every replica of the model is out after repeated failures (`Retry-After` set)"
 
     def __init__(self, alias: str, retry_after: int) -> None:
         super().__init__(f"Model '{alias}' is temporarily unavailable (all its servers are "
@@ -161,6 +187,8 @@ class Overloaded(GatewayError):
     """The model's queue is full, or a request waited `queue_timeout` for a slot."""
 
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+    meaning = ("The model's queue is full, no slot freed within `queue_timeout`, or the model "
+               "server's 429 (`Retry-After` set; the SDKs retry)")
 
     def __init__(self, alias: str, why: str, retry_after: int, reason: str = "queue_full"
                  ) -> None:
@@ -171,9 +199,36 @@ class Overloaded(GatewayError):
 
 class ShuttingDown(GatewayError):
     status, type, code = 503, "server_error", "gateway_shutting_down"
+    meaning = ("The gateway is restarting: new requests during a shutdown, and the last event of "
+               "a stream still running when the grace ran out")
 
     def __init__(self) -> None:
         super().__init__("The gateway is restarting; retry the request.")
+
+
+# --- the error table: the page, openapi.json and the README's table are this ----------------
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    status: str  # "404", or "4xx" for a status the model server chose
+    type: str
+    code: str
+    meaning: str  # one plain sentence; `backticks` mark literals
+
+
+def error_table() -> tuple[ErrorRow, ...]:
+    """Every error the gateway answers with, one row per (status, code), from the classes
+    themselves: each carries its status, type, code and meaning."""
+    rows: dict[tuple[str, str], ErrorRow] = {}
+    todo: list[type[GatewayError]] = [GatewayError]
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        row = ErrorRow(cls.shown_status or str(cls.status), cls.type, cls.code, cls.meaning)
+        rows.setdefault((row.status, row.code), row)
+    return tuple(sorted(rows.values(), key=lambda r: (r.status[0], r.status[1:].isdigit() is False,
+                                                      r.status, r.code)))
 
 
 # --- scrubbing -------------------------------------------------------------------------------

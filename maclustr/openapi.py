@@ -12,6 +12,7 @@ from typing import Any
 
 from . import __version__
 from .config import RouteTable
+from .errors import error_table
 
 _ERR = {"$ref": "#/components/schemas/Error"}
 
@@ -20,23 +21,23 @@ def _err(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ERR}}}
 
 
-_AUTH_ERRORS = {"401": _err("Missing or invalid API key (`invalid_api_key`).")}
+def _errors(*codes: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Error responses from the error table (errors.py): the rows with `codes` (all when
+    none are named, less `skip`), one entry per status listing each code's meaning."""
+    by_status: dict[str, list[str]] = {}
+    for r in error_table():
+        if (r.code in codes or not codes) and r.code not in skip:
+            by_status.setdefault(r.status.upper(), []).append(f"{r.meaning} (`{r.code}`).")
+    return {status: _err(" ".join(lines)) for status, lines in by_status.items()}
 
-_COMPLETION_ERRORS = {
-    "400": _err("Malformed body (`invalid_json`, `invalid_request`) or rejected by the model "
-                "server (`upstream_rejected`)."),
-    **_AUTH_ERRORS,
-    "404": _err("Unknown model alias (`model_not_found`)."),
-    "413": _err("Body over the size limit (`request_too_large`)."),
-    "415": _err("Content-Type is not JSON (`unsupported_media_type`)."),
-    "422": _err("Rejected by the model server (`upstream_rejected`)."),
-    "429": _err("The model server is rate limiting (`rate_limit_exceeded`)."),
-    "4XX": _err("Other refusals by the model server (`upstream_rejected`, status kept)."),
-    "502": _err("Model server unreachable, failing or answering garbage "
-                "(`upstream_unavailable`, `upstream_bad_response`)."),
-    "503": _err("The gateway is restarting (`gateway_shutting_down`)."),
-    "504": _err("The model did not answer in time (`upstream_timeout`)."),
-}
+
+def error_table_markdown() -> str:
+    rows = "".join(f"\n| {r.status} | `{r.code}` | {r.meaning} |" for r in error_table())
+    return "| status | code | meaning |\n|---|---|---|" + rows
+
+
+_AUTH_ERRORS = _errors("invalid_api_key")
+_COMPLETION_ERRORS = _errors(skip=("not_found", "method_not_allowed", "internal_error"))
 
 
 def _anthropic_err(description: str) -> dict[str, Any]:
@@ -294,7 +295,8 @@ def openapi_document(table: RouteTable) -> dict[str, Any]:
             "version": __version__,
             "description": "OpenAI-compatible gateway in front of the MacLustr MLX models. "
                            "Every error uses the envelope "
-                           '{"error": {"message", "type", "code", "param"}}.',
+                           '{"error": {"message", "type", "code", "param"}}; every code the '
+                           "gateway answers with:\n\n" + error_table_markdown(),
         },
         "tags": [{"name": "inference"}, {"name": "models"}, {"name": "meta"}],
         "security": [],
@@ -343,17 +345,23 @@ def openapi_document(table: RouteTable) -> dict[str, Any]:
                     "200": {"description": "The model.", "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/Model"}}}},
                     **_AUTH_ERRORS,
-                    "404": _err("Unknown model (`model_not_found`) or path (`not_found`)."),
+                    **_errors("model_not_found", "not_found"),
                 },
             }},
             "/health": {"get": {
-                "summary": "Gateway health; deep=true checks every model server",
+                "summary": "Gateway health; deep=true checks every model server, deep=generate "
+                           "(with a key) also asks each for one token",
                 "operationId": "health",
                 "tags": ["meta"],
                 "parameters": [{"name": "deep", "in": "query", "required": False,
                                 "schema": {"type": "string", "enum": ["true", "false", "1",
-                                                                      "0", "yes", "no"]},
-                                "description": "Ping each model server; per-alias status."}],
+                                                                      "0", "yes", "no",
+                                                                      "generate"]},
+                                "description": "Ping each model server; per-alias status. "
+                                               "`generate` also asks each replica for one "
+                                               "token (`wedged` when none comes) and needs "
+                                               "a key. Without a key, replicas show state "
+                                               "and latency, not load."}],
                 "responses": {
                     "200": {"description": "Healthy (all models up when deep).",
                             "content": {"application/json": {
@@ -361,6 +369,7 @@ def openapi_document(table: RouteTable) -> dict[str, Any]:
                     "503": {"description": "Deep check: some or all models are down.",
                             "content": {"application/json": {
                                 "schema": {"$ref": "#/components/schemas/Health"}}}},
+                    **_AUTH_ERRORS,
                 },
             }},
             "/": {"get": {

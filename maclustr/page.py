@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from html import escape
 
 from .config import Route, RouteTable
+from .errors import error_table
 from .stats import ModelWindow
 
 PRODUCT = "MacLustr LLM API"
@@ -50,24 +51,10 @@ def base_url(public_url: str | None, headers: Mapping[str, str], scheme: str = "
     return FALLBACK_BASE
 
 
-ERRORS: tuple[tuple[str, str, str], ...] = (
-    ("400", "invalid_json / invalid_request",
-     "Body is not JSON, not an object, or <code>model</code> is missing / not a string / empty"),
-    ("401", "invalid_api_key", "Missing or wrong <code>Authorization: Bearer</code> key"),
-    ("404", "model_not_found", "Unknown model alias (the message lists the valid ones)"),
-    ("404", "not_found", "Unknown path"),
-    ("405", "method_not_allowed", "e.g. <code>GET /v1/chat/completions</code>"),
-    ("413", "request_too_large", "Body over the gateway's size limit"),
-    ("415", "unsupported_media_type", "A Content-Type that is not JSON (multipart, …)"),
-    ("4xx", "upstream_rejected",
-     "The model server refused the request; its status is kept, its message cleaned"),
-    ("502", "upstream_unavailable",
-     "Model server unreachable or failing: it may be loading or down"),
-    ("502", "upstream_bad_response", "Model server answered something that is not JSON / SSE"),
-    ("504", "upstream_timeout", "The model did not answer in time"),
-    ("503", "gateway_shutting_down",
-     "Only as the last event of a stream cut short by a gateway restart"),
-)
+def literal_html(text: str) -> str:
+    """An error-table sentence as HTML: escaped, `backticks` as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(text))
+
 
 TROUBLE: tuple[tuple[str, str], ...] = (
     ("401 on every call",
@@ -349,15 +336,17 @@ def render_page(table: RouteTable, base_url: str,
         endpoint("GET", "/v1/models/{alias}", "One model card."),
         endpoint("GET", "/health", "Gateway status and configured models; add "
                  "<code>?deep=true</code> to check every model server (per alias "
-                 "<code>up</code>/<code>down</code>, overall 200 or 503).", auth=False),
+                 "<code>up</code>/<code>down</code>, overall 200 or 503); "
+                 "<code>?deep=generate</code> (with a key) also asks each for one token.",
+                 auth=False),
         endpoint("GET", "/openapi.json", "This API as an OpenAPI 3.1 document.", auth=False),
         *([endpoint("GET", "/metrics", "Prometheus metrics: requests, latency, tokens per "
                     "key, queue and replica state.", auth=not table.settings.metrics_public)]
           if table.settings.metrics else []),
     ])
 
-    err_rows = "".join(f"<tr><td><b>{s}</b></td><td><code>{c}</code></td><td>{w}</td></tr>"
-                       for s, c, w in ERRORS)
+    err_rows = "".join(f"<tr><td><b>{r.status}</b></td><td><code>{r.code}</code></td>"
+                       f"<td>{literal_html(r.meaning)}</td></tr>" for r in error_table())
     trouble_rows = "".join(f"<tr><td><b>{s}</b></td><td>{f}</td></tr>" for s, f in TROUBLE)
     envelope = ('{\n  "error": {\n    "message": "Model \'foo\' not found. Available models: '
                 f'{aliases[0]}, ...",\n    "type": "invalid_request_error",\n'

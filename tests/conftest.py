@@ -214,6 +214,24 @@ def assert_no_leaks(answers: list[Answer], secrets: set[str]) -> None:
                 assert form not in blob, f"internal {s!r} leaked: {a.status} {blob[:300]!r}"
 
 
+def assert_documented_codes(answers: list[Answer]) -> None:
+    """Every error code any test got (envelope or in-band stream event) is a row of the
+    error table that the page, openapi.json and the README show."""
+    from maclustr.errors import error_table
+
+    documented = {r.code for r in error_table()}
+    for a in answers:
+        try:
+            objs = a.data() if a.body.startswith((b"data:", b": ", b"event:")) else [a.json()]
+        except ValueError:
+            continue
+        for obj in objs:
+            err = obj.get("error") if isinstance(obj, dict) else None
+            code = err.get("code") if isinstance(err, dict) else None
+            if isinstance(code, str):
+                assert code in documented, f"undocumented error code {code!r}: {a.body[:200]!r}"
+
+
 @dataclass
 class Gateway:
     url: str
@@ -267,6 +285,7 @@ async def make_gateway(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Any
     secrets = set().union(*(gw.secrets | internal_strings(gw.holder.current) for gw in made))
     for gw in made:
         assert_no_leaks(gw.client.answers, gw.secrets | internal_strings(gw.holder.current))
+        assert_documented_codes(gw.client.answers)
     assert_wire_clean(wire, secrets)
 
 
