@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .errors import GatewayError
-from .sse import SSEError
+from .sse import SSEError, normalize_line_ends
 
 
 class ChatStream(Protocol):
@@ -89,7 +89,7 @@ class ChatEventRewriter:
         if self.done or not data:
             return b""
         if self._cr or b"\r" in data:
-            data = self._normalize(data)
+            data, self._cr = normalize_line_ends(data, self._cr)
         data = self._tail + data if self._tail else data
         frames = data.split(b"\n\n")
         self._tail = frames.pop()
@@ -130,12 +130,3 @@ class ChatEventRewriter:
             raise SSEError("event data is not an object")
         return self.stream.feed(obj)
 
-    def _normalize(self, data: bytes) -> bytes:
-        """As SSERewriter: CRLF and CR become LF, a CRLF cut between reads included."""
-        if self._cr:
-            self._cr = False
-            if data[:1] == b"\n":
-                data = data[1:]
-        if data.endswith(b"\r"):
-            self._cr = True
-        return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")

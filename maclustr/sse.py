@@ -261,6 +261,15 @@ def _is_done(frame: bytes) -> bool:
                if line.startswith(b"data:"))
 
 
+def normalize_line_ends(data: bytes, pending_cr: bool) -> tuple[bytes, bool]:
+    """CRLF and CR line ends (allowed by SSE) become LF. A read ending in CR ends its line at
+    once (`pending_cr` comes back True); if the next read starts with LF, that LF was the
+    CRLF's second half and is dropped."""
+    if pending_cr and data[:1] == b"\n":
+        data = data[1:]
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n"), data.endswith(b"\r")
+
+
 class SSERewriter:
     """Incremental relay of one upstream event stream for one route.
 
@@ -297,7 +306,7 @@ class SSERewriter:
         if self.done or not data:
             return b""
         if self._cr or b"\r" in data:
-            data = self._normalize(data)
+            data, self._cr = normalize_line_ends(data, self._cr)
         if self._tail:
             data = self._tail + data
         end = data.rfind(b"\n\n")
@@ -319,17 +328,6 @@ class SSERewriter:
             self.done = True
             return head + DONE + b"\n\n"
         return self._rewrite_frames(block)
-
-    def _normalize(self, data: bytes) -> bytes:
-        """CRLF and CR line ends (allowed by SSE) become LF. A read ending in CR ends its line
-        at once; if the next read starts with LF, that LF was the CRLF's second half."""
-        if self._cr:
-            self._cr = False
-            if data[:1] == b"\n":
-                data = data[1:]
-        if data.endswith(b"\r"):
-            self._cr = True
-        return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
     def _splice(self, block: bytes) -> bytes | None:
         """`block` with `model` and the fingerprint rewritten, or None when that would differ

@@ -317,8 +317,12 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
             raise RuntimeError(f"gateway exited early with {proc.returncode}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
+                # A gateway's answer, from a process still running: an mlx_lm.server that
+                # took the free port first must not pass for the gateway.
+                if r.status == 200 and r.headers.get("Server") == "maclustr":
+                    time.sleep(0.05)
+                    if proc.poll() is None:
+                        return
         except OSError:
             pass
         time.sleep(0.05)
