@@ -21,6 +21,7 @@ import json
 import os
 from typing import Any
 
+from . import jsonfast
 from .dialect import encode_event
 from .errors import BadRequest, GatewayError
 
@@ -312,7 +313,7 @@ def collect(events: bytes) -> dict[str, Any]:
         at = frame.find(b"\ndata: ")
         if at < 0:
             continue
-        event = json.loads(frame[at + 7:])
+        event = jsonfast.loads(frame[at + 7:])
         kind = event["type"]
         if kind == "message_start":
             message = event["message"]
@@ -327,7 +328,7 @@ def collect(events: bytes) -> dict[str, Any]:
             elif delta["type"] == "input_json_delta":
                 partial[event["index"]] = partial.get(event["index"], "") + delta["partial_json"]
         elif kind == "content_block_stop" and event["index"] in partial:
-            args = json.loads(partial.pop(event["index"]) or "{}")
+            args = jsonfast.loads(partial.pop(event["index"]) or "{}")
             content[event["index"]]["input"] = args if isinstance(args, dict) else {}
         elif kind == "message_delta":
             message.update(event["delta"])
@@ -552,7 +553,7 @@ def error_object(err: GatewayError) -> dict[str, Any]:
 
 
 def error_body(err: GatewayError) -> bytes:
-    return json.dumps(error_object(err)).encode()
+    return jsonfast.dumps(error_object(err))
 
 
 def error_answer(err: GatewayError) -> tuple[int, bytes]:

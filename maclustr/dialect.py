@@ -9,11 +9,11 @@ either without knowing which.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import jsonfast
 from .errors import GatewayError
 from .sse import SSEError, normalize_line_ends
 
@@ -59,7 +59,7 @@ class Dialect:
 
 def encode_event(name: str | None, obj: dict[str, Any]) -> bytes:
     """One SSE event: `event: NAME` (when named) and one `data:` line of compact JSON."""
-    data = json.dumps(obj, separators=(",", ":")).encode()
+    data = jsonfast.dumps(obj)
     if name is None:
         return b"data: " + data + b"\n\n"
     return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
@@ -123,7 +123,7 @@ class ChatEventRewriter:
             self.done = True
             return self.stream.finish()
         try:
-            obj = json.loads(payload)
+            obj = jsonfast.loads(payload)
         except (ValueError, RecursionError):
             raise SSEError("event data is not JSON") from None
         if not isinstance(obj, dict):
