@@ -14,15 +14,22 @@ them and the stdlib writes them as it always did). Output is compact UTF-8 with 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from typing import Any
 
-_orjson: Any
-try:
-    import orjson as _orjson
-except ImportError:  # the stdlib-path tests switch orjson off with `use_orjson`
-    _orjson = None
+
+def _import_orjson() -> Any:
+    """orjson, or None where it is not installed (typed Any either way, so type checks read
+    the same with and without it)."""
+    try:
+        return importlib.import_module("orjson")
+    except ImportError:  # the stdlib-path tests switch orjson off with `use_orjson`
+        return None
+
+
+_orjson: Any = _import_orjson()
 
 _DIGITS = bytes.maketrans(b"0123456789", b"0" * 10)
 _STR_DIGITS = str.maketrans("0123456789", "0" * 10)

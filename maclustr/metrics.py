@@ -40,7 +40,7 @@ API_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messa
                            "/v1/responses"})
 
 
-class SchedulerGauges(Collector):
+class SchedulerGauges(Collector):  # type: ignore[misc, unused-ignore]  # Any when untyped
     """queue_depth, in_flight and replica_up, computed from the live table and scheduler at
     scrape time. A replica is named by its index in its route's upstreams."""
 

@@ -31,6 +31,7 @@ def missing(what: str, package: str) -> NoReturn:
     if ci_strict():
         pytest.fail(f"CI=true and {message}", pytrace=False)
     pytest.skip(message)
+    raise AssertionError("pytest.skip returned")  # for type checkers that cannot see pytest
 
 
 def require(found: T | None, what: str, package: str) -> T:
