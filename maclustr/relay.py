@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -324,24 +324,18 @@ async def relay_collected(resp: Response, route: Route, dialect: Dialect, rid: s
     parts: list[bytes] = []
     size = 0
     try:
-        while not rewriter.done:
-            chunk = await resp.read()
-            if not chunk:
-                raise UpstreamFailed(route.alias, "stopped in the middle of the response")
-            dog.touch()
-            events = rewriter.feed(chunk)
-            size += len(events)
-            if size > MAX_UNARY_BYTES:
-                raise UpstreamBadResponse(route.alias)
-            parts.append(events)
+        with _body_read(route, dog):
+            while not rewriter.done:
+                chunk = await resp.read()
+                if not chunk:
+                    raise UpstreamFailed(route.alias, "stopped in the middle of the response")
+                dog.touch()
+                events = rewriter.feed(chunk)
+                size += len(events)
+                if size > MAX_UNARY_BYTES:
+                    raise UpstreamBadResponse(route.alias)
+                parts.append(events)
         answer = dialect.collect(b"".join(parts))
-    except asyncio.CancelledError:
-        if not dog.fired:
-            raise
-        dog.absorb()
-        raise UpstreamTimeout(route.alias, dog.phase) from None
-    except OSError:
-        raise UpstreamFailed(route.alias, "stopped in the middle of the response") from None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         raise UpstreamBadResponse(route.alias) from None  # SSEError is a ValueError
     o.usage(rewriter.usage)
@@ -498,7 +492,7 @@ async def _read_capped(resp: Response, cap: int, route: Route, dog: Watchdog) ->
         raise UpstreamBadResponse(route.alias)
     parts: list[bytes] = []
     size = 0
-    try:
+    with _body_read(route, dog):
         while True:
             chunk = await resp.read()
             if not chunk:
@@ -508,6 +502,15 @@ async def _read_capped(resp: Response, cap: int, route: Route, dog: Watchdog) ->
             if size > cap:
                 raise UpstreamBadResponse(route.alias)
             parts.append(chunk)
+    return b"".join(parts)
+
+
+@contextlib.contextmanager
+def _body_read(route: Route, dog: Watchdog) -> Iterator[None]:
+    """A body read's failures as our errors: the watchdog's own cancellation is a timeout
+    (any other cancellation passes), a socket error an upstream that died mid-answer."""
+    try:
+        yield
     except asyncio.CancelledError:
         if not dog.fired:
             raise
@@ -515,7 +518,6 @@ async def _read_capped(resp: Response, cap: int, route: Route, dog: Watchdog) ->
         raise UpstreamTimeout(route.alias, dog.phase) from None
     except OSError:
         raise UpstreamFailed(route.alias, "stopped in the middle of the response") from None
-    return b"".join(parts)
 
 
 async def _upstream_error(resp: Response, route: Route, rid: str,
