@@ -456,18 +456,18 @@ class Client:
 
     async def _connect(self, t: _Target) -> _Conn:
         loop = asyncio.get_running_loop()
-        if t.is_ip:
-            family = socket.AF_INET6 if ":" in t.host else socket.AF_INET
-            addrs: list[Addr] = [(family, (t.host, t.port))]
-        else:
-            addrs = await self._resolve(t.host, t.port)
-        sock = await happy_eyeballs(addrs)
         key = (t.host, t.port, t.ssl)
         ctx = None
         if t.ssl:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             ctx = self._ssl
+        if t.is_ip:  # one address: the loop's own connect (in C under uvloop) is the cheapest
+            _, conn = await loop.create_connection(
+                lambda: _Conn(self, key), t.host, t.port, ssl=ctx,
+                server_hostname=t.host if ctx else None)
+            return conn
+        sock = await happy_eyeballs(await self._resolve(t.host, t.port))
         try:
             _, proto = await loop.create_connection(
                 lambda: _Conn(self, key), sock=sock, ssl=ctx,
