@@ -176,7 +176,7 @@ class Scheduler:
     def retry_after(self, route: Route) -> int:
         now = time.monotonic()
         soonest = min(self.replica(u).down_until for u in route.upstreams)
-        return max(1, math.ceil(soonest - now)) if soonest > now else int(COOLDOWN)
+        return max(1, math.ceil(soonest - now if soonest > now else COOLDOWN))
 
     # --- what /metrics reads at scrape time ------------------------------------------------
 
