@@ -1,9 +1,10 @@
-"""Wiring: routes, the two middlewares, shared objects on typed AppKeys, session lifecycle.
+"""Wiring: the routes, the one error funnel, shared objects on typed AppKeys, lifecycle.
 
-Request order: `frame` (request id, CORS, every error rendered as an OpenAI envelope, or
-Anthropic's on /v1/messages*; the request's `Outcome` reported once: metrics and one
-access-log line) → `authenticate` (bearer key on /v1/* and /metrics, or x-api-key on
-/v1/messages*) → handler.
+Two servers carry requests (exchange.py): the front (front.py) serves the POST endpoints
+itself, aiohttp the rest. Both go through `serve`: request id, the `Outcome` reported once
+(metrics and one access-log line), CORS preflight, shutdown, the API key (bearer on /v1/*
+and /metrics, or x-api-key on /v1/messages*), then the handler, with every error rendered
+as an OpenAI envelope, or Anthropic's on /v1/messages*.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -32,12 +33,14 @@ from .errors import (
     NotFound,
     ShuttingDown,
 )
-from .headers import SERVER, request_id
+from .exchange import Answer, Exchange
+from .front import FrontExchange, FrontServer
+from .headers import SERVER, cors, request_id
 from .metrics import LastMinute, Metrics
 from .openapi import openapi_document
 from .outcome import Outcome, access_line
 from .page import CSP, base_url, render_page
-from .relay import OUTCOME, Call, Upstream, relay
+from .relay import Call, Upstream, relay
 from .reload import RoutesHolder
 from .scheduler import Scheduler, conversation_prefix
 from .upstream import Client
@@ -55,11 +58,11 @@ DEEP_HEALTH = web.AppKey("deep_health", health.DeepCache)
 METRICS = web.AppKey("metrics", Metrics)  # absent when gateway.metrics is false
 LAST_MINUTE = web.AppKey("last_minute", LastMinute)  # the front page's figures (with METRICS)
 LOG_FORMAT = web.AppKey("log_format", str)  # access log: "text" or "json"
-RID = web.RequestKey("rid", str)
-ALIAS = web.RequestKey("alias", str)
-KEY_NAME = web.RequestKey("key_name", str)  # never the secret
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A POST endpoint's handler, the same under either server.
+PostHandler = Callable[[web.Application, Exchange], Awaitable[Answer | None]]
+R = TypeVar("R")
 _JSON = {"Content-Type": "application/json", "Server": SERVER}
 
 
@@ -69,6 +72,10 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
                         headers={**_JSON, **(headers or {})})
 
 
+def json_answer(obj: Any) -> Answer:
+    return Answer(200, jsonfast.dumps(obj), dict(_JSON))
+
+
 # Paths whose clients expect another error envelope than OpenAI's (the Responses API uses
 # OpenAI's own, so it needs no entry).
 _ERROR_SHAPES: tuple[tuple[str, Callable[[GatewayError], tuple[int, bytes]]], ...] = (
@@ -76,11 +83,14 @@ _ERROR_SHAPES: tuple[tuple[str, Callable[[GatewayError], tuple[int, bytes]]], ..
 )
 
 
-def error_response(err: GatewayError, path: str = "") -> web.Response:
+def error_answer(err: GatewayError, path: str = "") -> Answer:
     status, body = next((shape(err) for prefix, shape in _ERROR_SHAPES
                          if path.startswith(prefix)), (err.status, b""))
-    return web.Response(body=body or err.to_body(), status=status,
-                        headers={**_JSON, **err.headers})
+    return Answer(status, body or err.to_body(), {**_JSON, **err.headers})
+
+
+def web_response(answer: Answer) -> web.Response:
+    return web.Response(body=answer.body, status=answer.status, headers=answer.headers)
 
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> GatewayError:
@@ -98,12 +108,6 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Gatewa
     return BadRequest(f"{exc.reason or 'Bad request'}.") if exc.status < 500 else GatewayError()
 
 
-def _endpoint(request: web.Request) -> str:
-    """The matched route's path pattern (bounded; never a client-chosen model id), or "-"."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "-"
-
-
 def report(app: web.Application, o: Outcome) -> None:
     """The one place a finished request is counted and logged."""
     o.finish()
@@ -114,85 +118,144 @@ def report(app: web.Application, o: Outcome) -> None:
         log.info("%s", access_line(o, app[LOG_FORMAT]))
 
 
-@web.middleware
-async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = request_id(request.headers.get("X-Request-Id"))
-    request[RID] = rid
-    o = request[OUTCOME] = Outcome(rid, time.perf_counter(), request.method, _endpoint(request))
-    resp: web.StreamResponse
-    in_flight = request.app[IN_FLIGHT]
+async def serve(app: web.Application, ex: Exchange, endpoint: str,
+                handler: Callable[[], Awaitable[R]]) -> R | Answer:
+    """The one error funnel, for both servers: whatever `handler` raises becomes one
+    envelope, and the request's Outcome is reported exactly once."""
+    rid = ex.rid = request_id(ex.header("X-Request-Id"))
+    o = ex.outcome = Outcome(rid, time.perf_counter(), ex.method, endpoint)
+    ex.key = "-"
+    result: R | Answer
+    in_flight = app[IN_FLIGHT]
     task = asyncio.current_task()
     in_flight.add(task)
     try:
-        if request.method == "OPTIONS":  # CORS preflight, for any path, without auth
-            resp = web.Response(status=204, headers={"Server": SERVER})
-        elif request.app[SHUTTING_DOWN].is_set():
+        if ex.method == "OPTIONS":  # CORS preflight, for any path, without auth
+            result = Answer(204, b"", {"Server": SERVER})
+        elif app[SHUTTING_DOWN].is_set():
             raise ShuttingDown()
         else:
-            resp = await handler(request)
+            authenticate(app, ex)
+            result = await handler()
     except GatewayError as e:
-        resp = error_response(e, request.path)
+        result = error_answer(e, ex.path)
         o.fail(e.status, e.code)
-    except web.HTTPException as e:
-        err = _from_http_exception(e, request)
-        resp = error_response(err, request.path)
-        o.fail(err.status, err.code)
     except (asyncio.CancelledError, ConnectionError):
         if o.code == "done":  # not a shutdown the relay already reported in-band
             o.gone()
-        report(request.app, o)
+        report(app, o)
         raise
     except Exception:
-        log.exception("%s %s %s failed", rid, request.method, o.endpoint)
-        resp = error_response(GatewayError(), request.path)
+        log.exception("%s %s %s failed", rid, ex.method, endpoint)
+        result = error_answer(GatewayError(), ex.path)
         o.fail(500, GatewayError.code)
     finally:
         in_flight.discard(task)
     if o.code == "done":
-        o.status = resp.status
-    report(request.app, o)
-    return resp
+        o.status = getattr(result, "status", 200)  # None: streamed, a 200
+    report(app, o)
+    return result
 
 
-async def stamp(request: web.Request, resp: web.StreamResponse) -> None:
-    """on_response_prepare: request id and CORS on every answer, including a stream the
-    relay prepares itself (a middleware sees it only after its headers are sent)."""
-    rid = request.get(RID)
-    if rid is not None:
-        resp.headers["X-Request-Id"] = rid
-    origins = request.app[ROUTES].current.settings.cors_origins
-    if origins:
-        _cors(request, resp, origins)
-
-
-def _cors(request: web.Request, resp: web.StreamResponse, origins: tuple[str, ...]) -> None:
-    origin = request.headers.get("Origin")
-    if origin and (origin in origins or "*" in origins):
-        resp.headers["Access-Control-Allow-Origin"] = origin
-        resp.headers["Vary"] = "Origin"
-        resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Request-Id"
-        resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        resp.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
-
-
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    path = request.path
-    if (path.startswith("/v1/") and request.method != "OPTIONS") or (
-            path == "/metrics" and not request.app[ROUTES].current.settings.metrics_public):
-        token = bearer_token(request.headers.get("Authorization"))
-        anthropic_path = request.path.startswith("/v1/messages")
+def authenticate(app: web.Application, ex: Exchange) -> None:
+    path = ex.path
+    if path.startswith("/v1/") or (
+            path == "/metrics" and not app[ROUTES].current.settings.metrics_public):
+        token = bearer_token(ex.header("Authorization"))
+        anthropic_path = path.startswith("/v1/messages")
         if token is None and anthropic_path:  # Anthropic clients send x-api-key
-            token = request.headers.get("x-api-key", "").strip() or None
-        name = request.app[KEYS].check(token)
+            token = (ex.header("x-api-key") or "").strip() or None
+        name = app[KEYS].check(token)
         if name is None:
             raise InvalidApiKey(_ANTHROPIC_KEY_HELP) if anthropic_path else InvalidApiKey()
-        request[KEY_NAME] = request[OUTCOME].key = name
-    return await handler(request)
+        ex.key = ex.outcome.key = name
 
 
 _ANTHROPIC_KEY_HELP = ("Invalid or missing API key. Send 'x-api-key: <key>' or "
                        "'Authorization: Bearer <key>' with a key from MACLUSTR_API_KEY.")
+
+
+class AiohttpExchange:
+    """An Exchange over aiohttp's request (the connections the front handed over)."""
+
+    __slots__ = ("key", "method", "outcome", "path", "request", "response", "rid")
+    outcome: Outcome
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.method = request.method
+        self.path = request.path
+        self.response: web.StreamResponse | None = None
+        self.rid = "-"
+        self.key = "-"
+
+    def header(self, name: str) -> str | None:
+        return self.request.headers.get(name)
+
+    @property
+    def content_type(self) -> str:
+        return self.request.content_type if "Content-Type" in self.request.headers else ""
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.request.transport
+
+    async def body(self, limit: int) -> bytes:
+        return await read_body(self.request, limit)
+
+    async def start_stream(self, headers: dict[str, str]) -> bool:
+        out = self.response = web.StreamResponse(headers=headers)
+        await out.prepare(self.request)  # aiohttp chose the framing here
+        return out.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+    async def end_stream(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+
+EXCHANGE = web.RequestKey("exchange", AiohttpExchange)
+
+
+@web.middleware
+async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's side of `serve`: its own refusals (404, 405, 413) become envelopes too."""
+    ex = request[EXCHANGE] = AiohttpExchange(request)
+    resource = request.match_info.route.resource
+    endpoint = resource.canonical if resource is not None else "-"  # never a model id
+
+    async def run() -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            raise _from_http_exception(e, request) from None
+
+    result = await serve(request.app, ex, endpoint, run)
+    return web_response(result) if isinstance(result, Answer) else result
+
+
+def on_aiohttp(handler: PostHandler) -> Handler:
+    """A POST handler served by aiohttp (after the front handed its connection over)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        ex = request[EXCHANGE]
+        answer = await handler(request.app, ex)
+        if answer is not None:
+            return web_response(answer)
+        assert ex.response is not None
+        return ex.response
+
+    return handle
+
+
+async def stamp(request: web.Request, resp: web.StreamResponse) -> None:
+    """on_response_prepare: request id and CORS on every answer aiohttp sends, including a
+    stream the relay prepares itself (a middleware sees it only after its headers are sent)."""
+    ex = request.get(EXCHANGE)
+    if ex is not None and ex.rid != "-":
+        resp.headers["X-Request-Id"] = ex.rid
+    origins = request.app[ROUTES].current.settings.cors_origins
+    if origins:
+        resp.headers.update(cors(request.headers.get("Origin"), origins))
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -212,28 +275,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def completions_handler(path: str) -> Handler:
-    """POST /v1/chat/completions or /v1/completions, routed by the body's `model`."""
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        app = request.app
-        table = app[ROUTES].current  # one snapshot for the whole request
-        check_content_type(request.content_type if "Content-Type" in request.headers else "")
-        payload = parse_request(await read_body(request, table.settings.max_body_bytes))
-        route = table.resolve(payload["model"])
-        if route is None:
-            raise ModelNotFound(payload["model"], table.aliases)
-        request[ALIAS] = route.alias
-        o = request[OUTCOME]
-        o.model, o.stream = route.alias, wants_stream(payload)
-        prefix = conversation_prefix(payload) if len(route.upstreams) > 1 else None
-        usage = ask_for_usage(payload)
-        call = Call(path=path, stream=o.stream, rid=request[RID],
-                    key=request.get(KEY_NAME, "-"), prefix=prefix, usage=usage,
-                    body=upstream_body(payload, route.model))
-        return await relay(request, app[UPSTREAM], route, call)
-
-    return handle
+async def _request(app: web.Application, ex: Exchange) -> tuple[RouteTable, dict[str, Any]]:
+    """The live table (one snapshot for the whole request) and the checked JSON body."""
+    table = app[ROUTES].current
+    check_content_type(ex.content_type)
+    return table, parse_request(await ex.body(table.settings.max_body_bytes))
 
 
 def _route_for(table: RouteTable, payload: dict[str, Any]) -> Route:
@@ -243,64 +289,83 @@ def _route_for(table: RouteTable, payload: dict[str, Any]) -> Route:
     return route
 
 
-async def _translated_request(request: web.Request) -> tuple[RouteTable, dict[str, Any]]:
-    table = request.app[ROUTES].current  # one snapshot for the whole request
-    check_content_type(request.content_type if "Content-Type" in request.headers else "")
-    return table, parse_request(await read_body(request, table.settings.max_body_bytes))
+def completions_handler(path: str) -> PostHandler:
+    """POST /v1/chat/completions or /v1/completions, routed by the body's `model`."""
+
+    async def handle(app: web.Application, ex: Exchange) -> Answer | None:
+        table, payload = await _request(app, ex)
+        route = _route_for(table, payload)
+        o = ex.outcome
+        o.model, o.stream = route.alias, wants_stream(payload)
+        prefix = conversation_prefix(payload) if len(route.upstreams) > 1 else None
+        usage = ask_for_usage(payload)
+        call = Call(path=path, stream=o.stream, rid=ex.rid, key=ex.key, prefix=prefix,
+                    usage=usage, body=upstream_body(payload, route.model))
+        return await relay(ex, app[UPSTREAM], route, call)
+
+    return handle
 
 
-async def relay_chat(request: web.Request, route: Route, chat: dict[str, Any],
-                     dialect: Dialect, stream: bool | None = None) -> web.StreamResponse:
+async def relay_chat(app: web.Application, ex: Exchange, route: Route, chat: dict[str, Any],
+                     dialect: Dialect, stream: bool | None = None) -> Answer | None:
     """Send a translated request (already a chat completion) through the ordinary relay:
     routing, queueing, failover, timeouts, disconnect and shutdown are the same. `stream`:
     whether the client gets a stream (default: as the chat request says; the upstream may
     stream either way, see Dialect.collect)."""
     if stream is None:
         stream = wants_stream(chat)
-    request[ALIAS] = route.alias
-    o = request[OUTCOME]
+    o = ex.outcome
     o.model, o.stream = route.alias, stream
     prefix = conversation_prefix(chat) if len(route.upstreams) > 1 else None
-    call = Call(path="/v1/chat/completions", stream=stream, rid=request[RID],
-                key=request.get(KEY_NAME, "-"), prefix=prefix,
-                body=jsonfast.dumps(chat), dialect=dialect)
-    return await relay(request, request.app[UPSTREAM], route, call)
+    call = Call(path="/v1/chat/completions", stream=stream, rid=ex.rid, key=ex.key,
+                prefix=prefix, body=jsonfast.dumps(chat), dialect=dialect)
+    return await relay(ex, app[UPSTREAM], route, call)
 
 
-async def messages(request: web.Request) -> web.StreamResponse:
+async def messages(app: web.Application, ex: Exchange) -> Answer | None:
     """POST /v1/messages: Anthropic's Messages API, unary or streamed, over chat completions.
     Routed by path alone (Claude Code adds `?beta=true`) and the body's `model`."""
-    table, payload = await _translated_request(request)
+    table, payload = await _request(app, ex)
     route = _route_for(table, payload)
     chat = anthropic.to_chat(payload, route.model)
     estimate = anthropic.estimate_tokens(chat)
     alias, stops = route.alias, anthropic.stop_sequences(payload)
     dialect = Dialect(stream=lambda: anthropic.AnthropicStream(alias, estimate, stops),
                       collect=anthropic.collect)
-    return await relay_chat(request, route, chat, dialect, stream=payload.get("stream") is True)
+    return await relay_chat(app, ex, route, chat, dialect, stream=payload.get("stream") is True)
 
 
-async def responses_api(request: web.Request) -> web.StreamResponse:
+async def responses_api(app: web.Application, ex: Exchange) -> Answer | None:
     """POST /v1/responses: OpenAI's Responses API (Codex CLI speaks nothing else), unary or
     streamed, over chat completions. Stateless: the client resends the whole history."""
-    table, payload = await _translated_request(request)
+    table, payload = await _request(app, ex)
     route = _route_for(table, payload)
     chat = responses.to_chat(payload, route.model)
     alias = route.alias
     dialect = Dialect(stream=lambda: responses.ResponsesStream(alias),
                       unary=lambda c: responses.from_chat(c, alias))
-    return await relay_chat(request, route, chat, dialect)
+    return await relay_chat(app, ex, route, chat, dialect)
 
 
-async def count_tokens(request: web.Request) -> web.Response:
+async def count_tokens(app: web.Application, ex: Exchange) -> Answer | None:
     """POST /v1/messages/count_tokens: an estimate (anthropic.estimate_tokens says how); the
     tokenizer lives with the model on its node, and asking it would cost a prompt pass."""
-    table, payload = await _translated_request(request)
+    table, payload = await _request(app, ex)
     route = _route_for(table, payload)
-    request[ALIAS] = route.alias
+    ex.outcome.model = route.alias
     payload.pop("stream", None)
-    return json_response({"input_tokens": anthropic.estimate_tokens(
+    return json_answer({"input_tokens": anthropic.estimate_tokens(
         anthropic.to_chat(payload, route.model))})
+
+
+# The POST endpoints, served by the front (and by aiohttp on handed-over connections).
+POST_ROUTES: dict[str, PostHandler] = {
+    "/v1/chat/completions": completions_handler("/v1/chat/completions"),
+    "/v1/completions": completions_handler("/v1/completions"),
+    "/v1/messages": messages,
+    "/v1/messages/count_tokens": count_tokens,
+    "/v1/responses": responses_api,
+}
 
 
 def _model_card(request: web.Request, alias: str) -> dict[str, Any]:
@@ -363,11 +428,29 @@ async def openapi_json(request: web.Request) -> web.Response:
                          headers={"Cache-Control": "no-cache"})
 
 
+def make_front(app: web.Application, fallback: Callable[[], asyncio.Protocol]) -> FrontServer:
+    """The front server for the POST routes, on the same funnel and handlers as aiohttp's."""
+
+    async def dispatch(ex: FrontExchange) -> Answer | None:
+        post = POST_ROUTES[ex.path]
+        return await serve(app, ex, ex.path, lambda: post(app, ex))
+
+    def stamp(ex: FrontExchange, headers: dict[str, str]) -> dict[str, str]:
+        out = {**headers, "X-Request-Id": ex.rid} if ex.rid != "-" else dict(headers)
+        origins = app[ROUTES].current.settings.cors_origins
+        if origins:
+            out.update(cors(ex.header("Origin"), origins))
+        return out
+
+    return FrontServer(frozenset(POST_ROUTES), dispatch, fallback, stamp,
+                       lambda: app[ROUTES].current.settings.max_body_bytes)
+
+
 def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text"
              ) -> web.Application:
     """`gateway.metrics` is read here, once: turning metrics on or off takes a restart."""
     # The body cap is enforced by read_body from the live table; this is only a hard ceiling.
-    app = web.Application(middlewares=[frame, authenticate], client_max_size=2**40)
+    app = web.Application(middlewares=[frame], client_max_size=2**40)
     app[ROUTES] = holder
     app[KEYS] = keys
     app[LOG_FORMAT] = log_format
@@ -386,11 +469,8 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text"
     app[DEEP_HEALTH] = health.DeepCache()
     app.on_response_prepare.append(stamp)
     app.cleanup_ctx.append(_upstream_client)
-    app.router.add_post("/v1/chat/completions", completions_handler("/v1/chat/completions"))
-    app.router.add_post("/v1/completions", completions_handler("/v1/completions"))
-    app.router.add_post("/v1/messages", messages)
-    app.router.add_post("/v1/messages/count_tokens", count_tokens)
-    app.router.add_post("/v1/responses", responses_api)
+    for path, post in POST_ROUTES.items():
+        app.router.add_post(path, on_aiohttp(post))
     app.router.add_get("/v1/models", list_models, allow_head=False)
     app.router.add_get("/v1/models/{model:.+}", get_model, allow_head=False)
     app.router.add_get("/health", get_health)

@@ -32,3 +32,13 @@ def upstream_headers(rid: str, api_key: str | None) -> dict[str, str]:
     if api_key:
         h["Authorization"] = f"Bearer {api_key}"
     return h
+
+
+def cors(origin: str | None, origins: tuple[str, ...]) -> dict[str, str]:
+    """The CORS headers for a request from `origin` when `gateway.cors_origins` allows it."""
+    if not origin or not (origin in origins or "*" in origins):
+        return {}
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Expose-Headers": "X-Request-Id"}

@@ -9,6 +9,7 @@ request handler whose `handle_error` answers like every other error of the gatew
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
@@ -51,10 +52,34 @@ class EnvelopeServer(web.Server):
         return EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
+class GatewayServer(EnvelopeServer):
+    """The listening socket's protocol factory: the front (front.py) serves the POST
+    endpoints; the connections it hands over get aiohttp's request handler."""
+
+    def __init__(self, app: web.Application, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from .app import make_front  # the app's handlers, wired into the front
+
+        self.front = make_front(app, super().__call__)
+
+    def __call__(self) -> Any:
+        return self.front()
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        self.front.close_idle()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        await super().shutdown(timeout)
+        self.front.close_all()
+
+
 class GatewayRunner(web.AppRunner):
-    """web.AppRunner whose connections answer protocol errors in our envelope."""
+    """web.AppRunner whose connections answer protocol errors in our envelope, with the
+    front serving the POST endpoints."""
 
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()  # starts the app, builds aiohttp's Server
-        return EnvelopeServer(base.request_handler, request_factory=base.request_factory,
-                              handler_cancellation=base.handler_cancellation, **base._kwargs)
+        return GatewayServer(self.app, base.request_handler,
+                             request_factory=base.request_factory,
+                             handler_cancellation=base.handler_cancellation, **base._kwargs)

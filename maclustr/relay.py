@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
 from . import jsonfast
 from .config import Route
 from .dialect import ChatEventRewriter, Dialect
@@ -39,6 +37,7 @@ from .errors import (
     UpstreamTimeout,
     upstream_message,
 )
+from .exchange import Answer, Exchange
 from .headers import SERVER, SSE_HEADERS, upstream_headers
 from .outcome import Outcome
 from .scheduler import Replica, Scheduler
@@ -46,8 +45,6 @@ from .sse import SSEError, SSERewriter, rewrite_body, usage_of
 from .upstream import Client, Response
 
 log = logging.getLogger("maclustr.relay")
-
-OUTCOME = web.RequestKey("outcome", Outcome)  # what happened: for metrics and the access log
 
 MAX_UNARY_BYTES = 64 * 1024 * 1024  # a unary completion larger than this is not a completion
 MAX_ERROR_BYTES = 64 * 1024
@@ -140,15 +137,15 @@ _VERDICT: dict[str, bool | None] = {"done": True, "upstream_bad_response": None,
                                     "upstream_unavailable": False, "upstream_timeout": False}
 
 
-async def relay(request: web.Request, up: Upstream, route: Route,
-                call: Call) -> web.StreamResponse:
-    """Send the call to one of `route`'s replicas and answer the client.
+async def relay(ex: Exchange, up: Upstream, route: Route, call: Call) -> Answer | None:
+    """Send the call to one of `route`'s replicas and answer the client: a whole `Answer`,
+    or None when the answer was streamed to the client already.
 
     Failover: a replica that refuses the connection, resets it, or answers 502/503 before we
     sent the client anything is reported to the scheduler and the next replica is tried.
     """
     sched = up.scheduler
-    o = request[OUTCOME]
+    o = ex.outcome
     o.phase = "queue"
     queued = time.perf_counter()
     replica: Replica | None = await _acquire(sched, route, call, o)
@@ -204,7 +201,7 @@ async def relay(request: web.Request, up: Upstream, route: Route,
                 raise UpstreamBadResponse(route.alias)
             ctype = resp.content_type
             collect = call.dialect.collect if call.dialect is not None else None
-            out: web.StreamResponse
+            out: Answer | None
             if ctype == "text/event-stream" and not call.stream and collect is not None:
                 assert call.dialect is not None
                 out = await relay_collected(resp, route, call.dialect, call.rid, dog, o)
@@ -215,7 +212,8 @@ async def relay(request: web.Request, up: Upstream, route: Route,
                 rewriter = (SSERewriter(route.alias, route.model, strip_usage=not call.usage)
                             if call.dialect is None
                             else ChatEventRewriter(call.dialect.stream()))
-                out = await relay_stream(request, up, resp, route, call.rid, dog, rewriter)
+                await relay_stream(ex, up, resp, route, call.rid, dog, rewriter)
+                out = None
                 ok = _VERDICT.get(o.code, False)
             elif call.stream or ctype != "application/json":
                 raise UpstreamBadResponse(route.alias)
@@ -283,7 +281,7 @@ async def _open(up: Upstream, route: Route, base: str, call: Call, dog: Watchdog
 
 
 async def relay_unary(resp: Response, route: Route, replica: Replica, rid: str,
-                      dog: Watchdog, o: Outcome) -> web.Response:
+                      dog: Watchdog, o: Outcome) -> Answer:
     data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
     try:
         out, replica.fingerprint = rewrite_body(data, route.alias, route.model,
@@ -294,12 +292,12 @@ async def relay_unary(resp: Response, route: Route, replica: Replica, rid: str,
         raise UpstreamBadResponse(route.alias)
     o.usage(usage_of(out))
     o.bytes_out = len(out)
-    return web.Response(body=out, headers={"Content-Type": "application/json",
-                                           "X-Request-Id": rid, "Server": SERVER})
+    return Answer(200, out, {"Content-Type": "application/json", "X-Request-Id": rid,
+                             "Server": SERVER})
 
 
 async def relay_translated(resp: Response, route: Route, dialect: Dialect, rid: str,
-                           dog: Watchdog, o: Outcome) -> web.Response:
+                           dog: Watchdog, o: Outcome) -> Answer:
     """A unary chat completion, translated into the client's dialect (which names the alias
     and nothing of the upstream's own answer but its content and usage)."""
     data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
@@ -315,7 +313,7 @@ async def relay_translated(resp: Response, route: Route, dialect: Dialect, rid: 
 
 
 async def relay_collected(resp: Response, route: Route, dialect: Dialect, rid: str,
-                          dog: Watchdog, o: Outcome) -> web.Response:
+                          dog: Watchdog, o: Outcome) -> Answer:
     """A unary answer built from an upstream stream: the dialect's events, folded. Reading
     stops when the dialect's answer is complete (its [DONE], or an Anthropic stop sequence);
     the caller's resp.close() then hangs up, which stops the generation."""
@@ -342,21 +340,20 @@ async def relay_collected(resp: Response, route: Route, dialect: Dialect, rid: s
     return _json_answer(answer, rid, o)
 
 
-def _json_answer(answer: dict[str, Any], rid: str, o: Outcome) -> web.Response:
+def _json_answer(answer: dict[str, Any], rid: str, o: Outcome) -> Answer:
     body = jsonfast.dumps(answer)
     o.bytes_out = len(body)
-    return web.Response(body=body,
-                        headers={"Content-Type": "application/json", "X-Request-Id": rid,
-                                 "Server": SERVER})
+    return Answer(200, body, {"Content-Type": "application/json", "X-Request-Id": rid,
+                              "Server": SERVER})
 
 
 CLIENT_HIGH_WATER = 256 * 1024  # bytes queued for a slow client before the upstream pauses
 CLIENT_LOW_WATER = 64 * 1024
 
 
-async def relay_stream(request: web.Request, up: Upstream, resp: Response, route: Route,
+async def relay_stream(ex: Exchange, up: Upstream, resp: Response, route: Route,
                        rid: str, dog: Watchdog, rewriter: SSERewriter | ChatEventRewriter
-                       ) -> web.StreamResponse:
+                       ) -> None:
     """Relay an event stream. Each upstream read is rewritten and written to the client inside
     the socket callback (`Response.pump`): no buffering and no task switch per read, so an
     event reaches the client the moment its last byte arrives.
@@ -368,15 +365,13 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
     upstream pauses until the client has taken all but CLIENT_LOW_WATER, so memory per stream
     stays bounded and TCP flow control reaches the model server.
     """
-    o = request[OUTCOME]
-    out = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": rid})
-    await out.prepare(request)  # sends the headers now (aiohttp: StreamResponse)
+    o = ex.outcome
+    # The server chooses the framing: chunked for HTTP/1.1, close-delimited for 1.0.
+    chunked = await ex.start_stream({**SSE_HEADERS, "X-Request-Id": rid})
     o.phase = "response"
-    transport = request.transport
+    transport = ex.transport
     if transport is None:
         raise ConnectionResetError("client gone")
-    # aiohttp chose the framing in prepare(): chunked for HTTP/1.1, close-delimited for 1.0.
-    chunked = out.headers.get("Transfer-Encoding", "").lower() == "chunked"
     write = transport.write
     buffered = transport.get_write_buffer_size
     touch = dog.touch
@@ -432,27 +427,27 @@ async def relay_stream(request: web.Request, up: Upstream, resp: Response, route
         if dog.fired:
             dog.absorb()
             failure = UpstreamTimeout(route.alias, dog.phase)
-        elif up.shutting_down.is_set() and not _client_gone(request):
+        elif up.shutting_down.is_set() and not _client_gone(ex):
             o.usage(rewriter.usage)
             err = ShuttingDown()
             o.fail(err.status, err.code)
-            await _finish_with(request, out, err, rewriter)
+            _finish_with(ex, chunked, err, rewriter)
             raise
         else:
             o.usage(rewriter.usage)
             raise
     except OSError:
         o.usage(rewriter.usage)
-        if _client_gone(request):
+        if _client_gone(ex):
             raise
         failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
     o.usage(rewriter.usage)
     if failure is not None:
         o.fail(failure.status, failure.code)
-        await _finish_with(request, out, failure, rewriter)
-        return out
-    await out.write_eof()
-    return out
+        _finish_with(ex, chunked, failure, rewriter)
+        return None
+    await ex.end_stream()
+    return None
 
 
 async def _drained(transport: asyncio.BaseTransport, buffered: Callable[[], int],
@@ -469,21 +464,22 @@ async def _drained(transport: asyncio.BaseTransport, buffered: Callable[[], int]
         last = now
 
 
-async def _finish_with(request: web.Request, out: web.StreamResponse,
-                       error: GatewayError, rewriter: SSERewriter | ChatEventRewriter) -> None:
+def _finish_with(ex: Exchange, chunked: bool, error: GatewayError,
+                 rewriter: SSERewriter | ChatEventRewriter) -> None:
     """End a started stream with one error event, then close the connection without the
     chunked terminator: nothing follows the error, and no client mistakes the connection
     for reusable or the body for complete (Go's ErrAbortHandler, in effect). A dialect says
     it its own way (Anthropic `event: error`, Responses `response.failed`)."""
     last = error.to_sse() if isinstance(rewriter, SSERewriter) else rewriter.fail(error)
-    with contextlib.suppress(OSError, asyncio.TimeoutError, RuntimeError):
-        await asyncio.wait_for(out.write(last), 5)
-    if request.transport is not None:
-        request.transport.close()  # flushes what is buffered, then closes
+    transport = ex.transport
+    if transport is None or transport.is_closing():
+        return
+    transport.write(b"%x\r\n%b\r\n" % (len(last), last) if chunked else last)
+    transport.close()  # flushes what is buffered, then closes
 
 
-def _client_gone(request: web.Request) -> bool:
-    tr = request.transport
+def _client_gone(ex: Exchange) -> bool:
+    tr = ex.transport
     return tr is None or tr.is_closing()
 
 

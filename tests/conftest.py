@@ -27,6 +27,8 @@ import aiohttp
 import httpx2
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -48,6 +50,7 @@ from maclustr.harness import (
     stop,
     wait_healthy,
 )
+from maclustr.protocol import GatewayRunner
 from maclustr.reload import RoutesHolder
 
 KEY = "test-key-alpha"
@@ -253,11 +256,19 @@ async def fake2() -> AsyncIterator[FakeMLX]:
         yield f
 
 
+class GatewayTestServer(TestServer):
+    """aiohttp's TestServer with `maclustr serve`'s runner: the front on the socket."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 @pytest.fixture
-async def make_gateway(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Any]:
+async def make_gateway(tmp_path: Path) -> AsyncIterator[Any]:
     """make_gateway(routes_text, keys=(KEY, KEY2)) -> Gateway, served in-process with the same
     server options as `maclustr serve` (TestServer turns handler cancellation on)."""
     made: list[Gateway] = []
+    servers: list[GatewayTestServer] = []
     sessions: list[aiohttp.ClientSession] = []
     ports: list[int] = []
 
@@ -267,8 +278,9 @@ async def make_gateway(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Any
         table = parse_routes(text, str(path))
         holder = RoutesHolder(path, table)
         app = make_app(holder, KeyRing(keys))
-        server = await aiohttp_server(app, max_field_size=32768,
-                                      max_line_size=32768)
+        server = GatewayTestServer(app, max_field_size=32768, max_line_size=32768)
+        await server.start_server()
+        servers.append(server)
         url = str(server.make_url("")).rstrip("/")
         ports.append(server.port)
         WIRE.watch(server.port)
@@ -281,6 +293,8 @@ async def make_gateway(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Any
     yield make
     for s in sessions:
         await s.close()
+    for server in servers:
+        await server.close()
     wire = [bytes(b) for port in ports for b in WIRE.forget(port)]
     secrets = set().union(*(gw.secrets | internal_strings(gw.holder.current) for gw in made))
     for gw in made:

@@ -5,12 +5,13 @@ raw aiohttp sessions, SDKs, urllib, curl and Chromium subprocesses, raw sockets,
 front). Recording each of them is a list that the next test forgets; recording what the
 gateway writes covers them all, and cannot change what a client sees (no proxy in between).
 
-How: aiohttp's RequestHandler.connection_made gets a transport that forwards every call to
-the real one and copies write()/writelines() into a sink. The relay writes to
-`request.transport`, which is this transport, so streams are covered too. In the test process
-only the ports of in-process gateways are recorded (fake upstreams stay out); a gateway
-process started by a test loads `wire_tap_site/sitecustomize.py`, which records all of its
-connections into a file (framed, so each connection is checked on its own).
+How: both servers' connection_made (the front's FrontProtocol and aiohttp's RequestHandler)
+get a transport that forwards every call to the real one and copies write()/writelines() into
+a sink. The relay writes to the exchange's transport, which is this transport, so streams are
+covered too; a connection the front hands to aiohttp keeps its one tapped transport. In the
+test process only the ports of in-process gateways are recorded (fake upstreams stay out); a
+gateway process started by a test loads `wire_tap_site/sitecustomize.py`, which records all of
+its connections into a file (framed, so each connection is checked on its own).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web_protocol
+
+from maclustr import front
 
 Sink = Callable[[bytes], Any]
 SITE_DIR = Path(__file__).resolve().parent / "wire_tap_site"
@@ -51,17 +54,19 @@ class TappedTransport:
         return getattr(self._inner, name)
 
 
-_original = web_protocol.RequestHandler.connection_made
-
-
 def install(route: Callable[[Any], Sink | None]) -> None:
     """route(transport) -> the sink for this new connection, or None to leave it alone."""
+    for cls in (front.FrontProtocol, web_protocol.RequestHandler):
+        original = cls.__dict__["connection_made"]
 
-    def connection_made(self: Any, transport: Any) -> None:
-        sink = route(transport)
-        _original(self, transport if sink is None else TappedTransport(transport, sink))
+        def connection_made(self: Any, transport: Any, original: Any = original) -> None:
+            if isinstance(transport, TappedTransport):  # handed over by the front: tapped
+                original(self, transport)
+                return
+            sink = route(transport)
+            original(self, transport if sink is None else TappedTransport(transport, sink))
 
-    web_protocol.RequestHandler.connection_made = connection_made  # type: ignore[method-assign]
+        cls.connection_made = connection_made  # type: ignore[method-assign]
 
 
 class PortRecorder:

@@ -1,0 +1,321 @@
+"""The gateway's HTTP/1.1 server for the POST endpoints, on a bare asyncio Protocol.
+
+Why not aiohttp's server here: measured in the faithful bench (one request per connection,
+as mlx clients and the bench send), aiohttp's server side alone costs about 77 µs of CPU per
+request over a bare uvloop Protocol, and its request/response objects and middleware chain
+about as much again: together more than Caddy's whole figure. The POST endpoints are where
+every token passes, so they get this lean server; everything else stays on aiohttp.
+
+What it accepts is a deliberately plain subset of HTTP/1.1: `POST <one of the POST routes>`
+with a Content-Length body within the live table's limit and ordinary headers. Anything else
+(another method or path, chunked or `Expect` bodies, an oversize or odd-looking head) is
+handed, with the bytes read so far, to aiohttp's protocol for the rest of the connection:
+aiohttp's strict parser and routing answer it exactly as before. A connection never comes
+back from aiohttp.
+
+Keep-alive and pipelining work as in aiohttp: requests on one connection are served one at a
+time, in order. A client that disconnects cancels its handler (aiohttp's
+`handler_cancellation=True`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+
+from .errors import BodyTooLarge
+from .exchange import Answer
+from .outcome import Outcome
+
+KEEPALIVE_SECONDS = 75.0  # aiohttp's default: an idle connection (or a stalled head) is closed
+MAX_HEAD = 32 * 1024  # a longer head goes to aiohttp, which answers 431 as configured
+MAX_PIPELINED = 256 * 1024  # bytes buffered behind a request in progress before reading pauses
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class Head:
+    """A request head the front serves: method, path, version, headers (lower-case names)."""
+
+    __slots__ = ("headers", "keep_alive", "length", "path", "version")
+
+    def __init__(self, path: str, version: str, headers: dict[str, str], length: int) -> None:
+        self.path = path
+        self.version = version
+        self.headers = headers
+        self.length = length
+        conn = headers.get("connection", "").lower()
+        self.keep_alive = version == "HTTP/1.1" and "close" not in conn
+
+
+def parse_head(head: bytes, paths: frozenset[bytes]) -> Head | None:
+    """The head (without its blank line) if the front serves it, else None (aiohttp will)."""
+    if b"\r" in head.replace(b"\r\n", b"") or b"\n" in head.replace(b"\r\n", b"") \
+            or b"\x00" in head:
+        return None
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"POST" or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        return None
+    path = parts[1].split(b"?", 1)[0]
+    if path not in paths:
+        return None
+    headers: dict[str, str] = {}
+    length = -1
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.fullmatch(name):
+            return None
+        key = name.decode("ascii").lower()
+        text = value.strip(b" \t").decode("latin-1")
+        if key == "content-length":
+            if length >= 0 or not value.strip(b" \t").isdigit():
+                return None
+            length = int(text)
+        elif key in ("transfer-encoding", "expect", "upgrade"):
+            return None
+        headers.setdefault(key, text)
+    if length < 0:
+        return None
+    return Head(path.decode("ascii"), parts[2].decode("ascii"), headers, length)
+
+
+_date = ("", 0)
+
+
+def http_date() -> str:
+    """The Date header, computed once a second."""
+    global _date
+    now = int(time.time())
+    if _date[1] != now:
+        _date = (time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)), now)
+    return _date[0]
+
+
+def response_head(version: str, status: int, headers: dict[str, str], framing: str) -> bytes:
+    lines = [f"{version} {status} {_REASONS.get(status, 'Unknown')}\r\n"]
+    lines += [f"{k}: {v}\r\n" for k, v in headers.items()]
+    lines.append(f"{framing}Date: {http_date()}\r\n\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+class FrontExchange:
+    """An Exchange (exchange.py) over the front's connection."""
+
+    __slots__ = ("_body", "_conn", "chunked", "head", "key", "method", "outcome", "path",
+                 "rid", "started")
+    outcome: Outcome
+
+    def __init__(self, conn: FrontProtocol, head: Head, body: bytes) -> None:
+        self._conn = conn
+        self.head = head
+        self._body = body
+        self.method = "POST"
+        self.path = head.path
+        self.rid = "-"
+        self.key = "-"
+        self.started = False
+        self.chunked = False
+
+    def header(self, name: str) -> str | None:
+        return self.head.headers.get(name.lower())
+
+    @property
+    def content_type(self) -> str:
+        ctype = self.head.headers.get("content-type")
+        return "" if ctype is None else ctype.split(";", 1)[0].strip().lower()
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._conn.transport
+
+    async def body(self, limit: int) -> bytes:
+        if len(self._body) > limit:
+            raise BodyTooLarge(limit)
+        return self._body
+
+    async def start_stream(self, headers: dict[str, str]) -> bool:
+        self.started = True
+        self.chunked = self.head.keep_alive  # HTTP/1.0 or `close`: delimited by the close
+        framing = "Transfer-Encoding: chunked\r\n" if self.chunked else "Connection: close\r\n"
+        self._conn.write(response_head(self.head.version, 200, self._conn.stamp(self, headers),
+                                       framing))
+        return self.chunked
+
+    async def end_stream(self) -> None:
+        if self.chunked:
+            self._conn.write(b"0\r\n\r\n")
+
+
+Dispatch = Callable[[FrontExchange], Awaitable[Answer | None]]
+
+
+class FrontProtocol(asyncio.Protocol):
+    """One client connection, served by the front until it hands the connection over."""
+
+    __slots__ = ("_buf", "_idle", "_last", "_loop", "_paused", "_server", "_task", "transport")
+
+    def __init__(self, server: FrontServer) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._buf = bytearray()
+        self._task: asyncio.Task[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._paused = False
+        self._last = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._server.connections.add(self)
+        self._wait_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self.transport = None
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._task is not None:
+            self._task.cancel()  # the client left: stop its work (and its upstream request)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        self._last = self._loop.time()
+        if self._task is None:
+            self._next()
+        elif len(self._buf) > MAX_PIPELINED and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _wait_idle(self) -> None:
+        """Between requests and while one arrives: closed after KEEPALIVE_SECONDS without a
+        byte from the client (one timer; a late check re-schedules itself)."""
+        self._last = self._loop.time()
+        self._idle = self._loop.call_at(self._last + KEEPALIVE_SECONDS, self._check_idle)
+
+    def _check_idle(self) -> None:
+        due = self._last + KEEPALIVE_SECONDS
+        if self._loop.time() < due:
+            self._idle = self._loop.call_at(due, self._check_idle)
+        else:
+            self.close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def stamp(self, ex: FrontExchange, headers: dict[str, str]) -> dict[str, str]:
+        return self._server.stamp(ex, headers)
+
+    def _next(self) -> None:
+        """Start serving the next complete request in the buffer, or hand the connection
+        to aiohttp when the front does not serve it."""
+        buf = self._buf
+        if not buf:
+            return
+        end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+        if end < 0:
+            if len(buf) > MAX_HEAD:
+                self._hand_over()
+            return
+        head = parse_head(bytes(buf[:end]), self._server.paths)
+        if head is None or head.length > self._server.max_body():
+            self._hand_over()
+            return
+        start = end + 4
+        if len(buf) - start < head.length:
+            return  # the body is still arriving
+        body = bytes(buf[start:start + head.length])
+        del buf[:start + head.length]
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self._task = self._loop.create_task(self._serve(FrontExchange(self, head, body)))
+
+    async def _serve(self, ex: FrontExchange) -> None:
+        try:
+            answer = await self._server.dispatch(ex)
+        except asyncio.CancelledError:
+            return  # the client left (serve has counted it)
+        except Exception:  # serve answers every error; this is a broken socket at most
+            self.close()
+            return
+        finally:
+            self._task = None
+        if answer is not None and not ex.started:
+            self._answer(ex, answer)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not ex.head.keep_alive:
+            transport.close()
+            return
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        self._wait_idle()
+        self._next()
+
+    def _answer(self, ex: FrontExchange, answer: Answer) -> None:
+        framing = f"Content-Length: {len(answer.body)}\r\n"
+        if not ex.head.keep_alive:
+            framing += "Connection: close\r\n"
+        self.write(response_head(ex.head.version, answer.status,
+                                 self.stamp(ex, answer.headers), framing) + answer.body)
+
+    def _hand_over(self) -> None:
+        """aiohttp serves the rest of this connection, starting with the bytes read so far."""
+        transport = self.transport
+        if transport is None:
+            return
+        self._server.connections.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        proto = self._server.fallback()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        data, self._buf = bytes(self._buf), bytearray()
+        if data:
+            proto.data_received(data)
+
+
+class FrontServer:
+    """The protocol factory for the listening socket: a FrontProtocol per connection.
+
+    `dispatch` serves one request (the app's error funnel and POST handlers); `fallback`
+    makes aiohttp's protocol for a handed-over connection; `stamp` adds the request id and
+    CORS headers every answer carries; `max_body` reads the live table's body limit."""
+
+    def __init__(self, paths: frozenset[str], dispatch: Dispatch,
+                 fallback: Callable[[], asyncio.Protocol],
+                 stamp: Callable[[FrontExchange, dict[str, str]], dict[str, str]],
+                 max_body: Callable[[], int]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.paths = frozenset(p.encode("ascii") for p in paths)
+        self.dispatch = dispatch
+        self.fallback = fallback
+        self.stamp = stamp
+        self.max_body = max_body
+        self.connections: set[FrontProtocol] = set()
+
+    def __call__(self) -> FrontProtocol:
+        return FrontProtocol(self)
+
+    def close_idle(self) -> None:
+        """At shutdown: close the connections that have no request in progress."""
+        for conn in list(self.connections):
+            if conn._task is None:
+                conn.close()
+
+    def close_all(self) -> None:
+        for conn in list(self.connections):
+            conn.close()
