@@ -32,6 +32,17 @@ tokens on every request); `strip_usage` drops it for a client that did not ask, 
 keeps what it said either way. The usage event never takes the splice (above), so this costs
 one decode per stream, not per event.
 
+The common read (issue 15) is one whole single-line event, and mlx writes every key the
+rewrite touches (`system_fingerprint`, `object`, `model`) before the content, the same bytes
+in every event of a stream. So the first such event the splice takes teaches a *prefix*: its
+bytes up to the end of its last `"key": "value"` pair for those keys, and that prefix
+rewritten. A later read that starts with the same prefix, is one line ending in the blank
+line, and holds none of the four tokens (`"model"`, `"object"`, `"system_fingerprint"`,
+`"usage"`) nor `data:` after it is the rewritten prefix + the rest as it came: JSON is read
+left to right, so the same prefix parses to the same keys, and the rest has no key the rewrite
+touches. That is the splice's own proof with the prefix's part done once (same conditions,
+same bytes out), at the cost of one compare and a few scans of the rest.
+
 Anything else takes the JSON path, event by event. An event that holds the expected bytes but
 is not valid JSON elsewhere is relayed as it came: checking would cost a full decode per event,
 and mlx only writes `json.dumps` output. Events are split on blank lines here, never by line
@@ -246,6 +257,13 @@ _CHUNK_LABEL = b'"object": "chat.completion.chunk"'
 _USAGE_LABEL_AT = re.compile(rb'"object"[ \t]*:[ \t]*"(?:chat\.completion"|[^"\\]*\\)')
 
 
+# Any key the rewrite reads (or a string value spelled like one: the splice steps aside then).
+_TOKENS = re.compile(rb'"(?:model|object|system_fingerprint|usage)"')
+# The rest of a `"key": "string value"` pair after its key token (JSON escapes inside).
+_STRING_VALUE = re.compile(rb'[ \t]*:[ \t]*"(?:[^"\\\n]|\\[^\n])*"')
+_PREFIX_LESSONS = 4  # prefixes learned per stream at most (a server whose prefix changes)
+
+
 def _count(before: bytes, after: bytes, old: bytes, new: bytes) -> int:
     """How many `old` became `new` in `before.replace(old, new) == after`."""
     delta = len(new) - len(old)
@@ -280,8 +298,8 @@ class SSERewriter:
     see it (the usage-only event is dropped, a `usage` key elsewhere removed).
     """
 
-    __slots__ = ("_alias", "_cr", "_fp", "_internal", "_label", "_model", "_tail", "done",
-                 "max_event", "strip_usage", "usage")
+    __slots__ = ("_alias", "_cr", "_fp", "_internal", "_label", "_lessons", "_model",
+                 "_prefix", "_prefix_out", "_tail", "done", "max_event", "strip_usage", "usage")
 
     def __init__(self, alias: str, internal: str, max_event: int = 8 * 1024 * 1024,
                  strip_usage: bool = False) -> None:
@@ -292,6 +310,9 @@ class SSERewriter:
         self._fp: KeySplice | None = None  # learned from the first event that carries it
         self._tail = b""
         self._cr = False
+        self._prefix = b""  # a learned event prefix (module docstring), and it rewritten
+        self._prefix_out = b""
+        self._lessons = _PREFIX_LESSONS
         self.done = False
         self.max_event = max_event
         self.strip_usage = strip_usage
@@ -303,8 +324,24 @@ class SSERewriter:
         return self._tail
 
     def feed(self, data: bytes) -> bytes:
+        prefix = self._prefix
+        if (prefix and data.startswith(prefix) and not self._tail and not self._cr
+                and not self.done):
+            n = len(prefix)  # the prefix ends in a `"`: a token can only straddle from n - 1
+            if (data.find(b"\n", n) == len(data) - 2 and data[-1:] == b"\n"
+                    and data.find(b"\r", n) < 0 and data.find(b"data:", n) < 0
+                    and _TOKENS.search(data, n - 1) is None):
+                return self._prefix_out + data[n:]
         if self.done or not data:
             return b""
+        if (self._lessons and not self._tail and not self._cr and data[:7] == b"data: {"
+                and data.find(b"\n") == len(data) - 2 and data[-1:] == b"\n"
+                and b"\r" not in data):
+            block = data[:-2]  # one whole single-line event: the splice may teach a prefix
+            out = self._splice(block)
+            if out is not None:
+                self._learn_prefix(block, out)
+                return out + b"\n\n"
         if self._cr or b"\r" in data:
             data, self._cr = normalize_line_ends(data, self._cr)
         if self._tail:
@@ -328,6 +365,23 @@ class SSERewriter:
             self.done = True
             return head + DONE + b"\n\n"
         return self._rewrite_frames(block)
+
+    def _learn_prefix(self, event: bytes, out: bytes) -> None:
+        """`event`: one single-line event the splice took, `out` its splice. The prefix ends
+        with the last token's `"key": "string"` pair; the rest must be unchanged in `out`."""
+        self._lessons -= 1
+        tokens = list(_TOKENS.finditer(event))
+        if not tokens:
+            return
+        pair = _STRING_VALUE.match(event, tokens[-1].end())
+        if pair is None:
+            return
+        end = pair.end()
+        rest = len(event) - end
+        if rest and not out.endswith(event[end:]):
+            return
+        self._prefix = event[:end]
+        self._prefix_out = out[:len(out) - rest]
 
     def _splice(self, block: bytes) -> bytes | None:
         """`block` with `model` and the fingerprint rewritten, or None when that would differ

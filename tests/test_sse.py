@@ -604,3 +604,115 @@ def test_a_key_that_only_ends_in_the_token_is_not_rewritten(key: str) -> None:
                                                             INTERNAL, stream=True))
     body, _ = rewrite_body(json.dumps(obj).encode(), ALIAS, INTERNAL, FP)
     assert json.loads(body)[f'say "{key}'] == value
+
+
+# --- the learned prefix (issue 15): one whole event per read, one compare and one scan -------
+
+def no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, the block splice (and the JSON path) fail the test: only the learned
+    prefix may rewrite an event."""
+    def refuse(*_: Any) -> Any:
+        raise AssertionError("took the block splice")
+
+    monkeypatch.setattr(SSERewriter, "_splice", refuse)
+    no_decode(monkeypatch)
+
+
+def taught(model: str, fp: str, write: Any = None) -> SSERewriter:
+    """A rewriter that has read two mlx-shaped events, one read each: the first teaches the
+    fingerprint (JSON path), the second the prefix (splice)."""
+    write = write or (lambda o: json.dumps(o).encode())
+    rw = SSERewriter(ALIAS, model)
+    for text in ("a", "b"):
+        out = rw.feed(b"data: " + write(chunk(text, model=model) | {"system_fingerprint": fp})
+                      + b"\n\n")
+        assert json.loads(out[6:-2]) == as_alias(chunk(text, model=model)
+                                                 | {"system_fingerprint": fp})
+    return rw
+
+
+def test_mlx_events_take_the_learned_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    rw = taught(INTERNAL, FP)
+    no_splice(monkeypatch)
+    for text in ("The", " quick", "\ufffd", "é 🦊", '"model": "x"', "\\", "use", None):
+        ev = chunk(text, "stop" if text is None else None)
+        out = rw.feed(data(ev))
+        assert out.endswith(b"\n\n") and b"\n" not in out[:-2]
+        assert json.loads(out[6:-2]) == as_alias(ev)
+        assert INTERNAL.encode() not in out and FP.encode() not in out
+
+
+# The rest of an event after the learned prefix: any keys (those the rewrite reads among
+# them, duplicates allowed: raw pairs, not a dict) with any values, written by any writer.
+rest_keys = st.one_of(keys, st.sampled_from(["object", "usage", 'say "model', "model\\"]))
+rest_values = st.one_of(values, st.sampled_from(["chat.completion", "chat.completion.chunk",
+                                                 *IDS, *FPS, "\n", "\r", "\\"]),
+                        st.builds(lambda u: {"usage": u}, values))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=st.sampled_from(IDS), fp=st.sampled_from(FPS), write=writers(),
+       pairs=st.lists(st.tuples(rest_keys, rest_values), max_size=5))
+def test_learned_prefix_equals_json_path(model: str, fp: str, write: Any,
+                                         pairs: list[tuple[str, Any]]) -> None:
+    """After the prefix is learned, an event that starts with it and goes on with anything
+    gives what the JSON path gives (or the prefix steps aside and the splice decides)."""
+    rw = taught(model, fp, write)
+    head = write(chunk("x", model=model) | {"system_fingerprint": fp})[:-1]  # without `}`
+    key_sep = write({"k": 1})[4:-2]  # this writer's `: ` (and `, ` below)
+    item_sep = write([1, 2])[2:-2]
+    payload = head + b"".join(item_sep + write(k) + key_sep + write(v) for k, v in pairs) + b"}"
+    try:
+        reference = json.loads(rewrite_json(payload, ALIAS, model, stream=True))
+    except SSEError:  # raw lone surrogates: not UTF-8, nobody can read it
+        return
+    out = rw.feed(b"data: " + payload + b"\n\n")
+    assert out.startswith(b"data: ") and out.endswith(b"\n\n")
+    assert json.loads(out[6:-2]) == reference
+
+
+TAIL_PIECES = [b"x", b'"', b"\\", b'"model"', b'"usage"', b'"object"', b'"system_fingerprint"',
+               b": ", b":", b", ", b"\n", b"\r", b"\n\n", b"\r\n", b"}", b"{", b"data: ",
+               b'"chat.completion"', b"[DONE]", b'model"', b'usage"', b"ata:",
+               json.dumps(INTERNAL).encode(), json.dumps(FP).encode()]
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pieces=st.lists(st.sampled_from(TAIL_PIECES), max_size=8), at=st.integers(0, 400),
+       cut=st.integers(0, 40), model=st.sampled_from(IDS))
+def test_learned_prefix_agrees_with_the_block_path_on_any_bytes(
+        pieces: list[bytes], at: int, cut: int, model: str) -> None:
+    """Whatever bytes are put into an mlx event at any place (newlines, CRs, tokens, a token
+    straddling the prefix's end, more events) and wherever the read is cut, the client gets
+    what a rewriter that never learns a prefix sends (the block splice, else the JSON path):
+    the same bytes, or the same error."""
+    ev = data(chunk("x", model=model))
+    at = min(at, len(ev))
+    wire = ev[:at] + b"".join(pieces) + ev[at:]
+    wire = wire[:len(wire) - cut] if cut < len(wire) else wire
+    learned = taught(model, FP)
+    plain = taught(model, FP)
+    plain._prefix = b""  # the reference: this state without the prefix
+    plain._lessons = 0
+    assert learned._prefix
+    try:
+        want = plain.feed(wire) + plain.feed(b"data: [DONE]\n\n")
+    except SSEError:
+        with pytest.raises(SSEError):
+            learned.feed(wire)
+            learned.feed(b"data: [DONE]\n\n")
+        return
+    got = learned.feed(wire) + learned.feed(b"data: [DONE]\n\n")
+    assert got == want
+    assert learned.done == plain.done
+
+
+def test_a_changed_prefix_is_learned_again_a_few_times_only() -> None:
+    rw = taught(INTERNAL, FP)
+    first = rw._prefix
+    assert first.startswith(b"data: {") and first.endswith(json.dumps(INTERNAL).encode())
+    for n in range(10):
+        ev = chunk("x") | {"id": f"chatcmpl-{n}"}
+        assert json.loads(rw.feed(data(ev))[6:-2]) == as_alias(ev)
+    assert rw._prefix != first
+    assert rw._lessons == 0
