@@ -640,24 +640,44 @@ def test_mlx_events_take_the_learned_prefix(monkeypatch: pytest.MonkeyPatch) -> 
         assert out.endswith(b"\n\n") and b"\n" not in out[:-2]
         assert json.loads(out[6:-2]) == as_alias(ev)
         assert INTERNAL.encode() not in out and FP.encode() not in out
+    assert rw.feed(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+    assert rw.feed(data(chunk("late"))) == b""
 
 
-# The rest of an event after the learned prefix: any keys (those the rewrite reads among
-# them, duplicates allowed: raw pairs, not a dict) with any values, written by any writer.
-rest_keys = st.one_of(keys, st.sampled_from(["object", "usage", 'say "model', "model\\"]))
-rest_values = st.one_of(values, st.sampled_from(["chat.completion", "chat.completion.chunk",
-                                                 *IDS, *FPS, "\n", "\r", "\\"]),
-                        st.builds(lambda u: {"usage": u}, values))
+def test_a_read_ending_one_byte_after_a_line_end_waits_for_the_blank_line() -> None:
+    rw = taught(INTERNAL, FP)
+    half = data(chunk("half"))[:-1] + b"x"  # `}\nx`: the event's blank line has not come
+    assert rw.feed(half) == b"" and rw.pending == half
+    assert events(rw.feed(b"\n\n")) == [[as_alias(chunk("half")), b"x"]]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def without_prefix(rw: SSERewriter) -> SSERewriter:
+    """The reference for the prefix: the same rewriter state, minus the prefix."""
+    rw._prefix = b""
+    rw._lessons = 0
+    return rw
+
+
+# The rest of an event after the learned prefix: any keys (those the rewrite reads, often,
+# duplicates allowed: raw pairs, not a dict) with any values, written by any writer.
+TOUCHED = ["model", "object", "usage", "system_fingerprint", 'say "model', "model\\"]
+TRICKY = ["chat.completion", "chat.completion.chunk", *IDS, *FPS, "\n", "\r", "\\",
+          "data: x", "data:{", "[DONE]", '"model": "a"']
+rest_pairs = st.one_of(st.tuples(st.sampled_from(TOUCHED), st.sampled_from(TRICKY)),
+                       st.tuples(keys, st.sampled_from(TRICKY)),
+                       st.tuples(keys, values),
+                       st.tuples(keys, st.builds(lambda u: {"usage": u}, values)))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(model=st.sampled_from(IDS), fp=st.sampled_from(FPS), write=writers(),
-       pairs=st.lists(st.tuples(rest_keys, rest_values), max_size=5))
+       pairs=st.lists(rest_pairs, max_size=4))
 def test_learned_prefix_equals_json_path(model: str, fp: str, write: Any,
                                          pairs: list[tuple[str, Any]]) -> None:
     """After the prefix is learned, an event that starts with it and goes on with anything
-    gives what the JSON path gives (or the prefix steps aside and the splice decides)."""
+    gives what the JSON path gives, in the very bytes the block path gives."""
     rw = taught(model, fp, write)
+    plain = without_prefix(taught(model, fp, write))
     head = write(chunk("x", model=model) | {"system_fingerprint": fp})[:-1]  # without `}`
     key_sep = write({"k": 1})[4:-2]  # this writer's `: ` (and `, ` below)
     item_sep = write([1, 2])[2:-2]
@@ -669,6 +689,7 @@ def test_learned_prefix_equals_json_path(model: str, fp: str, write: Any,
     out = rw.feed(b"data: " + payload + b"\n\n")
     assert out.startswith(b"data: ") and out.endswith(b"\n\n")
     assert json.loads(out[6:-2]) == reference
+    assert out == plain.feed(b"data: " + payload + b"\n\n")
 
 
 TAIL_PIECES = [b"x", b'"', b"\\", b'"model"', b'"usage"', b'"object"', b'"system_fingerprint"',
@@ -677,24 +698,23 @@ TAIL_PIECES = [b"x", b'"', b"\\", b'"model"', b'"usage"', b'"object"', b'"system
                json.dumps(INTERNAL).encode(), json.dumps(FP).encode()]
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(pieces=st.lists(st.sampled_from(TAIL_PIECES), max_size=8), at=st.integers(0, 400),
-       cut=st.integers(0, 40), model=st.sampled_from(IDS))
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pieces=st.lists(st.sampled_from(TAIL_PIECES), max_size=6),
+       at=st.one_of(st.integers(-3, 3), st.integers(0, 400)), at_prefix=st.booleans(),
+       cut=st.one_of(st.just(0), st.integers(0, 40)), model=st.sampled_from(IDS))
 def test_learned_prefix_agrees_with_the_block_path_on_any_bytes(
-        pieces: list[bytes], at: int, cut: int, model: str) -> None:
+        pieces: list[bytes], at: int, at_prefix: bool, cut: int, model: str) -> None:
     """Whatever bytes are put into an mlx event at any place (newlines, CRs, tokens, a token
     straddling the prefix's end, more events) and wherever the read is cut, the client gets
     what a rewriter that never learns a prefix sends (the block splice, else the JSON path):
-    the same bytes, or the same error."""
+    the same bytes, or the same error. `at_prefix`: `at` counts from the prefix's end."""
+    learned = taught(model, FP)
+    plain = without_prefix(taught(model, FP))
+    assert learned._prefix
     ev = data(chunk("x", model=model))
-    at = min(at, len(ev))
+    at = min(max(at + len(learned._prefix) if at_prefix else at, 0), len(ev))
     wire = ev[:at] + b"".join(pieces) + ev[at:]
     wire = wire[:len(wire) - cut] if cut < len(wire) else wire
-    learned = taught(model, FP)
-    plain = taught(model, FP)
-    plain._prefix = b""  # the reference: this state without the prefix
-    plain._lessons = 0
-    assert learned._prefix
     try:
         want = plain.feed(wire) + plain.feed(b"data: [DONE]\n\n")
     except SSEError:
@@ -705,6 +725,8 @@ def test_learned_prefix_agrees_with_the_block_path_on_any_bytes(
     got = learned.feed(wire) + learned.feed(b"data: [DONE]\n\n")
     assert got == want
     assert learned.done == plain.done
+    if learned.done:  # nothing after [DONE], the prefix's reads included
+        assert learned.feed(ev) == b""
 
 
 def test_a_changed_prefix_is_learned_again_a_few_times_only() -> None:
