@@ -21,7 +21,6 @@ time, in order. A client that disconnects cancels its handler (aiohttp's
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -34,7 +33,9 @@ KEEPALIVE_SECONDS = 75.0  # aiohttp's default: an idle connection (or a stalled 
 MAX_HEAD = 32 * 1024  # a longer head goes to aiohttp, which answers 431 as configured
 MAX_PIPELINED = 256 * 1024  # bytes buffered behind a request in progress before reading pauses
 
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# RFC 9110 token characters: a header name that still has bytes after deleting these is not one
+_TOKEN = b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-"
+SWEEP_SECONDS = 5.0  # how often idle connections are looked for
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
@@ -54,8 +55,8 @@ class Head:
 
 def parse_head(head: bytes, paths: frozenset[bytes]) -> Head | None:
     """The head (without its blank line) if the front serves it, else None (aiohttp will)."""
-    if b"\r" in head.replace(b"\r\n", b"") or b"\n" in head.replace(b"\r\n", b"") \
-            or b"\x00" in head:
+    flat = head.replace(b"\r\n", b"")
+    if b"\r" in flat or b"\n" in flat or b"\x00" in flat:
         return None
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
@@ -68,17 +69,18 @@ def parse_head(head: bytes, paths: frozenset[bytes]) -> Head | None:
     length = -1
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.fullmatch(name):
+        if not sep or not name or name.translate(None, _TOKEN):
             return None
-        key = name.decode("ascii").lower()
-        text = value.strip(b" \t").decode("latin-1")
+        key = name.lower().decode("ascii")
+        value = value.strip(b" \t")
         if key == "content-length":
-            if length >= 0 or not value.strip(b" \t").isdigit():
+            if length >= 0 or not value.isdigit():
                 return None
-            length = int(text)
-        elif key in ("transfer-encoding", "expect", "upgrade"):
+            length = int(value)
+            continue
+        if key in ("transfer-encoding", "expect", "upgrade"):
             return None
-        headers.setdefault(key, text)
+        headers.setdefault(key, value.decode("latin-1"))
     if length < 0:
         return None
     return Head(path.decode("ascii"), parts[2].decode("ascii"), headers, length)
@@ -157,14 +159,13 @@ Dispatch = Callable[[FrontExchange], Awaitable[Answer | None]]
 class FrontProtocol(asyncio.Protocol):
     """One client connection, served by the front until it hands the connection over."""
 
-    __slots__ = ("_buf", "_idle", "_last", "_loop", "_paused", "_server", "_task", "transport")
+    __slots__ = ("_buf", "_last", "_loop", "_paused", "_server", "_task", "transport")
 
     def __init__(self, server: FrontServer) -> None:
         self._server = server
         self._loop = server.loop
         self._buf = bytearray()
         self._task: asyncio.Task[None] | None = None
-        self._idle: asyncio.TimerHandle | None = None
         self._paused = False
         self._last = 0.0
         self.transport: asyncio.Transport | None = None
@@ -172,13 +173,11 @@ class FrontProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._server.connections.add(self)
-        self._wait_idle()
+        self._last = self._loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self.transport = None
-        if self._idle is not None:
-            self._idle.cancel()
         if self._task is not None:
             self._task.cancel()  # the client left: stop its work (and its upstream request)
 
@@ -195,18 +194,9 @@ class FrontProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _wait_idle(self) -> None:
-        """Between requests and while one arrives: closed after KEEPALIVE_SECONDS without a
-        byte from the client (one timer; a late check re-schedules itself)."""
-        self._last = self._loop.time()
-        self._idle = self._loop.call_at(self._last + KEEPALIVE_SECONDS, self._check_idle)
-
-    def _check_idle(self) -> None:
-        due = self._last + KEEPALIVE_SECONDS
-        if self._loop.time() < due:
-            self._idle = self._loop.call_at(due, self._check_idle)
-        else:
-            self.close()
+    def idle_for(self, now: float) -> float:
+        """Seconds without a byte from the client and no request in progress (0 when busy)."""
+        return 0.0 if self._task is not None else now - self._last
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -235,9 +225,6 @@ class FrontProtocol(asyncio.Protocol):
             return  # the body is still arriving
         body = bytes(buf[start:start + head.length])
         del buf[:start + head.length]
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
         self._task = self._loop.create_task(self._serve(FrontExchange(self, head, body)))
 
     async def _serve(self, ex: FrontExchange) -> None:
@@ -261,7 +248,7 @@ class FrontProtocol(asyncio.Protocol):
         if self._paused:
             self._paused = False
             transport.resume_reading()
-        self._wait_idle()
+        self._last = self._loop.time()
         self._next()
 
     def _answer(self, ex: FrontExchange, answer: Answer) -> None:
@@ -277,9 +264,6 @@ class FrontProtocol(asyncio.Protocol):
         if transport is None:
             return
         self._server.connections.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
         proto = self._server.fallback()
         transport.set_protocol(proto)
         proto.connection_made(transport)
@@ -306,6 +290,7 @@ class FrontServer:
         self.stamp = stamp
         self.max_body = max_body
         self.connections: set[FrontProtocol] = set()
+        self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def __call__(self) -> FrontProtocol:
         return FrontProtocol(self)
@@ -317,5 +302,14 @@ class FrontServer:
                 conn.close()
 
     def close_all(self) -> None:
+        self._sweeper.cancel()
         for conn in list(self.connections):
             conn.close()
+
+    def _sweep(self) -> None:
+        """Close connections idle for KEEPALIVE_SECONDS (between requests, or a head or body
+        that stopped arriving): one timer for the server instead of one per connection."""
+        now = self.loop.time()
+        for conn in [c for c in self.connections if c.idle_for(now) > KEEPALIVE_SECONDS]:
+            conn.close()
+        self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)

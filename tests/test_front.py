@@ -178,3 +178,31 @@ async def test_over_limit_body_is_refused_before_it_is_read(
     raw = await exchange(gw, post(b" " * 5000, "Connection: close\r\n"))
     assert statuses(raw) == [b"413"] and b"request_too_large" in raw
     assert len(handovers) == 1 and fake.requests == []
+
+
+async def test_idle_and_stalled_connections_are_closed(
+        make_gateway: Any, fake: FakeMLX, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between requests, and a head that stops arriving: closed after the keep-alive time
+    (75 s in production; shortened here). A request in progress is never cut."""
+    from conftest import routes_yaml
+
+    monkeypatch.setattr(front, "KEEPALIVE_SECONDS", 0.3)
+    monkeypatch.setattr(front, "SWEEP_SECONDS", 0.1)
+    gw = await make_gateway(routes_yaml({"maclustr-fast": fake.url}))
+    url = urlsplit(gw.url)
+    streams = []
+    for data in (post(), post()[:30], post(STREAM)):
+        if data.endswith(STREAM):
+            fake.push(Behavior(events=3, delay=0.8))  # slower than the keep-alive time
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        writer.write(data)
+        streams.append((reader, writer))
+        await asyncio.sleep(0.05)
+    try:
+        for reader, _ in streams:
+            got = await asyncio.wait_for(reader.read(), 5)  # the gateway closes each
+            assert got == b"" or statuses(got) == [b"200"], got[:200]
+        assert statuses(got) == [b"200"] and got.endswith(b"0\r\n\r\n")
+    finally:
+        for _, writer in streams:
+            writer.close()
