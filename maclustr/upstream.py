@@ -121,6 +121,9 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self._sink: Callable[[bytes], None] | None = None
         self._halted = False
+        # where the next read goes: the head parser, the body framing, or (a close-delimited
+        # body being pumped: mlx's streams) straight to the sink, with no check per read
+        self._on_data: Callable[[bytes], None] = self._on_head_bytes
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
@@ -128,11 +131,7 @@ class _Conn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        self._got_bytes = True
-        if self.response is None:
-            self._on_head_bytes(data)
-            return
-        self._on_body(data)
+        self._on_data(data)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -159,6 +158,7 @@ class _Conn(asyncio.Protocol):
     # --- parsing --------------------------------------------------------------------------
 
     def _on_head_bytes(self, data: bytes) -> None:
+        self._got_bytes = True
         head = self._head + data if self._head else data
         end = head.find(b"\r\n\r\n")
         if end < 0:
@@ -179,6 +179,7 @@ class _Conn(asyncio.Protocol):
             return
         resp = Response(self, status, headers)
         self.response = resp
+        self._on_data = self._on_body
         te = headers.get("transfer-encoding", "").lower()
         conn_hdr = headers.get("connection", "").lower()
         if "chunked" in te:
@@ -285,6 +286,8 @@ class _Conn(asyncio.Protocol):
 
     def pump(self, sink: Callable[[bytes], None]) -> None:
         self._sink = sink
+        if self._remaining is None and self._chunked is None and not self._body_done:
+            self._on_data = sink  # close-delimited: every byte until EOF is body
         if self._buf:
             data = b"".join(self._buf)
             self._buf = []
@@ -339,6 +342,7 @@ class _Conn(asyncio.Protocol):
         self._got_bytes = False
         self._sink = None
         self._halted = False
+        self._on_data = self._on_head_bytes
         self.idle_since = time.monotonic()
 
     @property

@@ -110,14 +110,18 @@ async def start(serve: list[Server], reply: bytes, close_idle: bool = False) -> 
 
 
 async def fetch(client: Client, url: str) -> tuple[int, bytes]:
-    resp = await client.request("POST", url, "/v1/chat/completions", b"{}", {})
-    try:
-        body = b""
-        while chunk := await resp.read():
-            body += chunk
-        return resp.status, body
-    finally:
-        resp.close()
+    """One whole exchange, bounded (a client state bug shows as a failure, not a hang)."""
+    async def exchange() -> tuple[int, bytes]:
+        resp = await client.request("POST", url, "/v1/chat/completions", b"{}", {})
+        try:
+            body = b""
+            while chunk := await resp.read():
+                body += chunk
+            return resp.status, body
+        finally:
+            resp.close()
+
+    return await asyncio.wait_for(exchange(), 5)
 
 
 async def test_keep_alive_connection_is_reused(serve: list[Server]) -> None:
@@ -308,3 +312,135 @@ async def test_ipv6_scope_id_reaches_the_socket(monkeypatch: pytest.MonkeyPatch)
         server.close()
         await server.wait_closed()
     assert [tuple(a) for a in seen] == [scoped]
+
+
+# --- pump: body bytes handed to a sink inside the socket callback (the stream relay) --------
+
+class Trickle(Server):
+    """Answers with `head`, then each of `parts` in its own write, `gap` apart."""
+
+    def __init__(self, head: bytes, parts: list[bytes], close: bool) -> None:
+        super().__init__(b"", close_idle=False)
+        self.head, self.parts, self.close = head, parts, close
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                self.requests.append(head + await r.readexactly(length))
+                w.write(self.head)
+                for part in self.parts:
+                    await w.drain()
+                    await asyncio.sleep(0.005)
+                    w.write(part)
+                await w.drain()
+                if self.close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+
+async def pumped(client: Client, url: str, halt_after: int = 0) -> tuple[list[bytes], bool]:
+    """The sink's reads of one response, and whether the connection went back to the pool."""
+    resp = await asyncio.wait_for(
+        client.request("POST", url, "/v1/chat/completions", b"{}", {}), 5)
+    got: list[bytes] = []
+
+    def sink(data: bytes) -> None:
+        got.append(data)
+        if halt_after and len(got) >= halt_after:
+            resp.halt()
+
+    try:
+        resp.pump(sink)
+        if resp.content_length is None and "chunked" not in resp.headers.get(
+                "transfer-encoding", ""):  # close-delimited: no framing between socket and sink
+            assert resp._conn._on_data is sink
+        await asyncio.wait_for(resp.wait(), 5)
+    finally:
+        resp.close()
+    idle = sum(len(v) for v in client._idle.values())
+    return got, idle > 0
+
+
+EVENTS_WIRE = [b"data: {\"n\": %d}\n\n" % i for i in range(5)] + [b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("framing", ["close", "length", "chunked"])
+async def test_pump_hands_every_body_byte_to_the_sink(serve: list[Server], framing: str) -> None:
+    """mlx's close-delimited stream (the sink is called straight from data_received), a
+    Content-Length and a chunked body: the sink sees the body, nothing of the head, and a
+    kept-alive connection is reused for a plain read afterwards."""
+    body = b"".join(EVENTS_WIRE)
+    if framing == "close":
+        head, parts = b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n", EVENTS_WIRE
+    elif framing == "length":
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+        parts = EVENTS_WIRE
+    else:
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        parts = [b"%x\r\n%b\r\n" % (len(p), p) for p in EVENTS_WIRE] + [b"0\r\n\r\n"]
+    s = Trickle(head, parts, close=framing == "close")
+    s.server = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    serve.append(s)
+    client = Client()
+    try:
+        got, pooled = await pumped(client, s.url)
+        assert b"".join(got) == body
+        assert len(got) > 1  # the reads came one by one, through the pump
+        assert pooled == (framing != "close")
+        if framing != "close":  # the reused connection reads a new head, not body bytes
+            resp = await asyncio.wait_for(
+                client.request("POST", s.url, "/v1/chat/completions", b"{}", {}), 5)
+            try:
+                assert resp.status == 200
+                data = b""
+                while chunk := await resp.read():
+                    data += chunk
+                assert data == body
+            finally:
+                resp.close()
+            assert s.connections == 1
+    finally:
+        client.close()
+
+
+async def test_pump_halt_wakes_the_waiter_and_the_rest_is_dropped(serve: list[Server]) -> None:
+    s = Trickle(b"HTTP/1.0 200 OK\r\n\r\n", EVENTS_WIRE, close=True)
+    s.server = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    serve.append(s)
+    client = Client()
+    try:
+        got, pooled = await pumped(client, s.url, halt_after=2)
+        assert 2 <= len(got) < len(EVENTS_WIRE) and not pooled
+    finally:
+        client.close()
+
+
+async def test_pump_of_a_body_already_read_with_the_head(serve: list[Server]) -> None:
+    """Head and the first events in one read: what arrived before pump() is handed over
+    first, then the rest as it comes."""
+    s = Trickle(b"HTTP/1.0 200 OK\r\n\r\n" + b"".join(EVENTS_WIRE[:3]), EVENTS_WIRE[3:],
+                close=True)
+    s.server = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    serve.append(s)
+    client = Client()
+    try:
+        resp = await client.request("POST", s.url, "/v1/chat/completions", b"{}", {})
+        await asyncio.sleep(0.002)
+        got: list[bytes] = []
+        try:
+            resp.pump(got.append)
+            await asyncio.wait_for(resp.wait(), 5)
+        finally:
+            resp.close()
+        assert b"".join(got) == b"".join(EVENTS_WIRE)
+    finally:
+        client.close()
