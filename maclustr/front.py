@@ -142,8 +142,12 @@ class FrontExchange:
 
     async def start_stream(self, headers: dict[str, str]) -> bool:
         self.started = True
-        self.chunked = self.head.keep_alive  # HTTP/1.0 or `close`: delimited by the close
-        framing = "Transfer-Encoding: chunked\r\n" if self.chunked else "Connection: close\r\n"
+        # Chunked on HTTP/1.1 even when the connection closes after it: the terminator is
+        # how a client tells a complete stream from a cut one. HTTP/1.0: the close ends it.
+        self.chunked = self.head.version == "HTTP/1.1"
+        framing = "Transfer-Encoding: chunked\r\n" if self.chunked else ""
+        if not self.head.keep_alive:
+            framing += "Connection: close\r\n"
         self._conn.write(response_head(self.head.version, 200, self._conn.stamp(self, headers),
                                        framing))
         return self.chunked

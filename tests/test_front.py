@@ -152,6 +152,18 @@ async def test_http10_stream_is_close_delimited(gateway: Gateway, fake: FakeMLX)
     assert body.startswith(b"data: {") and body.endswith(b"data: [DONE]\n\n")
 
 
+async def test_http11_stream_closing_after_is_still_chunked(gateway: Gateway,
+                                                            fake: FakeMLX) -> None:
+    """`Connection: close` on HTTP/1.1: the stream keeps its chunked terminator (how a client
+    tells a complete stream from a cut one), then the connection closes."""
+    fake.push(Behavior(events=3))
+    raw = await exchange(gateway, post(STREAM, "Connection: close\r\n"))
+    head_, _, body = raw.partition(b"\r\n\r\n")
+    assert head_.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in head_
+    assert b"Transfer-Encoding: chunked" in head_
+    assert body.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+
+
 async def test_body_in_pieces_then_the_next_client(gateway: Gateway, fake: FakeMLX) -> None:
     """A head and body trickling in are put together; a client that leaves halfway costs
     nothing upstream, and the gateway serves the next one."""
