@@ -296,18 +296,26 @@ class SSERewriter:
     everything else is ignored. Memory is bounded by `max_event` bytes of incomplete event.
     `usage` is the upstream's usage object once seen; with `strip_usage` the client does not
     see it (the usage-only event is dropped, a `usage` key elsewhere removed).
+    `fingerprint`: the replica's `system_fingerprint` when an earlier response told it (the
+    first event then takes the splice instead of the JSON path); a wrong one costs nothing
+    but that (the splice proves every value it rewrites) and is replaced by what the events
+    carry. After the stream, `fingerprint` is what the events carried, for the next stream.
     """
 
     __slots__ = ("_alias", "_cr", "_fp", "_internal", "_label", "_lessons", "_model",
-                 "_prefix", "_prefix_out", "_tail", "done", "max_event", "strip_usage", "usage")
+                 "_prefix", "_prefix_out", "_tail", "done", "fingerprint", "max_event",
+                 "strip_usage", "usage")
 
     def __init__(self, alias: str, internal: str, max_event: int = 8 * 1024 * 1024,
-                 strip_usage: bool = False) -> None:
+                 strip_usage: bool = False, fingerprint: str | None = None) -> None:
         self._alias = alias
         self._internal = internal
         self._model = KeySplice("model", internal, alias)
         self._label = _CHUNK_LABEL  # `"object": "chat.completion.chunk"`, mlx's bytes
         self._fp: KeySplice | None = None  # learned from the first event that carries it
+        self.fingerprint: str | None = None
+        if fingerprint is not None:
+            self._learn(fingerprint)
         self._tail = b""
         self._cr = False
         self._prefix = b""  # a learned event prefix (module docstring), and it rewritten
@@ -431,7 +439,8 @@ class SSERewriter:
     def _rewrite_frames(self, block: bytes) -> bytes:
         """Event by event: splice where it is exact, the JSON path elsewhere."""
         out = []
-        retry = self._fp is None  # learning the fingerprint may make the rest spliceable
+        known = self._fp  # learning the fingerprint may make the rest spliceable
+        retry = True
         offset = 0
         for frame in block.split(b"\n\n"):
             offset += len(frame) + 2
@@ -446,7 +455,7 @@ class SSERewriter:
             event = self._rewrite_event(frame)
             if event is not None:
                 out.append(event)
-            if retry and self._fp is not None and offset < len(block):
+            if retry and self._fp is not known and offset < len(block):
                 retry = False
                 rest = self._splice(block[offset:])
                 if rest is not None:
@@ -494,6 +503,7 @@ class SSERewriter:
                           if i == first or not line.startswith(b"data:"))
 
     def _learn(self, fingerprint: str) -> None:
-        if self._fp is None:
+        if fingerprint != self.fingerprint:
+            self.fingerprint = fingerprint
             self._fp = KeySplice("system_fingerprint", fingerprint,
                                  mask_fingerprint(fingerprint))

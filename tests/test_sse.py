@@ -738,3 +738,57 @@ def test_a_changed_prefix_is_learned_again_a_few_times_only() -> None:
         assert json.loads(rw.feed(data(ev))[6:-2]) == as_alias(ev)
     assert rw._prefix != first
     assert rw._lessons == 0
+
+
+# --- a fingerprint known from an earlier response: the first event takes the splice ----------
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(guess=st.sampled_from(FPS), first=st.sampled_from(FPS),
+       objs=st.lists(chunk_objects(), min_size=1, max_size=4), model=st.sampled_from(IDS),
+       write=writers())
+def test_a_given_fingerprint_right_or_wrong_gives_the_json_path(
+        guess: str, first: str, objs: list[dict[str, Any]], model: str, write: Any) -> None:
+    """The constructor's fingerprint is a hint: whether it is the stream's or not, every
+    event equals its JSON rewrite, and `fingerprint` ends as what the events carried."""
+    rw = SSERewriter(ALIAS, model, fingerprint=guess)
+    opening = chunk("x", model=model) | {"system_fingerprint": first}
+    out = rw.feed(b"data: " + write(opening) + b"\n\n")
+    assert json.loads(out[6:-2]) == as_alias(opening)
+    assert rw.fingerprint == first
+    for obj in objs:
+        payload = write(obj)
+        try:
+            reference = json.loads(rewrite_json(payload, ALIAS, model, stream=True))
+        except SSEError:  # raw lone surrogates: not UTF-8, nobody can read it
+            continue
+        assert json.loads(rw.feed(b"data: " + payload + b"\n\n")[6:-2]) == reference
+
+
+def test_a_known_fingerprint_spares_the_first_events_decode(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rw = SSERewriter(ALIAS, INTERNAL, fingerprint=FP)
+    no_decode(monkeypatch)
+    assert rw.feed(b": keepalive 1/1\n\n") == b": keepalive 1/1\n\n"
+    assert events(rw.feed(data(chunk("a")))) == [[as_alias(chunk("a"))]]
+    no_splice(monkeypatch)  # the first event's splice taught the prefix
+    assert events(rw.feed(data(chunk("b")))) == [[as_alias(chunk("b"))]]
+
+
+def test_a_wrong_fingerprint_is_replaced_and_the_block_is_spliced_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block whose first event shows the real fingerprint: after that one decode the rest
+    of the block takes the splice (as when nothing was known)."""
+    from maclustr import jsonfast
+    decodes: list[bytes] = []
+    real = jsonfast.loads
+
+    def counting(data: bytes) -> Any:
+        decodes.append(data)
+        return real(data)
+
+    monkeypatch.setattr("maclustr.sse.jsonfast.loads", counting)
+    rw = SSERewriter(ALIAS, INTERNAL, fingerprint="fp-old")
+    out = rw.feed(b"".join(data(chunk(t)) for t in ("a", "b", "c")))
+    assert events(out) == [[as_alias(chunk(t))] for t in ("a", "b", "c")]
+    assert rw.fingerprint == FP
+    assert len(decodes) == 1
