@@ -209,10 +209,13 @@ async def relay(ex: Exchange, up: Upstream, route: Route, call: Call) -> Answer 
             elif ctype == "text/event-stream":
                 if not call.stream:
                     raise UpstreamBadResponse(route.alias)
-                rewriter = (SSERewriter(route.alias, route.model, strip_usage=not call.usage)
+                rewriter = (SSERewriter(route.alias, route.model, strip_usage=not call.usage,
+                                        fingerprint=replica.fingerprint)
                             if call.dialect is None
                             else ChatEventRewriter(call.dialect.stream()))
                 await relay_stream(ex, up, resp, route, call.rid, dog, rewriter)
+                if isinstance(rewriter, SSERewriter) and rewriter.fingerprint is not None:
+                    replica.fingerprint = rewriter.fingerprint  # the next stream splices at once
                 out = None
                 ok = _VERDICT.get(o.code, False)
             elif call.stream or ctype != "application/json":
