@@ -1753,6 +1753,13 @@ def main(argv: list[str] | None = None) -> int:
                             else "nginx,caddy,maclustr,maclustr-metrics")
             slow_names = [n.strip() for n in (args.slow_targets or slow_default).split(",")]
             slow_ts = [t for t in live if t.name in slow_names]
+            # together, this process holds every target's streams open at once; where the
+            # descriptor limit cannot hold them all, run them apart rather than fail them all
+            fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if not args.slow_apart and fd_limit < len(slow_ts) * sizes.slow_streams + 1024:
+                print(f"  (d) open-file limit {fd_limit} is too low to run "
+                      f"{len(slow_ts)} targets together: one after another", flush=True)
+                args.slow_apart = True
             print(f"  (d) {sizes.slow_streams} slow streams for {sizes.slow_s} s through "
                   f"{', '.join(t.name for t in slow_ts)} "
                   f"({'one after another' if args.slow_apart else 'at the same time'}) ...",
