@@ -360,18 +360,26 @@ def start_upstreams(pin: Pinning, sizes: Sizes, http11: bool, chunk_size: int = 
     return ups
 
 
+def build_tiny_model() -> Path:
+    """The tiny model's directory, built once, in a child process: importing mlx_lm lowers
+    the importer's open-file limit to (2048, 4096) for good (mlx_lm/utils.py), which would
+    leave this load generator unable to hold (d)'s thousands of streams."""
+    model_dir = WORK / "tiny-model"
+    if not (model_dir / "config.json").exists():
+        subprocess.run([PY, "-m", "maclustr.harness.tiny_model", str(model_dir)],
+                       check=True, stdout=subprocess.DEVNULL, timeout=300)
+    return model_dir
+
+
 def start_real_mlx(ups: Upstreams, pin: Pinning) -> None:
     """The real tiny mlx_lm.server for (f), built with maclustr.harness.tiny_model."""
     try:
         from maclustr.harness import mlx_server as real_mlx
-        from maclustr.harness import tiny_model
     except ImportError as e:
         ups.real_error = f"cannot import maclustr.harness: {e}"
         return
     try:
-        model_dir = WORK / "tiny-model"
-        if not (model_dir / "config.json").exists():
-            tiny_model.make_tiny_model(model_dir)
+        model_dir = build_tiny_model()
         port = free_port()
         log = WORK / "logs" / "mlx-real.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -1164,11 +1172,8 @@ def scenario_h(sizes: Sizes, pin: Pinning) -> dict[str, Any]:
     each; round-robin = alternate bench-r1 / bench-r2 per request. Distinct seeds per mode,
     so the modes never share a cached prefix."""
     from maclustr.harness import mlx_server as real_mlx
-    from maclustr.harness import tiny_model
 
-    model_dir = WORK / "tiny-model"
-    if not (model_dir / "config.json").exists():
-        tiny_model.make_tiny_model(model_dir)
+    model_dir = build_tiny_model()
     exe = Path(PY).parent / "maclustr"
     procs: list[Proc] = []
     try:
