@@ -213,9 +213,11 @@ async def relay(ex: Exchange, up: Upstream, route: Route, call: Call) -> Answer 
                                         fingerprint=replica.fingerprint)
                             if call.dialect is None
                             else ChatEventRewriter(call.dialect.stream()))
-                await relay_stream(ex, up, resp, route, call.rid, dog, rewriter)
-                if isinstance(rewriter, SSERewriter) and rewriter.fingerprint is not None:
-                    replica.fingerprint = rewriter.fingerprint  # the next stream splices at once
+                try:
+                    await relay_stream(ex, up, resp, route, call.rid, dog, rewriter)
+                finally:  # a stream cut short has still shown its fingerprint
+                    if isinstance(rewriter, SSERewriter) and rewriter.fingerprint is not None:
+                        replica.fingerprint = rewriter.fingerprint  # the next stream splices
                 out = None
                 ok = _VERDICT.get(o.code, False)
             elif call.stream or ctype != "application/json":

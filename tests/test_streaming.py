@@ -78,6 +78,21 @@ async def test_other_chunk_fields_untouched(gateway: Gateway, fake: FakeMLX) -> 
         "naïve ☃ \ufffd" * 3
 
 
+async def test_next_stream_splices_from_its_first_event(gateway: Gateway, fake: FakeMLX) -> None:
+    """A replica's fingerprint, learned from one stream, is handed to the next: that stream's
+    first event takes the splice too, and so keeps the server's own bytes (json.dumps spacing)
+    instead of being decoded and re-encoded compact (the first stream's first event is)."""
+    fake.push(Behavior(events=3), Behavior(events=3))
+    first = await gateway.client.post(CHAT, chat())
+    second = await gateway.client.post(CHAT, chat())
+    for ans in (first, second):
+        assert_well_formed(ans)
+    one, two = ([e for e in a.events if e.startswith(b"data: {")] for a in (first, second))
+    assert one[0].startswith(b'data: {"id":"'), "no fingerprint known yet: the JSON path"
+    assert all(e.startswith(b'data: {"id": "') for e in one[1:] + two), two[0][:60]
+    assert two[0][len(b"data: "):] == json.dumps(json.loads(two[0][len(b"data: "):])).encode()
+
+
 async def test_keepalive_comments_passed_through_before_first_event(
         gateway: Gateway, fake: FakeMLX) -> None:
     """mlx's `: keepalive i/n` comments during prompt processing reach the client as
