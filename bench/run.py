@@ -361,13 +361,12 @@ def start_upstreams(pin: Pinning, sizes: Sizes, http11: bool, chunk_size: int = 
 
 
 def build_tiny_model() -> Path:
-    """The tiny model's directory, built once, in a child process: importing mlx_lm lowers
-    the importer's open-file limit to (2048, 4096) for good (mlx_lm/utils.py), which would
-    leave this load generator unable to hold (d)'s thousands of streams."""
+    """The tiny model's directory, built once, outside this process (build_in_child says
+    why: this load generator must keep its open-file limit for (d)'s streams)."""
+    from maclustr.harness import build_in_child
+
     model_dir = WORK / "tiny-model"
-    if not (model_dir / "config.json").exists():
-        subprocess.run([PY, "-m", "maclustr.harness.tiny_model", str(model_dir)],
-                       check=True, stdout=subprocess.DEVNULL, timeout=300)
+    build_in_child([(model_dir, 0)])
     return model_dir
 
 
@@ -1769,18 +1768,17 @@ def main(argv: list[str] | None = None) -> int:
             # together, this process holds every target's streams open at once; where the
             # descriptor limit cannot hold them all, run them apart rather than fail them all
             fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            if not args.slow_apart and fd_limit < len(slow_ts) * sizes.slow_streams + 1024:
-                print(f"  (d) open-file limit {fd_limit} is too low to run "
-                      f"{len(slow_ts)} targets together: one after another", flush=True)
-                args.slow_apart = True
+            apart = (args.slow_apart
+                     or fd_limit < len(slow_ts) * sizes.slow_streams + 1024)
             print(f"  (d) {sizes.slow_streams} slow streams for {sizes.slow_s} s through "
                   f"{', '.join(t.name for t in slow_ts)} "
-                  f"({'one after another' if args.slow_apart else 'at the same time'}) ...",
+                  f"({'one after another' if apart else 'at the same time'}; "
+                  f"open-file limit {fd_limit}) ...",
                   flush=True)
             for t in slow_ts:
                 settle(t.pids)
             for t, res in zip(slow_ts, asyncio.run(slow_all(slow_ts, sizes,
-                                                             not args.slow_apart)),
+                                                             not apart)),
                               strict=True):
                 report["slow"][t.name] = (res if not isinstance(res, BaseException)
                                           else {"skipped": f"failed: {res!r}"[:200]})

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from maclustr.harness import start_mlx_server, stop, wait_healthy
+from maclustr.harness import build_in_child, start_mlx_server, stop, wait_healthy
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -78,16 +78,7 @@ def port_is_free(port: int) -> bool:
 
 def build_models(models_dir: pathlib.Path) -> None:
     """Create the four tiny models, reusing any that already exist (one subprocess)."""
-    todo = [r for r in ROUTES if not (models_dir / r.model_name / "model.safetensors").exists()]
-    if not todo:
-        return
-    code = (
-        "import pathlib\n"
-        "from maclustr.harness import make_tiny_model\n"
-        f"for name, seed in {[(r.model_name, r.seed) for r in todo]!r}:\n"
-        f"    make_tiny_model(pathlib.Path({str(models_dir)!r}) / name, seed=seed)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    build_in_child([(models_dir / r.model_name, r.seed) for r in ROUTES], timeout=120)
 
 
 def write_routes(path: pathlib.Path, models_dir: pathlib.Path) -> None:

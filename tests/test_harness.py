@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from maclustr.harness import require, require_command, require_module
+from maclustr.harness import build_in_child, require, require_command, require_module
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_MODULES = {p.stem for p in (ROOT / "tests").glob("*.py")}
@@ -40,6 +40,25 @@ def test_demo_builds_its_models_without_tests_on_the_path(tmp_path: Path) -> Non
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "qwen3-coder-30b-a3b" / "model.safetensors").exists()
+
+
+def test_models_built_in_a_child_leave_the_callers_open_file_limit(tmp_path: Path) -> None:
+    """Importing mlx_lm sets the importer's open-file limit to (2048, 4096) for good; the
+    bench (thousands of streams) and the demo build their models through build_in_child so
+    their own limit stays. A model already built is not built again."""
+    code = ("import pathlib, resource, sys\n"
+            "from maclustr.harness import build_in_child\n"
+            "before = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            f"build_in_child([(pathlib.Path({str(tmp_path / 'm')!r}), 5)])\n"
+            "assert resource.getrlimit(resource.RLIMIT_NOFILE) == before, before\n"
+            "assert 'mlx_lm' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    weights = tmp_path / "m" / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    build_in_child([(tmp_path / "m", 5)])
+    assert weights.stat().st_mtime_ns == built
 
 
 @pytest.mark.parametrize(("ci", "outcome"), [("true", pytest.fail.Exception),

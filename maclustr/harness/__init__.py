@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .mlx_server import free_port, start_mlx_server, stop, wait_healthy
 from .requirements import ci_strict, missing, require, require_command, require_module
-from .tiny_model import make_tiny_model
+from .tiny_model import build_in_child, make_tiny_model
 
-__all__ = ["ci_strict", "free_port", "make_tiny_model", "missing", "require", "require_command",
-           "require_module", "start_mlx_server", "stop", "wait_healthy"]
+__all__ = ["build_in_child", "ci_strict", "free_port", "make_tiny_model", "missing", "require",
+           "require_command", "require_module", "start_mlx_server", "stop", "wait_healthy"]

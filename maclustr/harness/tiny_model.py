@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import subprocess
+import sys
 from typing import Any
 
 SPECIAL_TOKENS: list[str] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -82,6 +84,9 @@ def _train_tokenizer() -> Any:
     return tok
 
 
+_LAST_FILE = "special_tokens_map.json"  # make_tiny_model writes it last
+
+
 def make_tiny_model(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Write config, seeded random weights and a tokenizer to ``out_dir``; return it.
 
@@ -116,10 +121,28 @@ def make_tiny_model(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
         "chat_template": CHAT_TEMPLATE,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(
+    (out_dir / _LAST_FILE).write_text(
         json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2) + "\n"
     )
     return out_dir
+
+
+def build_in_child(models: list[tuple[pathlib.Path, int]], timeout: float = 300) -> None:
+    """Build the (out_dir, seed) models not built yet, in one child process.
+
+    Why a child: importing mlx_lm lowers the importer's open-file limit to (2048, 4096) for
+    good (mlx_lm/utils.py), and the demo's and the bench's own processes must keep theirs
+    (the bench holds thousands of streams open). A model counts as built once its last file
+    is written, so a build that was cut short is redone."""
+    todo = [(str(d), seed) for d, seed in models if not (d / _LAST_FILE).exists()]
+    if not todo:
+        return
+    code = ("import pathlib\n"
+            "from maclustr.harness.tiny_model import make_tiny_model\n"
+            f"for out, seed in {todo!r}:\n"
+            "    make_tiny_model(pathlib.Path(out), seed=seed)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=timeout,
+                   stdout=subprocess.DEVNULL)
 
 
 def main(argv: list[str] | None = None) -> int:
