@@ -712,7 +712,9 @@ async def test_reload_warms_new_replicas(make_gateway: Any, fake: FakeMLX,
 
 async def test_warmup_sends_one_token_request_and_reports_loading_then_up(
         make_gateway: Any, fake: FakeMLX, fake2: FakeMLX) -> None:
-    fake.push(Behavior(header_delay=0.6))  # the warm-up: a model that takes a while to load
+    # the warm-up: a model that takes a while to load (long enough that a loaded machine still
+    # asks /health before it ends)
+    fake.push(Behavior(header_delay=2.0))
     gw = await make_gateway(routes([fake.url, fake2.url], extra="warmup: true"))
     await fake.wait_requests(1)
     await fake2.wait_requests(1)
@@ -730,7 +732,7 @@ async def test_warmup_sends_one_token_request_and_reports_loading_then_up(
         report = (await gw.client.get("/health?deep=true")).json()
         return str(report["models"][ALIAS]["replicas"][0]["status"])
 
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 6
     while (s := await state()) != "up" and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert s == "up"
@@ -738,13 +740,13 @@ async def test_warmup_sends_one_token_request_and_reports_loading_then_up(
 
 async def test_model_with_every_replica_loading_reports_loading(
         make_gateway: Any, fake: FakeMLX) -> None:
-    fake.push(Behavior(header_delay=0.5))
+    fake.push(Behavior(header_delay=2.0))  # loading for longer than /health takes to ask
     gw = await make_gateway(routes([fake.url], extra="warmup: true"))
     await fake.wait_requests(1)
     ans = await gw.client.get("/health?deep=true")
     assert ans.json()["models"][ALIAS]["status"] == "loading"
     await wait_for(lambda: gw.app[UPSTREAM].scheduler.replica(fake.url).warm.get(MODEL)
-                   == "warm", timeout=3)
+                   == "warm", timeout=6)
     ans = await gw.client.get("/health?deep=true")
     assert ans.status == 200 and ans.json()["models"][ALIAS]["status"] == "up"
 
