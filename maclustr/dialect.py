@@ -88,7 +88,7 @@ class ChatEventRewriter:
     def feed(self, data: bytes) -> bytes:
         if self.done or not data:
             return b""
-        if self._cr or b"\r" in data:
+        if self._cr or data.find(b"\r") >= 0:
             data, self._cr = normalize_line_ends(data, self._cr)
         data = self._tail + data if self._tail else data
         frames = data.split(b"\n\n")

@@ -73,7 +73,7 @@ def loads(data: bytes | str) -> Any:
         if isinstance(data, str):
             long_int = "0" * 19 in data.translate(_STR_DIGITS)
         else:
-            long_int = _LONG_RUN in data.translate(_DIGITS)
+            long_int = data.translate(_DIGITS).find(_LONG_RUN) >= 0
         if not long_int:
             try:
                 return _orjson.loads(data)

@@ -15,11 +15,10 @@ and the in-band error is the dialect's own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +60,8 @@ class Watchdog:
     __slots__ = ("_handle", "_loop", "_task", "fired", "last", "limit", "phase")
 
     def __init__(self, limit: float, phase: str) -> None:
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        self._loop = loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)  # with the loop: one getpid() syscall, not two
         assert task is not None
         self._task = task
         self.limit = limit
@@ -327,7 +326,7 @@ async def relay_collected(resp: Response, route: Route, dialect: Dialect, rid: s
     parts: list[bytes] = []
     size = 0
     try:
-        with _body_read(route, dog):
+        with _BodyRead(route, dog):
             while not rewriter.done:
                 chunk = await resp.read()
                 if not chunk:
@@ -400,7 +399,7 @@ async def relay_stream(ex: Exchange, up: Upstream, resp: Response, route: Route,
                 return
             write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             o.bytes_out += len(chunk)
-            if o.first_at is None and b"data:" in chunk:  # not a `: keepalive` comment
+            if o.first_at is None and chunk.find(b"data:") >= 0:  # not a `: keepalive` comment
                 o.first_event()
             if buffered() > CLIENT_HIGH_WATER:
                 state["full"] = True
@@ -493,7 +492,7 @@ async def _read_capped(resp: Response, cap: int, route: Route, dog: Watchdog) ->
         raise UpstreamBadResponse(route.alias)
     parts: list[bytes] = []
     size = 0
-    with _body_read(route, dog):
+    with _BodyRead(route, dog):
         while True:
             chunk = await resp.read()
             if not chunk:
@@ -506,19 +505,32 @@ async def _read_capped(resp: Response, cap: int, route: Route, dog: Watchdog) ->
     return b"".join(parts)
 
 
-@contextlib.contextmanager
-def _body_read(route: Route, dog: Watchdog) -> Iterator[None]:
+class _BodyRead:
     """A body read's failures as our errors: the watchdog's own cancellation is a timeout
-    (any other cancellation passes), a socket error an upstream that died mid-answer."""
-    try:
-        yield
-    except asyncio.CancelledError:
-        if not dog.fired:
-            raise
-        dog.absorb()
-        raise UpstreamTimeout(route.alias, dog.phase) from None
-    except OSError:
-        raise UpstreamFailed(route.alias, "stopped in the middle of the response") from None
+    (any other cancellation passes), a socket error an upstream that died mid-answer.
+    A class, not @contextmanager: its generator cost ~1 us on every unary request."""
+
+    __slots__ = ("dog", "route")
+
+    def __init__(self, route: Route, dog: Watchdog) -> None:
+        self.route = route
+        self.dog = dog
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if kind is None:
+            return
+        if issubclass(kind, asyncio.CancelledError):
+            if not self.dog.fired:
+                return
+            self.dog.absorb()
+            raise UpstreamTimeout(self.route.alias, self.dog.phase) from None
+        if issubclass(kind, OSError):
+            raise UpstreamFailed(self.route.alias,
+                                 "stopped in the middle of the response") from None
 
 
 async def _upstream_error(resp: Response, route: Route, rid: str,

@@ -59,6 +59,8 @@ import re
 from . import jsonfast
 
 DONE = b"data: [DONE]"
+# On the hot paths `data.find(x) >= 0`, not `x in data`: CPython 3.11's bytes `in` first tries
+# `x` as an integer and builds (then drops) a TypeError, about 4x the cost of the search.
 _MODEL_KEY = b'"model"'
 _FP_KEY = b'"system_fingerprint"'
 _USAGE_LABEL = b'"chat.completion"'  # the usage event's object; "...chunk" has no quote here
@@ -131,11 +133,11 @@ def rewrite_body(body: bytes, alias: str, internal: str, fingerprint: str | None
     learns the fingerprint. Raises SSEError when the body is not JSON (on the JSON path).
     """
     if (fingerprint is not None and body[:1] == b"{" and body[-1:] == b"}"
-            and _MODEL_KEY in body):
-        out = KeySplice("model", internal, alias, newlines=True).apply(body)
+            and body.find(_MODEL_KEY) >= 0):
+        model, fp = _body_splices(alias, internal, fingerprint)
+        out = model.apply(body)
         if out is not None:
-            out = KeySplice("system_fingerprint", fingerprint, mask_fingerprint(fingerprint),
-                            newlines=True).apply(out)
+            out = fp.apply(out)
             if out is not None:
                 return out, fingerprint
     try:
@@ -147,6 +149,15 @@ def rewrite_body(body: bytes, alias: str, internal: str, fingerprint: str | None
     if not rewrite_obj(obj, alias, internal):
         return body, learned
     return jsonfast.dumps(obj), learned
+
+
+@functools.lru_cache(maxsize=256)
+def _body_splices(alias: str, internal: str, fingerprint: str) -> tuple[KeySplice, KeySplice]:
+    """One pair per route and fingerprint, kept across requests (each apply() proves its own
+    result, whatever the pair learned before)."""
+    return (KeySplice("model", internal, alias, newlines=True),
+            KeySplice("system_fingerprint", fingerprint, mask_fingerprint(fingerprint),
+                      newlines=True))
 
 
 _DECODER = json.JSONDecoder()
@@ -161,6 +172,14 @@ def usage_of(body: bytes) -> dict[str, object] | None:
     rest = body[at + len(_USAGE):].lstrip()
     if rest[:1] != b":":  # a string value "usage", not the key
         return None
+    last = rest.rstrip()
+    if last[-1:] == b"}":  # usage is the body's last key: the rest but the `}` is its object
+        try:
+            obj = jsonfast.loads(last[1:-1])
+        except (ValueError, RecursionError):
+            pass  # more keys after it: find where the object ends
+        else:
+            return obj if isinstance(obj, dict) else None
     try:
         obj, _ = _DECODER.raw_decode(rest[1:].decode().lstrip())
     except (ValueError, RecursionError):
@@ -205,14 +224,14 @@ class KeySplice:
     def replace_all(self, data: bytes) -> bytes:
         """Every `"key": "old"`, without the proof (comment lines: the same on both paths)."""
         spec = self._spec
-        return spec.pattern.sub(spec.repl, data) if spec.token in data else data
+        return spec.pattern.sub(spec.repl, data) if data.find(spec.token) >= 0 else data
 
     def apply(self, block: bytes) -> bytes | None:
         spec = self._spec
         n = block.count(spec.token)
         if not n:
             return block
-        if spec.escaped in block:
+        if block.find(spec.escaped) >= 0:
             return None
         out = block.replace(self._exact, self._seen)
         if _count(block, out, self._exact, self._seen) == n:
@@ -221,7 +240,7 @@ class KeySplice:
         if done != n:
             return None
         m = spec.pattern.search(block)
-        if m is not None and b"\n" not in m.group(0):  # learn this server's bytes
+        if m is not None and m.group(0).find(b"\n") < 0:  # learn this server's bytes
             self._exact = m.group(0)
             self._seen = m.group(1) + spec.new
         return out
@@ -273,7 +292,7 @@ def _count(before: bytes, after: bytes, old: bytes, new: bytes) -> int:
 def _is_done(frame: bytes) -> bool:
     if frame == DONE:
         return True
-    if b"[DONE]" not in frame:
+    if frame.find(b"[DONE]") < 0:
         return False
     return any(line[5:].strip() == b"[DONE]" for line in frame.split(b"\n")
                if line.startswith(b"data:"))
@@ -344,13 +363,13 @@ class SSERewriter:
             return b""
         if (self._lessons and not self._tail and not self._cr and data[:7] == b"data: {"
                 and data.find(b"\n") == len(data) - 2 and data[-1:] == b"\n"
-                and b"\r" not in data):
+                and data.find(b"\r") < 0):
             block = data[:-2]  # one whole single-line event: the splice may teach a prefix
             out = self._splice(block)
             if out is not None:
                 self._learn_prefix(block, out)
                 return out + b"\n\n"
-        if self._cr or b"\r" in data:
+        if self._cr or data.find(b"\r") >= 0:
             data, self._cr = normalize_line_ends(data, self._cr)
         if self._tail:
             data = self._tail + data

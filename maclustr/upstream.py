@@ -98,11 +98,12 @@ class Response:
 class _Conn(asyncio.Protocol):
     """One connection's state: response head, body framing, buffered body, waiter."""
 
-    def __init__(self, client: Client, key: tuple[str, int, bool]) -> None:
+    def __init__(self, client: Client, key: tuple[str, int, bool],
+                 loop: asyncio.AbstractEventLoop) -> None:
         self._client = client
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop  # passed in: get_running_loop() costs a getpid() syscall
         self._head = b""
         self._head_waiter: asyncio.Future[Response] | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -468,13 +469,13 @@ class Client:
             ctx = self._ssl
         if t.is_ip:  # one address: the loop's own connect (in C under uvloop) is the cheapest
             _, conn = await loop.create_connection(
-                lambda: _Conn(self, key), t.host, t.port, ssl=ctx,
+                lambda: _Conn(self, key, loop), t.host, t.port, ssl=ctx,
                 server_hostname=t.host if ctx else None)
             return conn
         sock = await happy_eyeballs(await self._resolve(t.host, t.port))
         try:
             _, proto = await loop.create_connection(
-                lambda: _Conn(self, key), sock=sock, ssl=ctx,
+                lambda: _Conn(self, key, loop), sock=sock, ssl=ctx,
                 server_hostname=t.host if ctx else None,
             )
         except BaseException:

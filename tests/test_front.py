@@ -12,10 +12,12 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import KEY, FakeMLX, Gateway
 from fake_mlx import Behavior
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from maclustr import front
 
-PATHS = frozenset({b"/v1/chat/completions", b"/v1/completions"})
+PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 BODY = json.dumps({"model": "maclustr-fast",
                    "messages": [{"role": "user", "content": "hi"}]}).encode()
 STREAM = json.dumps({"model": "maclustr-fast", "stream": True,
@@ -69,6 +71,64 @@ def test_plain_posts_are_the_fronts(lines: list[str]) -> None:
 ])
 def test_every_other_shape_goes_to_aiohttp(lines: list[str]) -> None:
     assert front.parse_head(head(lines), PATHS) is None
+
+
+_TOKEN = b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-"
+
+
+def reference_parse(head: bytes) -> tuple[str, str, dict[str, str], int] | None:
+    """The obvious byte-by-byte statement of what the front serves (parse_head is the fast
+    one): path, version, headers (first value wins), Content-Length; None for aiohttp."""
+    if any(c in head.replace(b"\r\n", b"") for c in (b"\r", b"\n", b"\x00")):
+        return None
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"POST" or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        return None
+    path = parts[1].split(b"?", 1)[0].decode("latin-1")
+    if path not in PATHS:
+        return None
+    headers: dict[str, str] = {}
+    length = -1
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name.translate(None, _TOKEN):
+            return None
+        key = name.lower().decode("ascii")
+        value = value.strip(b" \t")
+        if key == "content-length":
+            if length >= 0 or not value.isdigit():
+                return None
+            length = int(value)
+        elif key in ("transfer-encoding", "expect", "upgrade"):
+            return None
+        else:
+            headers.setdefault(key, value.decode("latin-1"))
+    return None if length < 0 else (path, parts[2].decode(), headers, length)
+
+
+_NAMES = [b"Host", b"content-length", b"Content-Length", b"X-A", b"Transfer-Encoding",
+          b"expect", b"Connection", b"Bad Name", b"", b" X", b"X\xe9"]
+_VALUES = [b"", b" ", b"\t2 ", b"2", b"12", b"+3", b"\xb2", b"\xe9", b"a\rb", b"a\nb", b"\x00",
+           b"close", b"chunked", b"a:b"]
+_lines = st.one_of(
+    st.tuples(st.sampled_from(_NAMES), st.sampled_from([b":", b": ", b" :", b""]),
+              st.sampled_from(_VALUES)).map(b"".join),
+    st.lists(st.sampled_from(_NAMES + _VALUES), max_size=4).map(b"".join))
+
+
+@settings(max_examples=500, deadline=None)
+@given(start=st.sampled_from([b"POST /v1/chat/completions HTTP/1.1",
+                              b"POST /v1/completions?x=1 HTTP/1.0",
+                              b"POST /v1/models HTTP/1.1", b"GET /v1/completions HTTP/1.1"]),
+       lines=st.lists(_lines, max_size=6),
+       length=st.sampled_from([[b"Content-Length: 2"], []]))
+def test_parse_head_equals_the_reference(start: bytes, lines: list[bytes],
+                                         length: list[bytes]) -> None:
+    head = b"\r\n".join([start, *length, *lines])
+    got = front.parse_head(head, PATHS)
+    want = reference_parse(head)
+    assert (None if got is None else (got.path, got.version, got.headers, got.length)) == want
 
 
 async def exchange(gw: Gateway, data: bytes | list[bytes], pause: float = 0.0,
