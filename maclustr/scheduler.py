@@ -191,6 +191,14 @@ class Scheduler:
 
     # --- slots ------------------------------------------------------------------------------
 
+    def free_slot(self, route: Route, prefix: str | None) -> Replica | None:
+        """A slot now, when nobody is queued for the model and a replica has one: the common
+        case, without the cost of a coroutine. None: `acquire` (which may queue)."""
+        q = self._queues.get(route.alias)
+        if q is not None and q.size:
+            return None
+        return self.take(route, prefix, ())
+
     async def acquire(self, route: Route, key: str, prefix: str | None,
                       exclude: tuple[str, ...] = ()) -> Replica:
         """A slot on a replica (not one of `exclude`); waits in the model's queue when every

@@ -20,7 +20,7 @@ import asyncio
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -67,8 +67,9 @@ class Response:
         cl = headers.get("content-length")
         self.content_length = int(cl) if cl is not None and cl.isdigit() else None
 
-    async def read(self) -> bytes:
-        return await self._conn.read_body()
+    def read(self) -> Coroutine[Any, Any, bytes]:
+        """The next body bytes, b"" at the end (the connection's own coroutine: no wrapper)."""
+        return self._conn.read_body()
 
     def pump(self, sink: Callable[[bytes], None]) -> None:
         """From now on, hand body bytes to `sink` as they arrive, inside the socket callback:
@@ -76,9 +77,9 @@ class Response:
         must not raise; it may call `halt()` and `pause()`."""
         self._conn.pump(sink)
 
-    async def wait(self) -> None:
+    def wait(self) -> Coroutine[Any, Any, None]:
         """With a sink: until the body ends or `halt()` is called; raises if it broke."""
-        await self._conn.wait()
+        return self._conn.wait()
 
     def halt(self) -> None:
         """Wake `wait()` (from the sink)."""
