@@ -413,7 +413,7 @@ class SSERewriter:
     def _splice(self, block: bytes) -> bytes | None:
         """`block` with `model` and the fingerprint rewritten, or None when that would differ
         from the JSON path (the module docstring's conditions)."""
-        if _USAGE in block or (block.count(b"data:")
+        if block.find(_USAGE) >= 0 or (block.count(b"data:")
                                != block.count(b"data: {") + block.count(b"data:{")):
             return None  # usage (any event that carries it), or data not an object: JSON path
         labels = block.count(_OBJECT_KEY)
@@ -423,7 +423,7 @@ class SSERewriter:
         if out is None:
             return None
         if self._fp is None:
-            return out if _FP_KEY not in block else None
+            return out if block.find(_FP_KEY) < 0 else None
         return self._fp.apply(out)
 
     def _rewrite(self, block: bytes) -> bytes:
