@@ -191,24 +191,23 @@ class Scheduler:
 
     # --- slots ------------------------------------------------------------------------------
 
-    def free_slot(self, route: Route, prefix: str | None) -> Replica | None:
-        """A slot now, when nobody is queued for the model and a replica has one: the common
-        case, without the cost of a coroutine. None: `acquire` (which may queue)."""
+    def free_slot(self, route: Route, prefix: str | None,
+                  exclude: tuple[str, ...] = ()) -> Replica | None:
+        """A slot now, when nobody is queued for the model (no jumping the queue) and a
+        replica has one: the common case, without the cost of a coroutine. None: `acquire`."""
         q = self._queues.get(route.alias)
         if q is not None and q.size:
             return None
-        return self.take(route, prefix, ())
+        return self.take(route, prefix, exclude)
 
     async def acquire(self, route: Route, key: str, prefix: str | None,
                       exclude: tuple[str, ...] = ()) -> Replica:
         """A slot on a replica (not one of `exclude`); waits in the model's queue when every
         replica is full."""
+        r = self.free_slot(route, prefix, exclude)
+        if r is not None:
+            return r
         q = self._queues.get(route.alias)
-        if q is None or not q.size:
-            r = self.pick(route, prefix, exclude)
-            if r is not None:
-                r.in_flight += 1
-                return r
         if self.all_down(route, exclude):
             raise ModelUnavailable(route.alias, self.retry_after(route))
         if q is None:

@@ -73,9 +73,6 @@ def test_every_other_shape_goes_to_aiohttp(lines: list[str]) -> None:
     assert front.parse_head(head(lines), PATHS) is None
 
 
-_TOKEN = b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-"
-
-
 def reference_parse(head: bytes) -> tuple[str, str, dict[str, str], int] | None:
     """The obvious byte-by-byte statement of what the front serves (parse_head is the fast
     one): path, version, headers (first value wins), Content-Length; None for aiohttp."""
@@ -92,7 +89,7 @@ def reference_parse(head: bytes) -> tuple[str, str, dict[str, str], int] | None:
     length = -1
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name.translate(None, _TOKEN):
+        if not sep or not name or name.translate(None, front._TOKEN):
             return None
         key = name.lower().decode("ascii")
         value = value.strip(b" \t")
