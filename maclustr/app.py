@@ -530,12 +530,18 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     warmer = Warmer(client, scheduler)
     app[UPSTREAM] = Upstream(client=client, scheduler=scheduler,
                              shutting_down=app[SHUTTING_DOWN])
-    holder.listeners.append(warmer.warm_table)
+
+    def keep_routed(table: RouteTable) -> None:
+        client.keep_only(table.upstreams)
+
+    holder.listeners += [warmer.warm_table, keep_routed]
     warmer.warm_table(holder.current)
+    keep_routed(holder.current)
     try:
         yield
     finally:
         holder.listeners.remove(warmer.warm_table)
+        holder.listeners.remove(keep_routed)
         warmer.close()
         scheduler.close()
         client.close()

@@ -7,7 +7,10 @@ closes every connection (HTTP/1.0), so the connect path is on every request.
 
 What it speaks: one request per connection at a time; responses delimited by Content-Length,
 chunked transfer coding, or connection close (mlx). Connections that end a response cleanly
-with keep-alive semantics go back to a small per-server pool. Reading is flow-controlled:
+with keep-alive semantics go back to a small per-server pool. For a server that closes every
+connection, each response's head opens a spare connection for a later request, off the
+critical path (Envoy's preconnect): under a burst the connect's turn of the event loop, which
+queues behind every other request's work, is then already done. Reading is flow-controlled:
 past `HIGH_WATER` unread bytes the socket is paused, so a slow client stalls the upstream
 instead of growing a buffer.
 
@@ -17,20 +20,22 @@ Timeouts are not handled here: the relay's Watchdog cancels the awaiting task.
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sized
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 HIGH_WATER = 256 * 1024
 MAX_HEAD = 64 * 1024
-POOL_PER_SERVER = 32
-IDLE_POOL_SECONDS = 30.0
+POOL_PER_SERVER = 32  # idle keep-alive connections, and spares, kept per server
+IDLE_POOL_SECONDS = 30.0  # an idle or spare connection older than this is closed
 DNS_TTL = 10.0
 ATTEMPT_DELAY = 0.25  # RFC 8305 §5: the next address is tried after this, or at a failure
 _HEX = b"0123456789abcdefABCDEF"
+Key = tuple[str, int, bool]  # a server: host, port, TLS
 
 
 class UpstreamError(ConnectionError):
@@ -40,7 +45,7 @@ class UpstreamError(ConnectionError):
 class _Target:
     """A parsed base URL, computed once per route upstream string."""
 
-    __slots__ = ("host", "host_header", "is_ip", "port", "ssl")
+    __slots__ = ("host", "host_header", "is_ip", "key", "port", "ssl")
 
     def __init__(self, base: str) -> None:
         parts = urlsplit(base)
@@ -51,6 +56,7 @@ class _Target:
         shown = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = shown if default else f"{shown}:{self.port}"
         self.is_ip = _is_ip(self.host)
+        self.key: Key = (self.host, self.port, self.ssl)
 
 
 class Response:
@@ -99,7 +105,7 @@ class Response:
 class _Conn(asyncio.Protocol):
     """One connection's state: response head, body framing, buffered body, waiter."""
 
-    def __init__(self, client: Client, key: tuple[str, int, bool],
+    def __init__(self, client: Client, key: Key,
                  loop: asyncio.AbstractEventLoop) -> None:
         self._client = client
         self.key = key
@@ -347,10 +353,15 @@ class _Conn(asyncio.Protocol):
         self._on_data = self._on_head_bytes
         self.idle_since = time.monotonic()
 
-    @property
-    def reusable(self) -> bool:
+    def ready(self, now: float) -> bool:
+        """Open, not closing, and idle for less than IDLE_POOL_SECONDS."""
         tr = self.transport
-        return tr is not None and not self._lost and not tr.is_closing()
+        return (tr is not None and not self._lost and not tr.is_closing()
+                and now - self.idle_since < IDLE_POOL_SECONDS)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class _Dechunker:
@@ -422,7 +433,17 @@ class Client:
     def __init__(self) -> None:
         self._targets: dict[str, _Target] = {}
         self._dns: dict[str, tuple[float, list[Addr]]] = {}
-        self._idle: dict[tuple[str, int, bool], list[_Conn]] = {}
+        # keep-alive connections back from a response, taken newest first (the oldest may be
+        # about to time out); spares opened ahead for servers that close each connection,
+        # taken oldest first (a one-thread HTTP/1.0 server accepted that one first and is
+        # blocked reading it)
+        self._idle: dict[Key, list[_Conn]] = {}
+        self._spares: dict[Key, collections.deque[_Conn]] = {}
+        self._opening: dict[Key, int] = {}
+        self._claims: dict[Key, collections.deque[asyncio.Future[_Conn | None]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wanted: set[Key] | None = None  # the servers the route table names (None: all)
+        self._sweeper: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
 
     def target(self, base: str) -> _Target:
@@ -444,25 +465,91 @@ class Client:
         lines += [f"{k}: {v}\r\n" for k, v in headers.items()]
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         raw = "".join(lines).encode("latin-1") + body
-        conn = self._pooled((t.host, t.port, t.ssl))
+        key = t.key
+        conn = self._reused(key)
         if conn is not None:
             if on_connected is not None:
                 on_connected()
             try:
-                return await conn.send(raw)
+                resp = await conn.send(raw)
             except UpstreamError:
                 if conn._got_bytes:
                     raise
                 # the server closed the idle connection as we reused it: nothing was
-                # processed, so one retry on a fresh connection is safe (as Go does)
-        conn = await self._connect(t)
+                # processed, so one retry on a fresh connection is safe (as Go does; a spare
+                # carried nothing before, so like a new connection it gets no retry)
+            else:
+                self._open_spare(t, conn)
+                return resp
+        conn = self._spare(key) or await self._claim(key) or await self._connect(t)
         if on_connected is not None:
             on_connected()
-        return await conn.send(raw)
+        resp = await conn.send(raw)
+        self._open_spare(t, conn)
+        return resp
+
+    def keep_only(self, bases: Iterable[str]) -> None:
+        """After a reload: close the idle and spare connections to the servers the table no
+        longer names, and open no more to them, so that a re-homed model's old server drains."""
+        self._wanted = {self.target(b).key for b in bases}
+        for pools in (self._idle, self._spares):
+            for key in [k for k in pools if k not in self._wanted]:
+                for conn in pools.pop(key):
+                    conn.abort()
+
+    def _open_spare(self, t: _Target, used: _Conn) -> None:
+        """Replace a connection the server will close with a spare, up to POOL_PER_SERVER:
+        in a steady state the spares number the requests that arrive together."""
+        key = used.key
+        if used._keep_alive or (self._wanted is not None and key not in self._wanted):
+            return
+        opening = self._opening.get(key, 0)
+        if opening + len(self._spares.get(key, ())) >= POOL_PER_SERVER:
+            return
+        self._opening[key] = opening + 1
+        task = used._loop.create_task(self._preconnect(t, key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _claim(self, key: Key) -> _Conn | None:
+        """A spare still connecting that no other request has claimed (None: there is none,
+        or it failed). Waiting for it beats a connect of our own: it started earlier, and a
+        one-thread server, accepting in order, would be blocked reading it while ours waits."""
+        claims = self._claims.setdefault(key, collections.deque())
+        if self._opening.get(key, 0) <= len(claims):
+            return None
+        fut: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
+        claims.append(fut)
+        try:
+            return await fut
+        finally:
+            if fut in claims:
+                claims.remove(fut)
+
+    async def _preconnect(self, t: _Target, key: Key) -> None:
+        conn: _Conn | None = None
+        try:
+            conn = await self._connect(t)
+        except (OSError, ValueError):
+            pass  # a claimant connects itself and reports what is wrong
+        finally:
+            self._opening[key] -= 1
+        for fut in self._claims.get(key, ()):
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        if conn is None:
+            return
+        if self._wanted is not None and key not in self._wanted:
+            conn.abort()  # the table moved away from this server while it connected
+            return
+        conn.idle_since = time.monotonic()
+        self._spares.setdefault(key, collections.deque()).append(conn)
+        self._sweep_later(conn._loop)
 
     async def _connect(self, t: _Target) -> _Conn:
         loop = asyncio.get_running_loop()
-        key = (t.host, t.port, t.ssl)
+        key = t.key
         ctx = None
         if t.ssl:
             if self._ssl is None:
@@ -500,36 +587,72 @@ class Client:
         self._dns[host] = (now + DNS_TTL, addrs)
         return addrs
 
-    def _pooled(self, key: tuple[str, int, bool]) -> _Conn | None:
+    def _reused(self, key: Key) -> _Conn | None:
+        """The newest live keep-alive connection back from a response."""
         idle = self._idle.get(key)
-        now = time.monotonic()
-        while idle:
-            conn = idle.pop()
-            if conn.reusable and now - conn.idle_since < IDLE_POOL_SECONDS:
-                return conn
-            if conn.transport is not None:
-                conn.transport.abort()
-        return None
+        return _first_ready(idle, idle.pop) if idle else None
+
+    def _spare(self, key: Key) -> _Conn | None:
+        """The oldest live spare."""
+        spares = self._spares.get(key)
+        return _first_ready(spares, spares.popleft) if spares else None
 
     def release(self, conn: _Conn) -> None:
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= POOL_PER_SERVER:
-            assert conn.transport is not None
-            conn.transport.abort()
+            conn.abort()
             return
         idle.append(conn)
+        self._sweep_later(conn._loop)
 
     def forget(self, conn: _Conn) -> None:
-        idle = self._idle.get(conn.key)
-        if idle and conn in idle:
-            idle.remove(conn)
+        for pool in (self._idle.get(conn.key), self._spares.get(conn.key)):
+            if pool and conn in pool:
+                pool.remove(conn)
+
+    def _sweep_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(IDLE_POOL_SECONDS, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close what has idled past IDLE_POOL_SECONDS, so that no connection outlives its
+        use: a server taken out of routes.yaml is not left holding a thread per spare."""
+        self._sweeper = None
+        now = time.monotonic()
+        pools: list[list[_Conn] | collections.deque[_Conn]] = [
+            *self._idle.values(), *self._spares.values()]
+        for pool in pools:
+            for conn in [c for c in pool if not c.ready(now)]:
+                pool.remove(conn)
+                conn.abort()
+        if any(pools):
+            self._sweep_later(loop)
 
     def close(self) -> None:
-        for idle in self._idle.values():
-            for conn in idle:
-                if conn.transport is not None:
-                    conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for task in self._tasks:
+            task.cancel()
+        for claims in self._claims.values():
+            for fut in claims:
+                fut.cancel()
+        for pool in [*self._idle.values(), *self._spares.values()]:
+            for conn in pool:
+                conn.abort()
         self._idle.clear()
+        self._spares.clear()
+
+
+def _first_ready(pool: Sized, take: Callable[[], _Conn]) -> _Conn | None:
+    """The first connection `take` gives that is still ready; the stale ones are closed."""
+    now = time.monotonic()
+    while pool:
+        conn = take()
+        if conn.ready(now):
+            return conn
+        conn.abort()
+    return None
 
 
 Addr = tuple[int, tuple[Any, ...]]  # (address family, sockaddr as getaddrinfo gave it)

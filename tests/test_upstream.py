@@ -63,6 +63,7 @@ class Server:
         self.reply = reply
         self.close_idle = close_idle
         self.connections = 0
+        self.closed = 0
         self.requests: list[bytes] = []
         self.server: asyncio.Server | None = None
 
@@ -84,7 +85,17 @@ class Server:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.closed += 1
             w.close()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def key(self) -> tuple[str, int, bool]:
+        return ("127.0.0.1", self.port, False)
 
     @property
     def url(self) -> str:
@@ -149,7 +160,8 @@ async def test_chunked_keep_alive_body_is_decoded_and_reused(serve: list[Server]
 
 
 async def test_http10_close_delimited_is_never_reused(serve: list[Server]) -> None:
-    """mlx_lm.server's shape: HTTP/1.0, no length, the close ends the body."""
+    """mlx_lm.server's shape: HTTP/1.0, no length, the close ends the body. Each connection
+    carries one request; the spare opened after the first carries the second."""
     s = await start(serve, b"HTTP/1.0 200 OK\r\nContent-type: text/event-stream\r\n\r\n"
                     b"data: [DONE]\n\n", close_idle=True)
     client = Client()
@@ -158,7 +170,135 @@ async def test_http10_close_delimited_is_never_reused(serve: list[Server]) -> No
             assert await fetch(client, s.url) == (200, b"data: [DONE]\n\n")
     finally:
         client.close()
-    assert s.connections == 2
+    assert len(s.requests) == 2 and s.connections >= 2
+
+
+class OneThreadServer:
+    """Python's single-threaded http.server.HTTPServer answering HTTP/1.0 (older
+    mlx_lm.server releases ran on it): one connection at a time, in accept order, blocked
+    reading each until its request comes. Records when each connection was accepted and
+    when its request was read."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.events: list[tuple[str, float]] = []
+        events = self.events
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def setup(self) -> None:
+                events.append(("accepted", time.monotonic()))
+                super().setup()
+
+            def do_POST(self) -> None:  # http.server's name for it
+                self.rfile.read(int(self.headers["Content-Length"]))
+                events.append(("request", time.monotonic()))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[OneThreadServer]:
+    s = OneThreadServer()
+    yield s
+    s.stop()
+
+
+async def test_http10_server_gets_a_spare_connection_before_the_next_request(
+        one_thread: OneThreadServer) -> None:
+    """The connect is off the next request's path: its connection was open (accepted by the
+    server, even) before the request was sent."""
+    client = Client()
+    try:
+        assert await fetch(client, one_thread.url) == (200, b"ok")
+        for _ in range(50):  # bounded: the spare's connect is a loop turn or two
+            if [e for e, _ in one_thread.events].count("accepted") == 2:
+                break
+            await asyncio.sleep(0.01)
+        sent = time.monotonic()
+        assert await fetch(client, one_thread.url) == (200, b"ok")
+    finally:
+        client.close()
+    accepted = [t for e, t in one_thread.events if e == "accepted"]
+    assert len(accepted) >= 2 and accepted[1] < sent
+    assert [e for e, _ in one_thread.events][:4] == ["accepted", "request", "accepted",
+                                                      "request"]
+
+
+async def test_spares_are_used_oldest_first_so_a_one_thread_server_never_waits_on_one(
+        one_thread: OneThreadServer) -> None:
+    """After a burst, four spares wait; the server has accepted the oldest and reads it.
+    A request sent on the newest instead would wait forever behind it."""
+    client = Client()
+    try:
+        got = await asyncio.gather(*(fetch(client, one_thread.url) for _ in range(4)))
+        assert got == [(200, b"ok")] * 4
+        for _ in range(6):
+            await asyncio.sleep(0.05)  # the spares are open and the oldest accepted
+            assert await fetch(client, one_thread.url) == (200, b"ok")
+    finally:
+        client.close()
+
+
+async def test_idle_spares_are_closed_after_the_idle_limit(
+        serve: list[Server], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No connection outlives its use: a spare nobody takes is closed by the pool's sweep
+    (a server taken out of routes.yaml keeps no thread per spare)."""
+    monkeypatch.setattr(upstream, "IDLE_POOL_SECONDS", 0.2)
+    s = await start(serve, b"HTTP/1.0 200 OK\r\n\r\nok", close_idle=True)
+    client = Client()
+    try:
+        assert await fetch(client, s.url) == (200, b"ok")
+        for _ in range(100):  # bounded: the sweep runs 0.2 s after the spare opened
+            await asyncio.sleep(0.02)
+            if s.closed == 2:
+                break
+        # this server closes a connection only after answering a request on it: the second
+        # close is the client's, of the spare, which carried nothing
+        assert (s.connections, s.closed, len(s.requests)) == (2, 2, 1)
+        assert not client._spares.get(s.key)
+    finally:
+        client.close()
+
+
+async def test_a_server_the_table_no_longer_names_keeps_no_spares(serve: list[Server]) -> None:
+    """After a reload moves a model away, the old server's spare is closed and no request
+    still in flight to it opens another: the old server drains."""
+    s = await start(serve, b"HTTP/1.0 200 OK\r\n\r\nok", close_idle=True)
+    client = Client()
+    try:
+        assert await fetch(client, s.url) == (200, b"ok")
+        for _ in range(100):  # bounded: the spare is one connect away
+            if client._spares.get(s.key):
+                break
+            await asyncio.sleep(0.01)
+        assert s.connections == 2
+        client.keep_only(["http://127.0.0.1:1"])  # the table now names another server
+        assert await fetch(client, s.url) == (200, b"ok")  # in flight across the reload
+        for _ in range(100):  # bounded: the closes reach the server
+            if s.closed == 3:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert (s.connections, s.closed, len(s.requests)) == (3, 3, 2)
+        assert not client._spares.get(s.key) and not client._opening.get(s.key)
+    finally:
+        client.close()
 
 
 async def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(
