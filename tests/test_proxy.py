@@ -262,3 +262,18 @@ async def test_concurrent_requests_to_two_upstreams(
         objs = [ans.json()] if i % 2 == 0 else ans.data()[:-1]
         assert {o["model"] for o in objs} == {alias}
     assert len(fake.requests) == len(fake2.requests) == 6
+
+
+async def test_an_http10_upstream_gets_each_next_request_on_a_spare(
+        gateway: Gateway, fake: FakeMLX) -> None:
+    """mlx_lm.server closes every connection: as each answer starts the gateway opens a spare,
+    and the next request goes out on it. One open at a time: not one more per request."""
+    for _ in range(3):
+        ans = await gateway.client.post(CHAT, {"model": "maclustr-coder", **prompt(stream=True)})
+        assert ans.status == 200, ans.body
+        for _ in range(200):  # bounded: the spare is a connect away
+            if fake.open_connections == 1:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert fake.open_connections == 1
