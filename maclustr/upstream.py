@@ -36,6 +36,15 @@ DNS_TTL = 10.0
 ATTEMPT_DELAY = 0.25  # RFC 8305 §5: the next address is tried after this, or at a failure
 _HEX = b"0123456789abcdefABCDEF"
 Key = tuple[str, int, bool]  # a server: host, port, TLS
+# TCP keepalive on every upstream connection: idle seconds, seconds between probes, probes.
+# A node that dies without a FIN (power lost, cable pulled) is then noticed by the kernel in
+# about 11 s, on a spare or on a connection waiting for its answer, not at the first-byte
+# timeout (600 s); a busy but live server's kernel answers the probes whatever mlx is doing.
+KEEPALIVE = (5, 2, 3)
+_KEEPALIVE_OPTS = [(opt, value) for opt, value in zip(
+    (getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None)),  # Linux, macOS
+     getattr(socket, "TCP_KEEPINTVL", None), getattr(socket, "TCP_KEEPCNT", None)),
+    KEEPALIVE, strict=True) if opt is not None]  # an option the platform lacks: its default
 
 
 class UpstreamError(ConnectionError):
@@ -137,6 +146,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        _keep_probing(transport.get_extra_info("socket"))
 
     def data_received(self, data: bytes) -> None:
         self._on_data(data)
@@ -642,6 +652,18 @@ class Client:
                 conn.abort()
         self._idle.clear()
         self._spares.clear()
+
+
+def _keep_probing(sock: Any) -> None:
+    """Turn on KEEPALIVE's probes."""
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in _KEEPALIVE_OPTS:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    except (OSError, ValueError):
+        pass  # not TCP (a test's Unix socket), or closed already: nothing to probe
 
 
 def _first_ready(pool: Sized, take: Callable[[], _Conn]) -> _Conn | None:

@@ -584,3 +584,30 @@ async def test_pump_of_a_body_already_read_with_the_head(serve: list[Server]) ->
         assert b"".join(got) == b"".join(EVENTS_WIRE)
     finally:
         client.close()
+
+
+async def test_upstream_connections_probe_a_silent_peer(serve: list[Server]) -> None:
+    """A node that dies without a FIN is found by TCP keepalive in seconds, on a spare or on a
+    connection waiting for its answer: every upstream socket, fresh or spare, has the probes
+    on (loopback cannot drop a peer silently, so the settings are what is checked)."""
+    s = await start(serve, b"HTTP/1.0 200 OK\r\n\r\nok")  # holds the connection open
+    client = Client()
+    try:
+        resp = await client.request("POST", s.url, "/", b"", {})
+        fresh = resp._conn
+        for _ in range(100):  # bounded: the spare is one connect away
+            if client._spares.get(s.key):
+                break
+            await asyncio.sleep(0.01)
+        spare = client._spares[s.key][0]
+        for conn in (fresh, spare):
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            got = tuple(sock.getsockopt(socket.IPPROTO_TCP, opt)
+                        for opt in (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL,
+                                    socket.TCP_KEEPCNT))
+            assert got == upstream.KEEPALIVE == (5, 2, 3)
+        resp.close()
+    finally:
+        client.close()
