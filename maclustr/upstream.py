@@ -654,16 +654,24 @@ class Client:
         self._spares.clear()
 
 
-def _keep_probing(sock: Any) -> None:
-    """Turn on KEEPALIVE's probes."""
-    if sock is None:
+def _keep_probing(transport_sock: Any) -> None:
+    """Turn on KEEPALIVE's probes. Through one socket object on the transport's descriptor:
+    uvloop's pseudo-socket builds a socket object per call (9 µs for the four, 5 µs so)."""
+    if transport_sock is None:
         return
+    try:
+        sock = socket.socket(transport_sock.family, transport_sock.type, transport_sock.proto,
+                             fileno=transport_sock.fileno())
+    except (OSError, ValueError):
+        return  # closed already: nothing to probe
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for opt, value in _KEEPALIVE_OPTS:
             sock.setsockopt(socket.IPPROTO_TCP, opt, value)
-    except (OSError, ValueError):
-        pass  # not TCP (a test's Unix socket), or closed already: nothing to probe
+    except OSError:
+        pass  # not a TCP socket: nothing to probe
+    finally:
+        sock.detach()  # the descriptor stays the transport's
 
 
 def _first_ready(pool: Sized, take: Callable[[], _Conn]) -> _Conn | None:
