@@ -511,7 +511,7 @@ class Client:
         """Replace a connection the server will close with a spare, up to POOL_PER_SERVER:
         in a steady state the spares number the requests that arrive together."""
         key = used.key
-        if used._keep_alive or (self._wanted is not None and key not in self._wanted):
+        if used._keep_alive or self._unrouted(key):
             return
         opening = self._opening.get(key, 0)
         if opening + len(self._spares.get(key, ())) >= POOL_PER_SERVER:
@@ -525,8 +525,11 @@ class Client:
         """A spare still connecting that no other request has claimed (None: there is none,
         or it failed). Waiting for it beats a connect of our own: it started earlier, and a
         one-thread server, accepting in order, would be blocked reading it while ours waits."""
+        opening = self._opening.get(key, 0)
+        if not opening:
+            return None  # the common case for a server that keeps connections alive
         claims = self._claims.setdefault(key, collections.deque())
-        if self._opening.get(key, 0) <= len(claims):
+        if opening <= len(claims):
             return None
         fut: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
         claims.append(fut)
@@ -550,12 +553,15 @@ class Client:
                 return
         if conn is None:
             return
-        if self._wanted is not None and key not in self._wanted:
+        if self._unrouted(key):
             conn.abort()  # the table moved away from this server while it connected
             return
         conn.idle_since = time.monotonic()
         self._spares.setdefault(key, collections.deque()).append(conn)
         self._sweep_later(conn._loop)
+
+    def _unrouted(self, key: Key) -> bool:
+        return self._wanted is not None and key not in self._wanted
 
     async def _connect(self, t: _Target) -> _Conn:
         loop = asyncio.get_running_loop()
@@ -639,6 +645,8 @@ class Client:
             self._sweep_later(loop)
 
     def close(self) -> None:
+        """Close every pooled connection and open no more (a request still in flight
+        finishes on its own connection)."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -647,11 +655,7 @@ class Client:
         for claims in self._claims.values():
             for fut in claims:
                 fut.cancel()
-        for pool in [*self._idle.values(), *self._spares.values()]:
-            for conn in pool:
-                conn.abort()
-        self._idle.clear()
-        self._spares.clear()
+        self.keep_only(())
 
 
 def _keep_probing(transport_sock: Any) -> None:
