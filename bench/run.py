@@ -65,8 +65,9 @@ KEY = "bench-key-0123456789"
 ALL_TARGETS = ["direct", "nginx", "caddy", "maclustr", "maclustr-metrics"]
 # litellm: the Python proxy people compare with (slow; installed on first use);
 # maclustr-quiet: --log-level warning (the access log's share); maclustr-asyncio: the
-# standard event loop instead of uvloop (uvloop's share)
-EXTRA_TARGETS = ["litellm", "maclustr-quiet", "maclustr-asyncio"]
+# standard event loop instead of uvloop (uvloop's share); pipe / pipe-2: the floor of any
+# Python proxy, one or two processes (bench/pipe.py)
+EXTRA_TARGETS = ["litellm", "maclustr-quiet", "maclustr-asyncio", "pipe", "pipe-2"]
 # (b): content events per stream, and how far apart the per-event-read upstream sends them
 STREAM_CHUNKS = 64
 TRICKLE_MS = 2.0
@@ -624,7 +625,23 @@ def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = Fal
     return t
 
 
+def start_pipe(ups: Upstreams, pin: Pinning, http11: bool, workers: int = 1) -> Target:
+    """The floor of any Python proxy (pipe.py): `workers` byte-pipe processes per port."""
+    t = Target("pipe" if workers == 1 else f"pipe-{workers}",
+               note=f"{workers} × bench/pipe.py: uvloop byte pipe, no HTTP parsing")
+    for k in ups.ports:
+        port = free_port()
+        for i in range(workers):
+            t.procs.append(spawn(f"{t.name}-{k}-{i}", [PY, str(BENCH / "pipe.py"), "--port",
+                                                     str(port), "--upstream-port",
+                                                     str(ups.ports[k])], pin, "target"))
+        t.urls[k] = f"http://127.0.0.1:{port}"
+        t.models[k] = MODEL
+    return t
+
+
 STARTERS: dict[str, Callable[..., Target]] = {
+    "pipe": start_pipe, "pipe-2": lambda u, p, h: start_pipe(u, p, h, workers=2),
     "direct": start_direct, "nginx": start_nginx, "caddy": start_caddy,
     "litellm": start_litellm, "maclustr": start_maclustr,
     "maclustr-quiet": lambda u, p, h: start_maclustr(u, p, h, quiet=True),
