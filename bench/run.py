@@ -410,6 +410,9 @@ class Target:
     note: str = ""
     health: str = "/health"
     metrics: bool = False  # serves /metrics (maclustr-metrics): scraped once after the run
+    # hands the fake's HTTP/1.0 answers to the client as they are (direct, the byte pipes):
+    # wrk counts each close-delimited end as a read error, which is then no anomaly
+    raw_framing: bool = False
 
     @property
     def pids(self) -> list[int]:
@@ -417,7 +420,7 @@ class Target:
 
 
 def start_direct(ups: Upstreams, pin: Pinning, http11: bool) -> Target:
-    t = Target("direct", note="client -> fake upstream")
+    t = Target("direct", note="client -> fake upstream", raw_framing=True)
     for kind in ups.ports:
         t.urls[kind] = ups.url(kind)
         t.models[kind] = MODEL
@@ -628,7 +631,8 @@ def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = Fal
 def start_pipe(ups: Upstreams, pin: Pinning, http11: bool, workers: int = 1) -> Target:
     """The floor of any Python proxy (pipe.py): `workers` byte-pipe processes per port."""
     t = Target("pipe" if workers == 1 else f"pipe-{workers}",
-               note=f"{workers} × bench/pipe.py: uvloop byte pipe, no HTTP parsing")
+               note=f"{workers} × bench/pipe.py: uvloop byte pipe, no HTTP parsing",
+               raw_framing=True)
     for k in ups.ports:
         port = free_port()
         for i in range(workers):
@@ -641,12 +645,12 @@ def start_pipe(ups: Upstreams, pin: Pinning, http11: bool, workers: int = 1) -> 
 
 
 STARTERS: dict[str, Callable[..., Target]] = {
-    "pipe": start_pipe, "pipe-2": lambda u, p, h: start_pipe(u, p, h, workers=2),
     "direct": start_direct, "nginx": start_nginx, "caddy": start_caddy,
     "litellm": start_litellm, "maclustr": start_maclustr,
     "maclustr-quiet": lambda u, p, h: start_maclustr(u, p, h, quiet=True),
     "maclustr-asyncio": lambda u, p, h: start_maclustr(u, p, h, loop="asyncio"),
     "maclustr-metrics": lambda u, p, h: start_maclustr(u, p, h, metrics=True),
+    "pipe": start_pipe, "pipe-2": lambda u, p, h: start_pipe(u, p, h, workers=2),
 }
 
 
@@ -1534,9 +1538,7 @@ def build_tables(report: dict[str, Any]) -> str:
                                          "c16_timeouts", "c16_connect_err", "errors",
                                          "error", "first_error")
                        if r.get(k)}
-                # wrk counts a close-delimited end (the fake's HTTP/1.0, which direct and
-                # the byte pipes pass through as it is) as a read error; a proxy's are real
-                if name not in ("direct", "pipe", "pipe-2"):
+                if not report["target_info"].get(name, {}).get("raw_framing"):
                     bad.update({k: r[k] for k in ("c64_read_err", "c16_read_err") if r.get(k)})
                 if bad:
                     notes.append(f"- {name} ({s}) round {i + 1}: {bad}")
@@ -1744,7 +1746,8 @@ def main(argv: list[str] | None = None) -> int:
                 t.error = f"{e}"[:300] + (f" [log: {tail[:200]}]" if tail.strip() else "")
             print(f"  {t.name}: {'ready' if not t.error else 'NOT RUN: ' + t.error}",
                   flush=True)
-        report["target_info"] = {n: {"error": t.error, "note": t.note, "pids": t.pids}
+        report["target_info"] = {n: {"error": t.error, "note": t.note, "pids": t.pids,
+                                     "raw_framing": t.raw_framing}
                                  for n, t in targets.items()}
         live = [t for t in targets.values() if not t.error]
 
