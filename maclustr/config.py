@@ -16,13 +16,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .heal import DEFAULT_RESTART_LIMIT, DEFAULT_STALL_AFTER, PLACEHOLDERS, unknown_placeholders
+
 MiB = 1024 * 1024
 
 TOP_KEYS = frozenset({"models", "timeouts", "gateway", "nodes"})
 MODEL_KEYS = frozenset(
     {"model", "upstream", "upstreams", "description", "parameters", "timeouts", "api_key_env",
      "node", "mlx_args", "max_concurrency", "max_queue", "queue_timeout", "warmup",
-     "shards", "backend", "pipeline", "ring_port", "size_gb", "kv_gb"}
+     "shards", "backend", "pipeline", "ring_port", "size_gb", "kv_gb", "stall_after", "restart"}
 )
 SHARD_BACKENDS = ("ring", "jaccl")  # mlx.launch backends a sharded model may use
 RING_PORT = 32323  # mlx.launch's --starting-port default
@@ -30,7 +32,7 @@ MLX_DECODE_CONCURRENCY = 32  # mlx_lm.server's --decode-concurrency default (mlx
 TIMEOUT_KEYS = frozenset({"connect", "first_byte", "idle"})
 GATEWAY_KEYS = frozenset(
     {"max_body_bytes", "shutdown_grace", "cors_origins", "public_url", "health_timeout",
-     "generate_timeout", "probe_generate", "metrics", "metrics_public"}
+     "generate_timeout", "probe_generate", "metrics", "metrics_public", "restart_limit"}
 )
 
 
@@ -81,6 +83,11 @@ class Route:
     ring_port: int = RING_PORT
     size_gb: float | None = None  # weights on disk, for `maclustr check`'s memory arithmetic
     kv_gb: float | None = None  # KV-cache allowance; default a fraction of size_gb
+    # Self-healing (heal.py): seconds without a byte, with requests in flight, before a
+    # replica is suspect; and the argv that restarts a replica (placeholders {alias}, {host},
+    # {port}, {url}); None: the node's launchd job, when the model is placed on a node.
+    stall_after: float = DEFAULT_STALL_AFTER
+    restart: tuple[str, ...] | None = None
     line: int | None = field(default=None, compare=False)  # of the alias in routes.yaml
 
     def __post_init__(self) -> None:
@@ -105,6 +112,7 @@ class GatewaySettings:
     probe_generate: bool = False  # passive-health probe also asks for one token (wedged check)
     metrics: bool = True  # GET /metrics and the counting behind it (read at start)
     metrics_public: bool = False  # /metrics without a key (e.g. a Prometheus on a private net)
+    restart_limit: int = DEFAULT_RESTART_LIMIT  # restarts of a replica per hour, then wedged
 
 
 @dataclass(frozen=True)
@@ -290,6 +298,9 @@ class _Parser:
             if "metrics" in items else d.metrics,
             metrics_public=self.boolean(items["metrics_public"], "gateway.metrics_public")
             if "metrics_public" in items else d.metrics_public,
+            restart_limit=self.integer(items["restart_limit"], "gateway.restart_limit",
+                                       minimum=0)
+            if "restart_limit" in items else d.restart_limit,
         )
 
     def nodes(self, node: yaml.Node) -> tuple[Node, ...]:
@@ -407,7 +418,28 @@ class _Parser:
             if "api_key_env" in items else None,
             node=self.string(items["node"], f"{what}.node") if "node" in items else None,
             mlx_args=mlx_args_of(self, items, what),
+            stall_after=self.number(items["stall_after"], f"{what}.stall_after")
+            if "stall_after" in items else Route.stall_after,
+            restart=self.restart(items["restart"], f"{what}.restart")
+            if "restart" in items else None,
         )
+
+    def restart(self, node: yaml.Node, what: str) -> tuple[str, ...]:
+        """An argv (no shell): a non-empty list of strings whose only placeholders are
+        PLACEHOLDERS; `{{` is a literal brace."""
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            raise self.fail(f"{what} must be a non-empty list of strings (a command and its "
+                            "arguments, no shell)", node)
+        argv = []
+        for x in node.value:
+            arg = self.string(x, f"{what}[]")
+            bad = unknown_placeholders((arg,))
+            if bad:
+                raise self.fail(f"{what}: unknown placeholder {', '.join(map(repr, bad))} in "
+                                f"'{arg}' (known: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}"
+                                "; write {{ and }} for literal braces)", x)
+            argv.append(arg)
+        return tuple(argv)
 
     def integer(self, node: yaml.Node, what: str, minimum: int = 1) -> int:
         value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
