@@ -30,6 +30,11 @@ class GatewayError(Exception):
         self.param = param
         self.headers = headers or {}
 
+    def answer_headers(self) -> dict[str, str]:
+        """The headers of an answer carrying this error: whether a retry can help, then the
+        error's own (Retry-After, WWW-Authenticate, Allow)."""
+        return {**retry_headers(self.status), **self.headers}
+
     def to_dict(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.type, "code": self.code,
                           "param": self.param}}
@@ -40,6 +45,18 @@ class GatewayError(Exception):
     def to_sse(self) -> bytes:
         """The last event of a stream that cannot finish: OpenAI's mid-stream error shape."""
         return b"data: " + self.to_body() + b"\n\n"
+
+
+def retry_headers(status: int) -> dict[str, str]:
+    """`x-should-retry`, which Anthropic's and OpenAI's SDKs (and Claude Code) obey before
+    their own guess: without it they retry a 401 for minutes. A 4xx no retry can change
+    says false; 429, 503 and 529 (overloaded) say true, after a Retry-After (1 s unless the
+    error names its own). 408, 409 and other 5xx: the client's own rule."""
+    if status in (429, 503, 529):
+        return {"x-should-retry": "true", "Retry-After": "1"}
+    if 400 <= status < 500 and status not in (408, 409):
+        return {"x-should-retry": "false"}
+    return {}
 
 
 class InvalidApiKey(GatewayError):

@@ -21,13 +21,17 @@ time, in order. A client that disconnects cancels its handler (aiohttp's
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
-from .errors import BodyTooLarge
+from .errors import BodyTooLarge, GatewayError, MalformedRequest
 from .exchange import Answer
+from .headers import SERVER, request_id
 from .outcome import Outcome
+
+log = logging.getLogger("maclustr.protocol")  # as protocol.py: refusals before routing
 
 KEEPALIVE_SECONDS = 75.0  # aiohttp's default: an idle connection (or a stalled head) is closed
 MAX_HEAD = 32 * 1024  # a longer head goes to aiohttp, which answers 431 as configured
@@ -36,6 +40,12 @@ MAX_PIPELINED = 256 * 1024  # bytes buffered behind a request in progress before
 # RFC 9110 token characters: a header name that still has bytes after deleting these is not one
 _TOKEN = b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-"
 _REFUSED = ("transfer-encoding", "expect", "upgrade")  # bodies and protocols aiohttp handles
+# Control bytes no head may carry outside its CRLFs (RFC 9110 field-value: HTAB, SP, VCHAR,
+# obs-text): h11 refuses most of them, aiohttp some; the front serves none of them.
+_CONTROLS = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
+# A Content-Length with more digits is refused with a 400 by the front itself: int() refuses
+# over 4,300 digits, and no body the gateway accepts needs more than 18 (h11 allows 20).
+MAX_LENGTH_DIGITS = 18
 SWEEP_SECONDS = 5.0  # how often idle connections are looked for
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -55,20 +65,25 @@ class Head:
 
 
 def parse_head(head: bytes, paths: frozenset[str]) -> Head | None:
-    """The head (without its blank line) if the front serves it, else None (aiohttp will)."""
+    """The head (without its blank line) if the front serves it, else None (aiohttp will).
+
+    Strict: what it accepts, h11 accepts alike (tests/test_front.py proves it). Raises
+    MalformedRequest for a Content-Length no parser should read (too many digits)."""
     flat = head.replace(b"\r\n", b"")
-    if 13 in flat or 10 in flat or 0 in flat:  # a bare CR or LF, a NUL (ints: see sse.py)
+    if len(flat.translate(None, _CONTROLS)) != len(flat):  # a bare CR or LF, a NUL, ...
         return None
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[0] != "POST" or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
         return None
-    path = parts[1].split("?", 1)[0]
-    if path not in paths:
+    target = parts[1]
+    path = target.split("?", 1)[0]
+    if path not in paths or not (target.isascii() and target.isprintable()):
         return None
     headers: dict[str, str] = {}
     names: list[str] = []
     length = -1
+    hosts = 0
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep:
@@ -79,13 +94,21 @@ def parse_head(head: bytes, paths: frozenset[str]) -> Head | None:
         if key == "content-length":
             if length >= 0 or not value.isascii() or not value.isdigit():
                 return None
+            if len(value) > MAX_LENGTH_DIGITS:
+                raise MalformedRequest("The Content-Length has more digits than the gateway "
+                                       "reads.")
             length = int(value)
         elif key in _REFUSED:
             return None
         elif key not in headers:
             headers[key] = value
+        if key == "host":
+            hosts += 1
     # every name a token: checked once for all of them (a translate per name cost ~1 us)
     if length < 0 or not all(names) or "".join(names).encode("latin-1").translate(None, _TOKEN):
+        return None
+    # HTTP/1.1 needs exactly one Host (RFC 9112 3.2); 1.0 at most one
+    if hosts > 1 or (hosts == 0 and parts[2] == "HTTP/1.1"):
         return None
     return Head(path, parts[2], headers, length)
 
@@ -167,7 +190,8 @@ Dispatch = Callable[[FrontExchange], Awaitable[Answer | None]]
 class FrontProtocol(asyncio.Protocol):
     """One client connection, served by the front until it hands the connection over."""
 
-    __slots__ = ("_buf", "_last", "_loop", "_paused", "_server", "_task", "transport")
+    __slots__ = ("_buf", "_last", "_loop", "_paused", "_refused", "_server", "_task",
+                 "transport")
 
     def __init__(self, server: FrontServer) -> None:
         self._server = server
@@ -175,6 +199,7 @@ class FrontProtocol(asyncio.Protocol):
         self._buf = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._paused = False
+        self._refused = False
         self._last = 0.0
         self.transport: asyncio.Transport | None = None
 
@@ -190,8 +215,10 @@ class FrontProtocol(asyncio.Protocol):
             self._task.cancel()  # the client left: stop its work (and its upstream request)
 
     def data_received(self, data: bytes) -> None:
-        self._buf += data
         self._last = self._loop.time()
+        if self._refused:
+            return  # read and dropped until the client closes (a lingering close)
+        self._buf += data
         if self._task is None:
             self._next()
         elif len(self._buf) > MAX_PIPELINED and not self._paused and self.transport:
@@ -224,7 +251,11 @@ class FrontProtocol(asyncio.Protocol):
             if len(buf) > MAX_HEAD:
                 self._hand_over()
             return
-        head = parse_head(bytes(buf[:end]), self._server.paths)
+        try:
+            head = parse_head(bytes(buf[:end]), self._server.paths)
+        except MalformedRequest as e:
+            self._refuse(e)
+            return
         if head is None or head.length > self._server.max_body():
             self._hand_over()
             return
@@ -265,6 +296,27 @@ class FrontProtocol(asyncio.Protocol):
             framing += "Connection: close\r\n"
         self.write(response_head(ex.head.version, answer.status,
                                  self.stamp(ex, answer.headers), framing) + answer.body)
+
+    def _refuse(self, err: GatewayError) -> None:
+        """A head no parser should read (aiohttp would fail on it too): our envelope from
+        the front, one log line, and the connection closed (where its body ends is unknown):
+        our side at once, theirs when they close or go idle, so unread bytes cause no reset
+        that could destroy the answer."""
+        rid = request_id(None)
+        log.warning("%s refused before routing: status=%d code=%s reason=%s", rid,
+                    err.status, err.code, err.message)
+        headers = {"Content-Type": "application/json", "Server": SERVER, "X-Request-Id": rid,
+                   **err.answer_headers()}
+        body = err.to_body()
+        self._buf.clear()
+        self._refused = True
+        self.write(response_head("HTTP/1.1", err.status, headers,
+                                 f"Content-Length: {len(body)}\r\nConnection: close\r\n")
+                   + body)
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.close()
 
     def _hand_over(self) -> None:
         """aiohttp serves the rest of this connection, starting with the bytes read so far."""

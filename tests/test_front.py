@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maclustr import front
+from maclustr.errors import MalformedRequest
 
 PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 BODY = json.dumps({"model": "maclustr-fast",
@@ -68,6 +69,12 @@ def test_plain_posts_are_the_fronts(lines: list[str]) -> None:
     [*PLAIN, "X-Cr: a\rb"],
     [*PLAIN, "X-Nul: a\x00b"],
     [*PLAIN, "no colon"],
+    ["POST /v1/chat/completions HTTP/1.1", "Content-Length: 2"],  # HTTP/1.1 without Host
+    [*PLAIN, "Host: y"],  # two Hosts
+    [*PLAIN, "X-Ctl: a\x01b"],  # a control byte h11 refuses
+    [*PLAIN, "X-Vt: a\x0bb"],
+    ["POST /v1/completions?\xff HTTP/1.1", "Host: x", "Content-Length: 2"],  # not a VCHAR
+    ["POST /v1/completions?\x7f HTTP/1.1", "Host: x", "Content-Length: 2"],
 ])
 def test_every_other_shape_goes_to_aiohttp(lines: list[str]) -> None:
     assert front.parse_head(head(lines), PATHS) is None
@@ -75,39 +82,46 @@ def test_every_other_shape_goes_to_aiohttp(lines: list[str]) -> None:
 
 def reference_parse(head: bytes) -> tuple[str, str, dict[str, str], int] | None:
     """The obvious byte-by-byte statement of what the front serves (parse_head is the fast
-    one): path, version, headers (first value wins), Content-Length; None for aiohttp."""
-    if any(c in head.replace(b"\r\n", b"") for c in (b"\r", b"\n", b"\x00")):
+    one): path, version, headers (first value wins), Content-Length; None for aiohttp (or
+    the front's own 400, for a length of more than 18 digits)."""
+    if any((c < 0x20 and c != 0x09) or c == 0x7F for c in head.replace(b"\r\n", b"")):
         return None
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[0] != b"POST" or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        return None
+    if not all(0x21 <= c <= 0x7E for c in parts[1]):
         return None
     path = parts[1].split(b"?", 1)[0].decode("latin-1")
     if path not in PATHS:
         return None
     headers: dict[str, str] = {}
     length = -1
+    hosts = 0
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not name or name.translate(None, front._TOKEN):
             return None
         key = name.lower().decode("ascii")
         value = value.strip(b" \t")
+        hosts += key == "host"
         if key == "content-length":
-            if length >= 0 or not value.isdigit():
+            if length >= 0 or not value.isdigit() or len(value) > 18:
                 return None
             length = int(value)
         elif key in ("transfer-encoding", "expect", "upgrade"):
             return None
         else:
             headers.setdefault(key, value.decode("latin-1"))
+    if hosts > 1 or (hosts == 0 and parts[2] == b"HTTP/1.1"):
+        return None
     return None if length < 0 else (path, parts[2].decode(), headers, length)
 
 
 _NAMES = [b"Host", b"content-length", b"Content-Length", b"X-A", b"Transfer-Encoding",
           b"expect", b"Connection", b"Bad Name", b"", b" X", b"X\xe9"]
 _VALUES = [b"", b" ", b"\t2 ", b"2", b"12", b"+3", b"\xb2", b"\xe9", b"a\rb", b"a\nb", b"\x00",
-           b"close", b"chunked", b"a:b"]
+           b"close", b"chunked", b"a:b", b"\x01", b"\x7f", b"9" * 19]
 _lines = st.one_of(
     st.tuples(st.sampled_from(_NAMES), st.sampled_from([b":", b": ", b" :", b""]),
               st.sampled_from(_VALUES)).map(b"".join),
@@ -119,11 +133,15 @@ _lines = st.one_of(
                               b"POST /v1/completions?x=1 HTTP/1.0",
                               b"POST /v1/models HTTP/1.1", b"GET /v1/completions HTTP/1.1"]),
        lines=st.lists(_lines, max_size=6),
-       length=st.sampled_from([[b"Content-Length: 2"], []]))
+       length=st.sampled_from([[b"Content-Length: 2"], []]),
+       host=st.sampled_from([[b"Host: x"], []]))
 def test_parse_head_equals_the_reference(start: bytes, lines: list[bytes],
-                                         length: list[bytes]) -> None:
-    head = b"\r\n".join([start, *length, *lines])
-    got = front.parse_head(head, PATHS)
+                                         length: list[bytes], host: list[bytes]) -> None:
+    head = b"\r\n".join([start, *host, *length, *lines])
+    try:
+        got = front.parse_head(head, PATHS)
+    except MalformedRequest:
+        got = None
     want = reference_parse(head)
     assert (None if got is None else (got.path, got.version, got.headers, got.length)) == want
 
@@ -275,3 +293,125 @@ async def test_idle_and_stalled_connections_are_closed(
     finally:
         for _, writer in streams:
             writer.close()
+
+
+@pytest.mark.parametrize("digits", [b"0" * 5000, b"9" * 19, b"0" * 19 + b"2"])
+async def test_unreadable_content_length_is_the_fronts_400(
+        gateway: Gateway, fake: FakeMLX, handovers: list[bytes],
+        caplog: pytest.LogCaptureFixture, digits: bytes) -> None:
+    """A Content-Length of more digits than any body needs (5,000 zeros passes isdigit(),
+    then int() refuses it): our 400 from the front itself, one warning line, no traceback,
+    the answer readable (no reset), and the gateway serving the next client."""
+    raw = post(b"").replace(b"Content-Length: 0", b"Content-Length: " + digits)
+    got = await exchange(gateway, raw + b"{}")
+    head_, _, body = got.partition(b"\r\n\r\n")
+    assert statuses(got) == [b"400"], got[:300]
+    assert b"Server: maclustr\r\n" in head_ and b"Connection: close" in head_
+    assert b"x-should-retry: false" in head_
+    err = json.loads(body)["error"]
+    assert (err["code"], err["type"]) == ("malformed_request", "invalid_request_error")
+    assert handovers == [] and fake.requests == []
+    refusals = [r for r in caplog.records if r.name.startswith(("maclustr", "asyncio", "aiohttp"))
+                and r.levelno >= 30]
+    assert len(refusals) == 1 and refusals[0].exc_info is None, refusals
+    assert "malformed_request" in refusals[0].getMessage()
+    ok = await exchange(gateway, post(extra="Connection: close\r\n"))
+    assert statuses(ok) == [b"200"]
+
+
+# --- the front's parser against a reference implementation (h11) ------------------------------
+
+_METHODS = [b"POST", b"POST", b"POST", b"GET", b"post", b"POST\t", b"", b"P\xc3ST"]
+_TARGETS = [b"/v1/chat/completions", b"/v1/completions", b"/v1/completions?beta=true",
+            b"/v1/chat/completions?a b", b"/v1/models", b"http://x/v1/completions",
+            b"/v1/completions#f", b"", b"/v1/chat/completions?\x7f", b"/v1/completions?\xff",
+            b"/v1/completions?\x01", b"/v1/completions?\t"]
+_VERSIONS = [b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1", b"HTTP/1.1 ",
+             b"HTTP/1"]
+_ODD = [b"", b" ", b"\t", b"\x00", b"\x01", b"\x0b", b"\x0c", b"\x7f", b"\x80", b"\xe9",
+        b"\xff", b"\r", b"\n", b",", b":", b";", b'"', b"a", b"close", b"chunked"]
+_LENGTHS = st.one_of(
+    st.integers(0, 10**25).map(lambda n: str(n).encode()),
+    st.tuples(st.sampled_from([b"", b"+", b"-", b" ", b"\t", b"0", b"00", b"0" * 30]),
+              st.integers(0, 99).map(lambda n: str(n).encode()),
+              st.sampled_from([b"", b" ", b"\t", b",2", b", 2", b" 2", b"x", b".0"]))
+    .map(b"".join),
+    st.sampled_from([b"0" * 5000, b"9" * 21, b"\xb2", b"\xd9\xa2", b"0x10", b"1e3", b""]))
+_NAME = st.one_of(
+    st.sampled_from([b"Host", b"host", b"HOST", b"Content-Length", b"content-length",
+                     b"X-A", b"x-a", b"Connection", b"Authorization", b"Transfer-Encoding",
+                     b"Expect", b"", b" X", b"X ", b"\tX", b"X\xe9", b"X\x01", b"X(", b"X/Y"]),
+    st.binary(min_size=1, max_size=6))
+_VALUE = st.one_of(st.lists(st.sampled_from(_ODD), max_size=5).map(b"".join),
+                   st.binary(max_size=8))
+_SEP = st.sampled_from([b":", b": ", b" :", b":\t", b":  ", b""])
+
+
+@st.composite
+def _header_lines(draw: st.DrawFn) -> bytes:
+    name = draw(_NAME)
+    value = draw(_LENGTHS) if name.lower() == b"content-length" else draw(_VALUE)
+    line = name + draw(_SEP) + value + draw(st.sampled_from([b"", b" ", b"\t"]))
+    if draw(st.integers(0, 9)) == 0:  # an obsolete folded continuation line
+        line += b"\r\n" + draw(st.sampled_from([b" ", b"\t"])) + draw(_VALUE)
+    return line
+
+
+_HOST = b"Host: gw"
+_CL = st.tuples(st.just(b"Content-Length"), _SEP, _LENGTHS).map(b"".join)
+
+
+@st.composite
+def _heads(draw: st.DrawFn) -> bytes:
+    start = b" ".join([draw(st.sampled_from(_METHODS)), draw(st.sampled_from(_TARGETS)),
+                       draw(st.sampled_from(_VERSIONS))])
+    lines = draw(st.lists(st.one_of(_header_lines(), st.just(_HOST), _CL), max_size=6))
+    if draw(st.booleans()):
+        lines = [_HOST, *lines]
+    if draw(st.booleans()):
+        lines.append(b"Content-Length: " + draw(_LENGTHS))
+    # What the front parses ends at the first blank line (that is where it cuts the head).
+    return b"\r\n".join([start, *lines]).split(b"\r\n\r\n")[0]
+
+
+def h11_request(raw: bytes) -> Any:
+    """h11's Request for the head, or None when h11 refuses it."""
+    import h11
+
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+    conn.receive_data(raw + b"\r\n\r\n")
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    return event if isinstance(event, h11.Request) else None
+
+
+FRONT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+@settings(max_examples=800, deadline=None)
+@given(raw=_heads())
+def test_what_the_front_accepts_h11_accepts_alike(raw: bytes) -> None:
+    """Differential: whenever parse_head serves a head, h11 (a well-kept strict parser)
+    reads the same method, target, version, headers (the first of each name) and length.
+    The front may refuse more (aiohttp then answers): never accept what h11 refuses."""
+    try:
+        got = front.parse_head(raw, FRONT_PATHS)
+    except MalformedRequest:
+        got = None
+    if got is None:
+        return
+    ref = h11_request(raw)
+    assert ref is not None, f"the front serves what h11 refuses: {raw!r}"
+    assert ref.method == b"POST"
+    assert ref.target.decode("ascii").split("?", 1)[0] == got.path
+    assert b"HTTP/" + ref.http_version == got.version.encode()
+    first: dict[str, str] = {}
+    length = None
+    for name, value in ref.headers:
+        if name == b"content-length":
+            length = int(value)
+        else:
+            first.setdefault(name.decode("ascii"), value.decode("latin-1"))
+    assert (first, length) == (got.headers, got.length), raw
