@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .auth import KeyConfigError, KeyRing, parse_keys
 from .config import ConfigError, RouteTable, load_routes
+from .policy import DEFAULT
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -100,12 +101,27 @@ def where(path: str, line: int | None) -> str:
     return f"{path}:{line}" if line else path
 
 
+def unmatched_policies(table: RouteTable, raw_keys: str | None) -> list[tuple[int | None, str]]:
+    """`keys:` entries naming no key of MACLUSTR_API_KEY (when it is set here): a typo, or
+    a key not deployed yet. A warning, not an error: keys live in the environment."""
+    if table.keys is None or not raw_keys:
+        return []
+    try:
+        names = {name for name, _ in parse_keys(raw_keys)}
+    except KeyConfigError:
+        return []
+    return [(p.line, f"keys.{name} matches no key of MACLUSTR_API_KEY")
+            for name, p in table.keys.by_name.items() if name != DEFAULT and name not in names]
+
+
 def run_check(path: str) -> int:
     try:
         table = load_routes(path)
     except ConfigError as e:
         print(f"maclustr check: {e}", file=sys.stderr)
         return 1
+    for line, message in unmatched_policies(table, os.environ.get("MACLUSTR_API_KEY")):
+        print(f"maclustr check: {where(path, line)}: warning: {message}", file=sys.stderr)
     if table.nodes:
         from .cluster import node_for, plan_cluster, shard_nodes
         from .sizing import check_fit, check_nodes

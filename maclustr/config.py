@@ -17,10 +17,11 @@ from urllib.parse import urlsplit
 import yaml
 
 from .heal import DEFAULT_RESTART_LIMIT, DEFAULT_STALL_AFTER, PLACEHOLDERS, unknown_placeholders
+from .policy import POLICY_FIELDS, KeyPolicy, Policies
 
 MiB = 1024 * 1024
 
-TOP_KEYS = frozenset({"models", "timeouts", "gateway", "nodes"})
+TOP_KEYS = frozenset({"models", "timeouts", "gateway", "nodes", "keys"})
 MODEL_KEYS = frozenset(
     {"model", "upstream", "upstreams", "description", "parameters", "timeouts", "api_key_env",
      "node", "mlx_args", "max_concurrency", "max_queue", "queue_timeout", "warmup",
@@ -32,8 +33,10 @@ MLX_DECODE_CONCURRENCY = 32  # mlx_lm.server's --decode-concurrency default (mlx
 TIMEOUT_KEYS = frozenset({"connect", "first_byte", "idle"})
 GATEWAY_KEYS = frozenset(
     {"max_body_bytes", "shutdown_grace", "cors_origins", "public_url", "health_timeout",
-     "generate_timeout", "probe_generate", "metrics", "metrics_public", "restart_limit"}
+     "generate_timeout", "probe_generate", "metrics", "metrics_public", "restart_limit",
+     "usage_db", "usage_retention_days"}
 )
+USAGE_DB = "maclustr-usage.sqlite3"  # the ledger's default file, beside the routes file
 
 
 class ConfigError(ValueError):
@@ -113,6 +116,10 @@ class GatewaySettings:
     metrics: bool = True  # GET /metrics and the counting behind it (read at start)
     metrics_public: bool = False  # /metrics without a key (e.g. a Prometheus on a private net)
     restart_limit: int = DEFAULT_RESTART_LIMIT  # restarts of a replica per hour, then wedged
+    # The usage ledger (SQLite): a path (relative: to the routes file's directory), None for
+    # the default file, False for none (no recording, no token limits). Read at start.
+    usage_db: str | bool | None = None
+    usage_retention_days: int = 400
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,7 @@ class RouteTable:
     routes: tuple[Route, ...]
     settings: GatewaySettings = GatewaySettings()
     nodes: tuple[Node, ...] = ()
+    keys: Policies | None = None  # the `keys:` section; None: every key admin, no limits
     _index: Mapping[str, Route] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -155,6 +163,16 @@ class RouteTable:
     def upstreams(self) -> tuple[str, ...]:
         """Distinct internal servers (every replica), in table order."""
         return tuple(dict.fromkeys(u for r in self.routes for u in r.upstreams))
+
+
+def usage_db_path(routes: str | Path, settings: GatewaySettings) -> Path | None:
+    """Where the usage ledger lives (None: `gateway.usage_db: false`); a relative path is
+    beside the routes file."""
+    if settings.usage_db is False:
+        return None
+    name = settings.usage_db if isinstance(settings.usage_db, str) else USAGE_DB
+    p = Path(name).expanduser()
+    return p if p.is_absolute() else Path(routes).resolve().parent / p
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -301,7 +319,54 @@ class _Parser:
             restart_limit=self.integer(items["restart_limit"], "gateway.restart_limit",
                                        minimum=0)
             if "restart_limit" in items else d.restart_limit,
+            usage_db=self.usage_db(items["usage_db"]) if "usage_db" in items else d.usage_db,
+            usage_retention_days=self.integer(items["usage_retention_days"],
+                                              "gateway.usage_retention_days")
+            if "usage_retention_days" in items else d.usage_retention_days,
         )
+
+    def usage_db(self, node: yaml.Node) -> str | bool:
+        """`false` (no ledger) or a file path."""
+        value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        if value is False:
+            return False
+        if value is True:
+            raise self.fail("gateway.usage_db must be a file path or false", node)
+        return self.string(node, "gateway.usage_db")
+
+    def policies(self, node: yaml.Node, aliases: set[str]) -> Policies:
+        """The `keys:` section: a policy per key name (`"*"`: every key without one)."""
+        out: dict[str, KeyPolicy] = {}
+        for name, knode, v in self.mapping(node, "keys"):
+            what = f"keys.{name}"
+            if isinstance(v, yaml.ScalarNode) and self.scalar(v) is None:
+                out[name] = KeyPolicy(line=knode.start_mark.line + 1)
+                continue
+            items = self.check_keys(self.mapping(v, what), frozenset(POLICY_FIELDS), what)
+            values: dict[str, Any] = {}
+            for field_name, n in items.items():
+                kind = POLICY_FIELDS[field_name]
+                f = f"{what}.{field_name}"
+                if kind == "flag":
+                    values[field_name] = self.boolean(n, f)
+                elif kind == "limit":
+                    values[field_name] = self.integer(n, f)
+                else:
+                    values[field_name] = self.aliases(n, f, aliases)
+            out[name] = KeyPolicy(**values, line=knode.start_mark.line + 1)
+        return Policies(out)
+
+    def aliases(self, node: yaml.Node, what: str, known: set[str]) -> frozenset[str]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(f"{what} must be a list of model aliases", node)
+        out = set()
+        for x in node.value:
+            alias = self.string(x, f"{what}[]")
+            if alias not in known:
+                raise self.fail(f"{what}: unknown alias '{alias}' (aliases: "
+                                f"{', '.join(sorted(known))})", x)
+            out.add(alias)
+        return frozenset(out)
 
     def nodes(self, node: yaml.Node) -> tuple[Node, ...]:
         out = []
@@ -486,7 +551,8 @@ class _Parser:
             if r.node is not None and nodes and r.node not in node_names:
                 raise ConfigError(f"models.{r.alias}.node: unknown node '{r.node}'", None,
                                   self.source)
-        return RouteTable(routes=tuple(routes), settings=settings, nodes=nodes)
+        keys = self.policies(top["keys"], {r.alias for r in routes}) if "keys" in top else None
+        return RouteTable(routes=tuple(routes), settings=settings, nodes=nodes, keys=keys)
 
 
 def mlx_args_of(p: _Parser, items: dict[str, yaml.Node], what: str) -> tuple[str, ...]:
