@@ -28,81 +28,12 @@ from pathlib import Path
 import pytest
 from conftest import free_port, make_tiny_model, require_command
 
+from maclustr.harness.wedge import FAKE_LAUNCHCTL
+
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-ssh-deploy-test-0123456789"
 
-# The fake launchctl: bootstrap/bootout/kickstart/kill/print over a state directory in the
-# remote HOME. bootstrap starts ProgramArguments with the plist's environment, working
-# directory and log files, in its own session (it outlives the ssh connection, as a launchd
-# job does), and refuses a job already running, as launchd does.
-FAKE_LAUNCHCTL = r'''
-import json, os, plistlib, signal, subprocess, sys, time
-from pathlib import Path
-home = Path(os.environ["HOME"])
-state = home / ".fake-launchd"
-state.mkdir(exist_ok=True)
-args = sys.argv[1:]
-with open(state / "calls.jsonl", "a") as f:
-    f.write(json.dumps(args) + "\n")
-
-def alive(label):
-    p = state / f"{label}.pid"
-    if not p.exists():
-        return None
-    pid = int(p.read_text())
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return None if stat.rsplit(")", 1)[1].split()[0] == "Z" else pid
-
-def start(plist):
-    d = plistlib.loads(Path(plist).read_bytes())
-    label = d["Label"]
-    if alive(label):
-        sys.exit(f"Bootstrap failed: 5: Input/output error ({label} is running)")
-    env = {"HOME": str(home), **d.get("EnvironmentVariables", {})}
-    with open(d["StandardOutPath"], "ab") as out, open(d["StandardErrorPath"], "ab") as err:
-        p = subprocess.Popen(d["ProgramArguments"], cwd=d["WorkingDirectory"], env=env,
-                             stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                             start_new_session=True)
-    (state / f"{label}.pid").write_text(str(p.pid))
-    (state / f"{label}.plist").write_text(plist)
-
-def stop(label):
-    pid = alive(label)
-    if pid is None:
-        sys.exit(f"Boot-out failed: 3: No such process ({label})")
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(200):
-        if alive(label) is None:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, signal.SIGKILL)
-    (state / f"{label}.pid").unlink()
-
-verb = args[0]
-label = args[-1].rsplit("/", 1)[-1]
-if verb == "bootstrap":
-    start(args[2])
-elif verb == "bootout":
-    stop(label)
-elif verb == "kickstart":
-    if "-k" in args and alive(label):
-        stop(label)
-    start((state / f"{label}.plist").read_text())
-elif verb == "kill":
-    pid = alive(label)
-    if pid is None:
-        sys.exit(3)
-    os.kill(pid, getattr(signal, "SIG" + args[1]))
-elif verb == "print":
-    pid = alive(label)
-    print(f"state = {'running' if pid else 'not running'}\npid = {pid}")
-else:
-    sys.exit(f"fake launchctl: {verb} is not emulated")
-'''
+# The fake launchctl (maclustr/harness/wedge.py) keeps its state in the remote HOME here.
 
 
 @dataclass
