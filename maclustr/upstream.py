@@ -51,6 +51,11 @@ class UpstreamError(ConnectionError):
     """The server could not be reached, or broke the HTTP exchange."""
 
 
+class NotSent(UpstreamError):
+    """The connection was closed before the request was written: nothing reached the
+    server, so the request may go out again on another connection (Go's nothingWritten)."""
+
+
 class _Target:
     """A parsed base URL, computed once per route upstream string."""
 
@@ -138,9 +143,10 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self._sink: Callable[[bytes], None] | None = None
         self._halted = False
-        # where the next read goes: the head parser, the body framing, or (a close-delimited
-        # body being pumped: mlx's streams) straight to the sink, with no check per read
-        self._on_data: Callable[[bytes], None] = self._on_head_bytes
+        # where the next read goes: nowhere before a request is sent (bytes then answer
+        # nothing), then the head parser, the body framing, or (a close-delimited body being
+        # pumped: mlx's streams) straight to the sink, with no check per read
+        self._on_data: Callable[[bytes], None] = self._on_idle_bytes
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
@@ -175,6 +181,11 @@ class _Conn(asyncio.Protocol):
 
     # --- parsing --------------------------------------------------------------------------
 
+    def _on_idle_bytes(self, data: bytes) -> None:
+        """Bytes while no request is out (a spare, or pooled): taken for the answer to the
+        next request they would desync the connection, so it is closed."""
+        self.abort()
+
     def _on_head_bytes(self, data: bytes) -> None:
         self._got_bytes = True
         head = self._head + data if self._head else data
@@ -198,10 +209,12 @@ class _Conn(asyncio.Protocol):
         resp = Response(self, status, headers)
         self.response = resp
         self._on_data = self._on_body
-        te = headers.get("transfer-encoding", "").lower()
         conn_hdr = headers.get("connection", "").lower()
-        if "chunked" in te:
-            self._chunked = _Dechunker()
+        te = headers.get("transfer-encoding")
+        if te is not None:  # RFC 9112 §6.3: it overrides Content-Length
+            if te.lower().rsplit(",", 1)[-1].strip() == "chunked":
+                self._chunked = _Dechunker()
+            # else chunked is not the final coding: the close ends the body
         elif resp.content_length is not None:
             self._remaining = resp.content_length
         elif "content-length" in headers:
@@ -221,8 +234,9 @@ class _Conn(asyncio.Protocol):
             self._on_body(rest)
 
     def _on_body(self, data: bytes) -> None:
-        if self._body_done:
-            return  # bytes after the end of a delimited body: ignore, the conn is not reused
+        if self._body_done:  # bytes after the end of a delimited body answer nothing:
+            self._keep_alive = False  # the connection is closed, not reused (as Go does)
+            return
         if self._chunked is not None:
             try:
                 data, done = self._chunked.feed(data)
@@ -234,8 +248,12 @@ class _Conn(asyncio.Protocol):
                 return
             if done:
                 self._body_done = True
+                if self._chunked.surplus:
+                    self._keep_alive = False
         elif self._remaining is not None:
             if len(data) >= self._remaining:
+                if len(data) > self._remaining:
+                    self._keep_alive = False
                 data = data[: self._remaining]
                 self._remaining = 0
                 self._body_done = True
@@ -272,13 +290,18 @@ class _Conn(asyncio.Protocol):
     # --- consumer side --------------------------------------------------------------------
 
     async def send(self, request: bytes) -> Response:
-        assert self.transport is not None
+        tr = self.transport
+        if tr is None or self._lost or tr.is_closing():
+            # closed after it was taken (a loaded loop runs the close first): uvloop's write
+            # would raise RuntimeError, asyncio's drop the bytes and leave us waiting
+            raise NotSent("connection closed before the request was written")
+        self._on_data = self._on_head_bytes
         self._head_waiter = self._loop.create_future()
-        self.transport.write(request)
+        tr.write(request)
         try:
             return await self._head_waiter
         except BaseException:  # cancelled (client gone, timeout) or failed: drop the socket
-            self.transport.abort()
+            tr.abort()
             raise
 
     async def read_body(self) -> bytes:
@@ -360,7 +383,7 @@ class _Conn(asyncio.Protocol):
         self._got_bytes = False
         self._sink = None
         self._halted = False
-        self._on_data = self._on_head_bytes
+        self._on_data = self._on_idle_bytes
         self.idle_since = time.monotonic()
 
     def ready(self, now: float) -> bool:
@@ -377,13 +400,14 @@ class _Conn(asyncio.Protocol):
 class _Dechunker:
     """Incremental decoder of the chunked transfer coding (RFC 9112 §7.1)."""
 
-    __slots__ = ("_done", "_line", "_need", "_state")
+    __slots__ = ("_done", "_line", "_need", "_state", "surplus")
 
     def __init__(self) -> None:
         self._state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
         self._need = 0
         self._line = b""
         self._done = False
+        self.surplus = 0  # bytes fed after the end (they belong to no response)
 
     def feed(self, data: bytes) -> tuple[bytes, bool]:
         out: list[bytes] = []
@@ -419,6 +443,7 @@ class _Dechunker:
                 self._state = 0
             elif not line:  # state 3: blank line ends the trailers
                 self._done = True
+                self.surplus = n - i
         return b"".join(out), self._done
 
 
@@ -433,8 +458,32 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str], bool]:
         name, sep, value = line.partition(":")
         if not sep:
             raise ValueError("bad header line")
-        headers[name.strip().lower()] = value.strip()
+        _add_header(headers, name.strip().lower(), value.strip())
+    te = headers.get("transfer-encoding", "").lower()
+    if [c.strip() for c in te.split(",")].count("chunked") > 1:
+        raise ValueError("chunked applied twice")  # RFC 9112 §6.1: a sender must not
     return status, headers, version == "HTTP/1.0"
+
+
+_FIRST_KEPT = frozenset({"content-type"})  # single-valued: a repeat is ignored (Go's Get)
+
+
+def _add_header(headers: dict[str, str], name: str, value: str) -> None:
+    """A repeated field: list fields joined (RFC 9110 §5.3), Content-Length values that
+    disagree refused (RFC 9112 §6.3: the framing is then unknown), others the first kept."""
+    if name == "content-length":
+        values = {v.strip() for v in value.split(",")}
+        if name in headers:
+            values.add(headers[name])
+        if len(values) != 1:
+            raise ValueError("Content-Length values disagree")
+        headers[name] = values.pop()
+        return
+    old = headers.get(name)
+    if old is None:
+        headers[name] = value
+    elif name not in _FIRST_KEPT:
+        headers[name] = f"{old}, {value}"
 
 
 class Client:
@@ -494,7 +543,11 @@ class Client:
         conn = self._spare(key) or await self._claim(key) or await self._connect(t)
         if on_connected is not None:
             on_connected()
-        resp = await conn.send(raw)
+        try:
+            resp = await conn.send(raw)
+        except NotSent:  # the server closed it first: nothing was sent, one fresh try
+            conn = await self._connect(t)
+            resp = await conn.send(raw)
         self._open_spare(t, conn)
         return resp
 
@@ -535,6 +588,10 @@ class Client:
         claims.append(fut)
         try:
             return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and (conn := fut.result()) is not None:
+                self._offer(key, conn)  # handed over in the turn we were cancelled: pass it on
+            raise
         finally:
             if fut in claims:
                 claims.remove(fut)
@@ -547,6 +604,11 @@ class Client:
             pass  # a claimant connects itself and reports what is wrong
         finally:
             self._opening[key] -= 1
+        self._offer(key, conn)
+
+    def _offer(self, key: Key, conn: _Conn | None) -> None:
+        """A new spare (None: its connect failed) to the oldest request still waiting for
+        one, else to the pool; never dropped, or a one-thread server waits on it forever."""
         for fut in self._claims.get(key, ()):
             if not fut.done():
                 fut.set_result(conn)
@@ -614,6 +676,9 @@ class Client:
         return _first_ready(spares, spares.popleft) if spares else None
 
     def release(self, conn: _Conn) -> None:
+        if self._unrouted(conn.key):  # a reload removed its server meanwhile: let it drain
+            conn.abort()
+            return
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= POOL_PER_SERVER:
             conn.abort()

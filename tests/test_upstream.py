@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -609,5 +609,238 @@ async def test_upstream_connections_probe_a_silent_peer(serve: list[Server]) -> 
                                     socket.TCP_KEEPCNT))
             assert got == upstream.KEEPALIVE == (5, 2, 3)
         resp.close()
+    finally:
+        client.close()
+
+
+# --- races and framing edges (issue 25 item 5) ----------------------------------------------
+
+
+class Scripted(Server):
+    """Answers request n on connection c with `replies[c]` (the last entry for the rest);
+    a connection whose reply is None is closed at once, unread (a server dropping it)."""
+
+    def __init__(self, replies: list[bytes | None], after: bytes = b"") -> None:
+        super().__init__(b"")
+        self.replies = replies
+        self.after = after  # written 50 ms after each answer, while the client idles
+        self.wrote_after = asyncio.Event()
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        reply = self.replies[min(self.connections, len(self.replies) - 1)]
+        self.connections += 1
+        try:
+            while reply is not None:
+                head = await r.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                self.requests.append(head + await r.readexactly(length))
+                w.write(reply)
+                await w.drain()
+                if self.after:
+                    await asyncio.sleep(0.05)
+                    w.write(self.after)
+                    await w.drain()
+                    self.wrote_after.set()
+                if reply.startswith(b"HTTP/1.0"):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed += 1
+            w.close()
+
+
+async def scripted(serve: list[Server], replies: list[bytes | None], after: bytes = b""
+                   ) -> Scripted:
+    s = Scripted(replies, after)
+    s.server = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    serve.append(s)
+    return s
+
+
+def spy_on_spares(client: Client, monkeypatch: pytest.MonkeyPatch,
+                  then: Callable[[Any], Awaitable[None]]) -> list[Any]:
+    """Every connection `client` opens; after the connect of a spare a request is waiting
+    for (a claim), `then(conn)` runs before the spare is handed over."""
+    opened: list[Any] = []
+    real = client._connect
+
+    async def connect(t: Any) -> Any:
+        conn = await real(t)
+        opened.append(conn)
+        if len(opened) == 2:  # the spare the first response opened
+            for _ in range(200):  # bounded: the second request claims it within a turn
+                if client._claims.get(t.key):
+                    break
+                await asyncio.sleep(0)
+            await then(conn)
+        return conn
+
+    monkeypatch.setattr(client, "_connect", connect)
+    return opened
+
+
+async def test_a_spare_handed_to_a_request_cancelled_in_that_turn_is_kept(
+        one_thread: OneThreadServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client of the request waiting for a spare leaves in the very turn the spare is
+    handed to it: the spare must not fall out of every pool still open, or a one-thread
+    HTTP/1.0 server, which accepted it and now waits for its request, blocks the next one."""
+    client = Client()
+    victim: list[asyncio.Future[Any]] = []
+
+    async def leave(conn: Any) -> None:  # runs just before the spare is handed over
+        asyncio.get_running_loop().call_soon(victim[0].cancel)
+
+    opened = spy_on_spares(client, monkeypatch, leave)
+    try:
+        resp = await client.request("POST", one_thread.url, "/", b"{}", {})
+        victim.append(asyncio.ensure_future(
+            client.request("POST", one_thread.url, "/", b"{}", {})))
+        assert await asyncio.wait_for(resp.read(), 5) == b"ok"
+        resp.close()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(victim[0], 5)
+        assert len(opened) == 2
+        assert await fetch(client, one_thread.url) == (200, b"ok")
+    finally:
+        for conn in opened:
+            conn.abort()  # without the fix the lost spare holds the server's only thread
+        client.close()
+
+
+def test_a_spare_the_server_closed_before_the_write_is_replaced_on_any_loop() -> None:
+    """The server drops the spare between its handover and the request's write: nothing was
+    sent, so the request goes out on a fresh connection (as Go retries a request it wrote
+    nothing of), not a RuntimeError from uvloop's closed handle (a 500) nor a write into a
+    closed socket that waits for an answer forever (the standard loop)."""
+    import uvloop
+
+    for factory in (asyncio.new_event_loop, uvloop.new_event_loop):
+        with pytest.MonkeyPatch.context() as mp, asyncio.Runner(loop_factory=factory) as r:
+            r.run(_spare_dropped_before_the_write(mp))
+
+
+async def _spare_dropped_before_the_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    ok = b"HTTP/1.0 200 OK\r\n\r\nok"
+    s = Scripted([ok, None, ok])  # the second connection (the spare) is dropped unread
+    s.server = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    client = Client()
+
+    async def dropped(conn: Any) -> None:
+        for _ in range(200):  # bounded: the server's close reaches the client
+            if conn._lost:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("the server did not drop the spare")
+
+    opened = spy_on_spares(client, monkeypatch, dropped)
+    try:
+        resp = await client.request("POST", s.url, "/", b"{}", {})
+        second = asyncio.ensure_future(fetch(client, s.url))
+        assert await asyncio.wait_for(resp.read(), 5) == b"ok"
+        resp.close()
+        assert await second == (200, b"ok")
+        assert len(s.requests) == 2 and len(opened) >= 3  # the third: the fresh one
+    finally:
+        client.close()
+        s.server.close()
+        await s.server.wait_closed()
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nEXTRA",
+], ids=["length", "chunked"])
+async def test_bytes_after_the_end_of_a_response_close_the_connection(
+        serve: list[Server], reply: bytes) -> None:
+    """What follows a complete response on the same read is no answer to anything: the
+    connection is closed, not pooled (Go's transport does the same)."""
+    s = await scripted(serve, [reply])
+    client = Client()
+    try:
+        assert await fetch(client, s.url) == (200, b"ok")
+        assert not client._idle.get(s.key)
+        assert await fetch(client, s.url) == (200, b"ok")
+    finally:
+        client.close()
+    assert s.connections == 2
+
+
+async def test_bytes_on_an_idle_pooled_connection_close_it(serve: list[Server]) -> None:
+    """A response arriving on an idle keep-alive connection (no request is out) would be
+    taken for the answer to the next request sent on it: the connection is closed instead."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    s = await scripted(serve, [ok], after=b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+    client = Client()
+    try:
+        assert await fetch(client, s.url) == (200, b"ok")
+        await asyncio.wait_for(s.wrote_after.wait(), 5)
+        await asyncio.sleep(0.1)  # the stale bytes reach the client
+        assert await fetch(client, s.url) == (200, b"ok")
+    finally:
+        client.close()
+    assert s.connections == 2
+
+
+async def test_a_connection_back_from_a_server_a_reload_removed_is_closed(
+        serve: list[Server]) -> None:
+    """A request in flight across a reload that removed its server finishes, and its
+    keep-alive connection is closed, not pooled for a server nothing routes to."""
+    s = await start(serve, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    client = Client()
+    try:
+        resp = await client.request("POST", s.url, "/", b"{}", {})
+        client.keep_only(["http://127.0.0.1:1"])
+        assert await resp.read() == b"ok"
+        resp.close()
+        assert not client._idle.get(s.key)
+        for _ in range(100):  # bounded: the close reaches the server
+            if s.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert s.closed == 1
+    finally:
+        client.close()
+
+
+HEAD = b"HTTP/1.1 200 OK\r\n"
+
+
+@pytest.mark.parametrize("headers", [
+    b"Content-Length: 5\r\nContent-Length: 2\r\n",  # RFC 9110 §8.6: an invalid length
+    b"Content-Length: 2, 3\r\n",
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",  # chunked applied twice
+], ids=["lengths-differ", "length-list-differs", "chunked-twice"])
+async def test_framing_headers_that_disagree_are_a_bad_response(
+        serve: list[Server], headers: bytes) -> None:
+    body = b"2\r\nok\r\n0\r\n\r\n" if b"chunked" in headers else b"ok"
+    s = await start(serve, HEAD + headers + b"\r\n" + body)
+    client = Client()
+    try:
+        with pytest.raises(UpstreamError, match="malformed response head"):
+            await fetch(client, s.url)
+    finally:
+        client.close()
+
+
+async def test_repeated_headers_are_joined_or_the_first_kept(serve: list[Server]) -> None:
+    """Equal lengths (repeated or as a list) are one length; Content-Type keeps the first
+    (a single-valued field, as Go's Header.Get reads it); list fields are joined, so a
+    `Connection: close` before a `keep-alive` still closes."""
+    s = await start(serve, HEAD + b"Content-Length: 2, 2\r\nContent-Length: 2\r\n"
+                    b"Content-Type: application/json\r\nContent-Type: text/event-stream\r\n"
+                    b"X-Seen: a\r\nX-Seen: b\r\n"
+                    b"Connection: close\r\nConnection: keep-alive\r\n\r\nok")
+    client = Client()
+    try:
+        resp = await asyncio.wait_for(client.request("POST", s.url, "/", b"{}", {}), 5)
+        assert (resp.content_length, resp.content_type) == (2, "application/json")
+        assert resp.headers["x-seen"] == "a, b"
+        assert await resp.read() == b"ok"
+        resp.close()
+        assert not client._idle.get(s.key)  # the server said close
     finally:
         client.close()
