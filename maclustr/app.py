@@ -89,7 +89,7 @@ _ERROR_SHAPES: tuple[tuple[str, Callable[[GatewayError], tuple[int, bytes]]], ..
 def error_answer(err: GatewayError, path: str = "") -> Answer:
     status, body = next((shape(err) for prefix, shape in _ERROR_SHAPES
                          if path.startswith(prefix)), (err.status, b""))
-    return Answer(status, body or err.to_body(), {**_JSON, **err.headers})
+    return Answer(status, body or err.to_body(), {**_JSON, **err.answer_headers()})
 
 
 def web_response(answer: Answer) -> web.Response:
@@ -257,7 +257,9 @@ def on_aiohttp(handler: PostHandler) -> Handler:
 
 async def stamp(request: web.Request, resp: web.StreamResponse) -> None:
     """on_response_prepare: request id and CORS on every answer aiohttp sends, including a
-    stream the relay prepares itself (a middleware sees it only after its headers are sent)."""
+    stream the relay prepares itself (a middleware sees it only after its headers are sent),
+    and `Server: maclustr` over aiohttp's default (its name and version, e.g. on /metrics)."""
+    resp.headers["Server"] = SERVER
     ex = request.get(EXCHANGE)
     if ex is not None and ex.rid != "-":
         resp.headers["X-Request-Id"] = ex.rid
