@@ -31,18 +31,35 @@ def protocol_error(status: int, exc: BaseException | None) -> GatewayError:
     return GatewayError()
 
 
+def _reason(exc: BaseException | None, message: str | None) -> str:
+    """The parser's complaint as one short printable line (it may quote the client's bytes
+    over several lines): never a second log line, never a control byte in the log."""
+    text = getattr(exc, "message", None) or str(exc or "") or message or "unparsable"
+    first = " ".join(str(text).split("\n", 1)[0].split())[:160].rstrip(":")
+    return first.encode("ascii", "backslashreplace").decode("ascii")
+
+
 class EnvelopeRequestHandler(RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        # aiohttp's: logs, and raises when part of a response was already sent.
-        super().handle_error(request, status, exc, message)
+        """Not aiohttp's: it logs every parser refusal at ERROR with a traceback ("Error
+        handling request"), so anyone could fill the log; a refusal is one warning line
+        with the request id. A 5xx here is a failure outside the app's funnel: a traceback."""
         err = protocol_error(status, exc)
         rid = request_id(None)
-        log.info("%s refused before routing: status=%d code=%s", rid, err.status, err.code)
+        if err.status >= 500:
+            log.error("%s failed outside the error funnel: status=%d", rid, status,
+                      exc_info=exc)
+        else:
+            log.warning("%s refused before routing: status=%d code=%s reason=%s", rid,
+                        err.status, err.code, _reason(exc, message))
+        if request.writer.output_size > 0:  # as aiohttp's: part of an answer already left
+            raise ConnectionError("Response is sent already, cannot send another response "
+                                  "with the error message")
         resp = web.Response(body=err.to_body(), status=err.status,
                             headers={"Content-Type": "application/json", "Server": SERVER,
-                                     "X-Request-Id": rid, **err.headers})
+                                     "X-Request-Id": rid, **err.answer_headers()})
         resp.force_close()
         return resp
 

@@ -281,6 +281,14 @@ async def test_parser_refusals_answer_our_envelope_and_server_header(
     err = json.loads(body)["error"]
     assert (err["code"], err["type"]) == (code, "invalid_request_error")
     assert "aiohttp" not in body.decode() and "Traceback" not in body.decode()
+    assert headers["x-should-retry"] == "false"
     ok, _, _ = await _raw_exchange(gw.url, b"GET /health HTTP/1.1\r\nHost: x\r\n"
                                              b"Connection: close\r\n\r\n")
     assert ok == 200
+    # The log: one warning line with the request id and the reason, no traceback (aiohttp's
+    # own handler logged each refusal at ERROR with one: anyone could flood the log).
+    log = gw.output()
+    assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
+    mine = [ln for ln in log.splitlines() if headers["x-request-id"] in ln]
+    assert len(mine) == 1 and "WARNING" in mine[0] and f"code={code}" in mine[0], mine
+    assert "reason=" in mine[0]
