@@ -535,6 +535,7 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 
     def keep_routed(table: RouteTable) -> None:
         client.keep_only(table.upstreams)
+        scheduler.keep_only(table.upstreams)
 
     holder.listeners += [warmer.warm_table, keep_routed]
     warmer.warm_table(holder.current)

@@ -133,6 +133,7 @@ class Scheduler:
         self._affinity: dict[str, OrderedDict[str, str]] = {}
         self._turn: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._routed: set[str] | None = None  # the replicas the route table names (None: all)
         self.version = 0  # bumped whenever a replica's reported state changes
 
     def replica(self, url: str) -> Replica:
@@ -296,20 +297,42 @@ class Scheduler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def keep_only(self, urls: Iterable[str]) -> None:
+        """After a reload: the replicas the table names. An ejected one it no longer names is
+        probed no more (the loop would otherwise outlive the replica, forever)."""
+        self._routed = set(urls)
+
     async def _recover(self, r: Replica) -> None:
         while True:
             await asyncio.sleep(max(0.0, r.down_until - time.monotonic()))
-            if await self._probe(r.url):
-                r.failures = 0
-                r.checking = False
-                r.down_until = 0.0
-                self.version += 1
+            if self._routed is not None and r.url not in self._routed:
+                self._reinstate(r)  # a table naming it again starts it afresh
+                log.info("a replica removed from the routes is no longer probed")
+                return
+            if await self._probe_once(r.url):
+                self._reinstate(r)
                 log.info("a replica passed its probe and serves again")
                 if self._on_return is not None:
                     self._on_return(r.url)
                 self._pump()
                 return
             r.down_until = time.monotonic() + COOLDOWN
+
+    async def _probe_once(self, url: str) -> bool:
+        """The probe's verdict; one that raises (a bug, not an answer) is a failed probe,
+        logged in one line, and the replica is probed again after the cool-down."""
+        try:
+            return await self._probe(url)
+        except Exception as e:
+            log.warning("a replica's probe raised %s (%.200s); it stays out, probed again in "
+                        "%g s", type(e).__name__, e, COOLDOWN)
+            return False
+
+    def _reinstate(self, r: Replica) -> None:
+        r.failures = 0
+        r.checking = False
+        r.down_until = 0.0
+        self.version += 1
 
     def close(self) -> None:
         for t in self._tasks:

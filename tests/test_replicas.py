@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +25,7 @@ from conftest import KEY, KEY2, Answer, Behavior, FakeMLX, Gateway, wait_for
 from openai import AsyncOpenAI
 from real_mlx import free_port
 
+from maclustr import health
 from maclustr import scheduler as sched_mod
 from maclustr.app import UPSTREAM
 
@@ -338,6 +340,60 @@ async def test_failing_probe_keeps_replica_out(make_gateway: Any, fake: FakeMLX,
     route = gw.holder.current.routes[0]
     await wait_for(lambda: not gw.app[UPSTREAM].scheduler.all_down(route), timeout=3)
     assert (await gw.client.post(CHAT, chat("ok again"))).status == 200
+
+
+async def test_a_replica_a_reload_removed_is_no_longer_probed(
+        make_gateway: Any, fake: FakeMLX, short_cooldown: float) -> None:
+    """An ejected replica the routes no longer name is left alone: its probing ends (a
+    server brought back on its address sees no /health), and the model serves from the
+    replica the new table names."""
+    port = free_port()
+    gw = await make_gateway(routes([f"http://127.0.0.1:{port}"]))
+    for _ in range(3):
+        assert (await gw.client.post(CHAT, chat("x"))).status == 502
+    sched = gw.app[UPSTREAM].scheduler
+    assert sched._tasks, "the replica should be out and probed"
+    gw.holder.path.write_text(routes([fake.url]))
+    assert gw.holder.reload() is True
+    revived = FakeMLX()
+    await revived.start("127.0.0.1", port)
+    try:
+        await wait_for(lambda: not sched._tasks, timeout=3)
+        await asyncio.sleep(3 * short_cooldown)  # probes would have come by now
+        assert not [r.path for r in revived.requests], "a removed replica was probed"
+        assert (await gw.client.post(CHAT, chat("moved"))).status == 200
+        assert contents(fake) == ["moved"]
+    finally:
+        await revived.close()
+
+
+async def test_a_probe_that_raises_logs_one_line_and_probing_goes_on(
+        make_gateway: Any, fake: FakeMLX, short_cooldown: float,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A probe that raises (a bug, not an answer) counts as a failed probe: one log line
+    without a traceback, and the next probe brings the replica back."""
+    fake.push(*[Behavior(kind="error", status=503, error_body=b'{"error": "x"}')] * 3)
+    gw = await make_gateway(routes([fake.url]))
+    real, calls = health.ping, []
+
+    async def ping(*args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the probe")
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(health, "ping", ping)
+    route = gw.holder.current.routes[0]
+    with caplog.at_level(logging.INFO, logger="maclustr.scheduler"):
+        for _ in range(3):
+            assert (await gw.client.post(CHAT, chat("x"))).status == 502
+        await wait_for(lambda: not gw.app[UPSTREAM].scheduler.all_down(route), timeout=3)
+    said = [r for r in caplog.records if r.name == "maclustr.scheduler"
+            and "probe raised" in r.getMessage() and r.levelno >= logging.WARNING]
+    assert len(said) == 1 and said[0].exc_info is None, [r.getMessage() for r in said]
+    assert "RuntimeError" in said[0].getMessage() and "\n" not in said[0].getMessage()
+    assert len(calls) >= 2
+    assert (await gw.client.post(CHAT, chat("back"))).status == 200
 
 
 async def test_mid_stream_deaths_count_toward_ejection(
