@@ -40,7 +40,7 @@ from .metrics import LastMinute, Metrics
 from .openapi import openapi_document
 from .outcome import Outcome, access_line
 from .page import CSP, base_url, render_page
-from .relay import Call, Upstream, relay
+from .relay import Backends, Call, relay
 from .reload import RoutesHolder
 from .scheduler import Scheduler, conversation_prefix
 from .upstream import Client
@@ -50,7 +50,7 @@ log = logging.getLogger("maclustr.access")
 
 ROUTES = web.AppKey("routes", RoutesHolder)
 KEYS = web.AppKey("keys", KeyRing)
-UPSTREAM = web.AppKey("upstream", Upstream)
+UPSTREAM = web.AppKey("upstream", Backends)
 STARTED = web.AppKey("started", int)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 IN_FLIGHT = web.AppKey("in_flight", set)  # handler tasks, for the shutdown grace
@@ -208,6 +208,13 @@ class AiohttpExchange:
     def transport(self) -> asyncio.Transport | None:
         return self.request.transport
 
+    @property
+    def writing_paused(self) -> bool:
+        return self.request.protocol.writing_paused
+
+    async def drain(self) -> None:
+        await self.request.writer.drain()  # aiohttp's protocol waits for its resume_writing
+
     async def body(self, limit: int) -> bytes:
         return await read_body(self.request, limit)
 
@@ -317,13 +324,10 @@ def completions_handler(path: str) -> PostHandler:
 
 
 async def relay_chat(app: web.Application, ex: Exchange, route: Route, chat: dict[str, Any],
-                     dialect: Dialect, stream: bool | None = None) -> Answer | None:
+                     dialect: Dialect, stream: bool) -> Answer | None:
     """Send a translated request (already a chat completion) through the ordinary relay:
     routing, queueing, failover, timeouts, disconnect and shutdown are the same. `stream`:
-    whether the client gets a stream (default: as the chat request says; the upstream may
-    stream either way, see Dialect.collect)."""
-    if stream is None:
-        stream = wants_stream(chat)
+    whether the client gets a stream (the upstream always streams, see Dialect)."""
     o = ex.outcome
     o.model, o.stream = route.alias, stream
     prefix = conversation_prefix(chat) if len(route.upstreams) > 1 else None
@@ -352,9 +356,8 @@ async def responses_api(app: web.Application, ex: Exchange) -> Answer | None:
     route = _route_for(table, payload)
     chat = responses.to_chat(payload, route.model)
     alias = route.alias
-    dialect = Dialect(stream=lambda: responses.ResponsesStream(alias),
-                      unary=lambda c: responses.from_chat(c, alias))
-    return await relay_chat(app, ex, route, chat, dialect)
+    dialect = Dialect(stream=lambda: responses.ResponsesStream(alias), collect=responses.collect)
+    return await relay_chat(app, ex, route, chat, dialect, stream=payload.get("stream") is True)
 
 
 async def count_tokens(app: web.Application, ex: Exchange) -> Answer | None:
@@ -530,7 +533,7 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 
     scheduler = Scheduler(probe, on_return)
     warmer = Warmer(client, scheduler)
-    app[UPSTREAM] = Upstream(client=client, scheduler=scheduler,
+    app[UPSTREAM] = Backends(client=client, scheduler=scheduler,
                              shutting_down=app[SHUTTING_DOWN])
 
     def keep_routed(table: RouteTable) -> None:

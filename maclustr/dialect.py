@@ -46,15 +46,14 @@ class ChatStream(Protocol):
 
 @dataclass(frozen=True)
 class Dialect:
-    """How one translated request rides the relay: a fresh stream state machine for a
-    streamed answer; for a unary answer either `unary` (the upstream answered a unary chat
-    completion) or `collect` (the upstream was asked to stream even so: the whole event
-    output of `stream()` folded into one answer). Errors are rendered by path in the app's
-    error funnel, before and after routing alike."""
+    """How one translated request rides the relay. The upstream is always asked to stream:
+    `stream` makes a fresh stream state machine; a streamed answer relays its events, a
+    unary one is all of them folded by `collect` into one answer (so a unary answer is
+    exactly what the stream would have said). Errors are rendered by path in the app's error
+    funnel, before and after routing alike."""
 
     stream: Callable[[], ChatStream]
-    unary: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    collect: Callable[[bytes], dict[str, Any]] | None = None
+    collect: Callable[[bytes], dict[str, Any]]
 
 
 def encode_event(name: str | None, obj: dict[str, Any]) -> bytes:

@@ -51,6 +51,16 @@ class Exchange(Protocol):
         """The client's socket, for the stream relay's writes; None once it is gone."""
         ...
 
+    @property
+    def writing_paused(self) -> bool:
+        """The client's transport called pause_writing (its buffer is over the high-water
+        mark) and has not resumed: stop writing until `drain()` returns."""
+        ...
+
+    async def drain(self) -> None:
+        """Until the client's transport resumes writing (resume_writing), or is gone."""
+        ...
+
     async def body(self, limit: int) -> bytes:
         """The whole body; BodyTooLarge past `limit` bytes, without reading them all."""
         ...

@@ -162,6 +162,13 @@ class FrontExchange:
     def transport(self) -> asyncio.Transport | None:
         return self._conn.transport
 
+    @property
+    def writing_paused(self) -> bool:
+        return self._conn.writing_paused
+
+    async def drain(self) -> None:
+        await self._conn.drain()
+
     async def body(self, limit: int) -> bytes:
         if len(self._body) > limit:
             raise BodyTooLarge(limit)
@@ -190,8 +197,8 @@ Dispatch = Callable[[FrontExchange], Awaitable[Answer | None]]
 class FrontProtocol(asyncio.Protocol):
     """One client connection, served by the front until it hands the connection over."""
 
-    __slots__ = ("_buf", "_last", "_loop", "_paused", "_refused", "_server", "_task",
-                 "transport")
+    __slots__ = ("_buf", "_drained", "_last", "_loop", "_paused", "_refused", "_server",
+                 "_task", "transport", "writing_paused")
 
     def __init__(self, server: FrontServer) -> None:
         self._server = server
@@ -202,6 +209,8 @@ class FrontProtocol(asyncio.Protocol):
         self._refused = False
         self._last = 0.0
         self.transport: asyncio.Transport | None = None
+        self.writing_paused = False  # the transport's pause_writing, until resume_writing
+        self._drained: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -211,6 +220,7 @@ class FrontProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self.transport = None
+        self.resume_writing()  # a writer waiting for the client to drain: it is gone
         if self._task is not None:
             self._task.cancel()  # the client left: stop its work (and its upstream request)
 
@@ -224,6 +234,23 @@ class FrontProtocol(asyncio.Protocol):
         elif len(self._buf) > MAX_PIPELINED and not self._paused and self.transport:
             self._paused = True
             self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        waiter, self._drained = self._drained, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self) -> None:
+        """Until the transport resumes writing (a slow client took its bytes) or is lost."""
+        if not self.writing_paused or self.transport is None:
+            return
+        if self._drained is None:
+            self._drained = self._loop.create_future()
+        await self._drained
 
     def close(self) -> None:
         if self.transport is not None:

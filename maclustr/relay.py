@@ -1,15 +1,17 @@
 """The only code that touches both sockets: one client request, one upstream request.
 
-Read top to bottom like Go's ReverseProxy.ServeHTTP: send upstream under a deadline, map
-every failure before the response starts to one GatewayError, then either relay a unary JSON
-body or relay an event stream frame by frame. Once stream bytes have reached the client a
-failure can only be reported in-band: one final `data: {"error": ...}` event, then the
-connection is closed.
+`relay` reads like Go's ReverseProxy.ServeHTTP: take a slot on a replica; open the upstream
+request with failover (`_open_with_failover`: the response to answer with, or our error);
+answer by content type (`_answerer`: a unary JSON body, a relayed event stream, or a
+dialect's stream folded into one answer; each returns the answer and the replica's verdict);
+release the slot once. Every failure before the answer starts is one GatewayError. Once
+stream bytes have reached the client a failure can only be reported in-band: one final
+`data: {"error": ...}` event (a dialect's own error events), then the connection is closed.
 
 A translated request (Call.dialect: Anthropic Messages, OpenAI Responses) is an ordinary chat
-completion by the time it gets here; only the last step differs: the stream's bytes go through
-the dialect's ChatEventRewriter instead of SSERewriter, a unary body through its translator,
-and the in-band error is the dialect's own.
+completion by the time it gets here, always streamed upstream; only the last step differs:
+the stream's bytes go through the dialect's ChatEventRewriter instead of SSERewriter, and a
+unary answer is the dialect's events folded (`Dialect.collect`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from . import jsonfast
 from .config import Route
@@ -47,62 +48,18 @@ log = logging.getLogger("maclustr.relay")
 
 MAX_UNARY_BYTES = 64 * 1024 * 1024  # a unary completion larger than this is not a completion
 MAX_ERROR_BYTES = 64 * 1024
+MAX_ATTEMPTS = 3  # replicas tried for one request, before any byte reached the client
+CLIENT_HIGH_WATER = 256 * 1024  # bytes queued for a slow client before the upstream pauses
+CLIENT_LOW_WATER = 64 * 1024  # ... and resumes
 
-
-class Watchdog:
-    """Cancels the handler task when no progress was made for `limit` seconds.
-
-    Progress is `touch()`: a cheap clock read per read or write on the hot path, instead of a
-    timer per await. `fired` tells the handler that the cancellation was ours, not the
-    client's disconnect or a shutdown.
-    """
-
-    __slots__ = ("_handle", "_loop", "_task", "fired", "last", "limit", "phase")
-
-    def __init__(self, limit: float, phase: str) -> None:
-        self._loop = loop = asyncio.get_running_loop()
-        task = asyncio.current_task(loop)  # with the loop: one getpid() syscall, not two
-        assert task is not None
-        self._task = task
-        self.limit = limit
-        self.phase = phase
-        self.fired = False
-        self.last = self._loop.time()
-        self._handle = self._loop.call_at(self.last + limit, self._check)
-
-    def touch(self) -> None:
-        self.last = self._loop.time()
-
-    def rearm(self, limit: float, phase: str) -> None:
-        """Start a new phase. The timer moves only if it must fire earlier; a late check just
-        re-schedules itself (one timer per request instead of one per phase)."""
-        self.limit, self.phase = limit, phase
-        self.touch()
-        due = self.last + limit
-        if due < self._handle.when():
-            self._handle.cancel()
-            self._handle = self._loop.call_at(due, self._check)
-
-    def stop(self) -> None:
-        self._handle.cancel()
-
-    def _check(self) -> None:
-        due = self.last + self.limit
-        if self._loop.time() < due:
-            self._handle = self._loop.call_at(due, self._check)
-            return
-        self.fired = True
-        self._task.cancel()
-
-    def absorb(self) -> None:
-        """Undo our own cancellation so the handler can still answer (Python 3.11+)."""
-        uncancel = getattr(self._task, "uncancel", None)
-        if uncancel is not None:
-            uncancel()
+# Outcome -> passive-health verdict. Only an unreachable, silent or dying server counts
+# against a replica; a garbled answer is no sign the next request will fail too.
+_VERDICT: dict[str, bool | None] = {"done": True, "upstream_bad_response": None,
+                                    "upstream_unavailable": False, "upstream_timeout": False}
 
 
 @dataclass(frozen=True)
-class Upstream:
+class Backends:
     """What every relay shares: the upstream client, the replica scheduler, and whether we
     are shutting down (a cancellation then is a shutdown, reported in-band)."""
 
@@ -128,119 +85,143 @@ class Call:
     usage: bool = True
 
 
-MAX_ATTEMPTS = 3  # replicas tried for one request, before any byte reached the client
+class Watchdog:
+    """Cancels the handler task when no progress was made for `limit` seconds.
 
-# Outcome -> passive-health verdict. Only an unreachable, silent or dying server counts
-# against a replica; a garbled answer is no sign the next request will fail too.
-_VERDICT: dict[str, bool | None] = {"done": True, "upstream_bad_response": None,
-                                    "upstream_unavailable": False, "upstream_timeout": False}
-
-
-async def relay(ex: Exchange, up: Upstream, route: Route, call: Call) -> Answer | None:
-    """Send the call to one of `route`'s replicas and answer the client: a whole `Answer`,
-    or None when the answer was streamed to the client already.
-
-    Failover: a replica that refuses the connection, resets it, or answers 502/503 before we
-    sent the client anything is reported to the scheduler and the next replica is tried.
+    Progress is `touch()`: a cheap clock read per read or write on the hot path, instead of a
+    timer per await. `fired` tells the handler that the cancellation was ours, not the
+    client's disconnect or a shutdown. While `progress` is set (waiting for a slow client),
+    the check also counts a shrinking client write buffer as progress.
     """
-    sched = up.scheduler
+
+    __slots__ = ("_handle", "_loop", "_seen", "_task", "fired", "last", "limit", "phase",
+                 "progress")
+
+    def __init__(self, limit: float, phase: str) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)  # with the loop: one getpid() syscall, not two
+        assert task is not None
+        self._task = task
+        self.limit = limit
+        self.phase = phase
+        self.fired = False
+        self.progress: Callable[[], int] | None = None
+        self._seen = 0
+        self.last = self._loop.time()
+        self._handle = self._loop.call_at(self.last + limit, self._check)
+
+    def touch(self) -> None:
+        self.last = self._loop.time()
+
+    def rearm(self, limit: float, phase: str) -> None:
+        """Start a new phase. The timer moves only if it must fire earlier; a late check just
+        re-schedules itself (one timer per request instead of one per phase)."""
+        self.limit, self.phase = limit, phase
+        self.touch()
+        due = self.last + limit
+        if due < self._handle.when():
+            self._handle.cancel()
+            self._handle = self._loop.call_at(due, self._check)
+
+    def watch(self, progress: Callable[[], int] | None) -> None:
+        """Count `progress()` going down (a client write buffer draining) as progress, until
+        called with None."""
+        self.progress = progress
+        self._seen = progress() if progress is not None else 0
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    def _check(self) -> None:
+        if self.progress is not None:
+            seen, self._seen = self._seen, self.progress()
+            if self._seen < seen:
+                self.touch()
+        due = self.last + self.limit
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self.fired = True
+        self._task.cancel()
+
+    def absorb(self) -> None:
+        """Undo our own cancellation so the handler can still answer (Python 3.11+)."""
+        uncancel = getattr(self._task, "uncancel", None)
+        if uncancel is not None:
+            uncancel()
+
+
+class Slot:
+    """This request's place on one of the route's replicas, carried across failover: the
+    replica holding it, whether it is held (not between giving a failed replica's slot back
+    and getting the next), and the replicas tried so far, this one included."""
+
+    __slots__ = ("held", "replica", "tried")
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.held = True
+        self.tried: tuple[str, ...] = (replica.url,)
+
+    def last_try(self, route: Route) -> bool:
+        return len(self.tried) >= min(MAX_ATTEMPTS, len(route.upstreams))
+
+    async def fail_over(self, sched: Scheduler, route: Route, call: Call, o: Outcome,
+                        dog: Watchdog) -> None:
+        """Give the failed replica's slot back and take one on a replica not tried yet,
+        waiting in the queue when the others are busy but up."""
+        sched.release(self.replica, ok=False)
+        self.held = False
+        o.failovers += 1
+        nxt = sched.take(route, call.prefix, self.tried)
+        if nxt is None:
+            dog.rearm(route.queue_timeout + 5, "waiting for a slot")
+            o.phase = "queue"
+            nxt = await _acquire(sched, route, call, o, self.tried)
+            o.phase = "upstream"
+        self.replica, self.held = nxt, True
+        self.tried += (nxt.url,)
+        dog.rearm(route.timeouts.connect, "connect")
+
+    def release(self, sched: Scheduler, ok: bool | None) -> None:
+        if self.held:
+            self.held = False
+            sched.release(self.replica, ok)
+
+
+async def relay(ex: Exchange, backends: Backends, route: Route, call: Call) -> Answer | None:
+    """Send the call to one of `route`'s replicas and answer the client: a whole `Answer`,
+    or None when the answer was streamed to the client already."""
+    sched = backends.scheduler
     o = ex.outcome
-    o.phase = "queue"
+    o.phase = "queue"  # take a slot
     queued = time.perf_counter()
-    replica: Replica | None = (sched.free_slot(route, call.prefix)
-                               or await _acquire(sched, route, call, o))
-    assert replica is not None
+    slot = Slot(sched.free_slot(route, call.prefix) or await _acquire(sched, route, call, o))
     o.queue_wait = time.perf_counter() - queued
     o.phase = "upstream"
-    t = route.timeouts
-    dog = Watchdog(t.connect, "connect")
-    tried: list[str] = []
-    ok: bool | None = None
+    dog = Watchdog(route.timeouts.connect, "connect")
+    ok: bool | None = None  # the replica's verdict, for passive health
     try:
-        while True:
-            tried.append(replica.url)
-            o.replica = replica_name(route, replica)
-            retry = len(tried) < min(MAX_ATTEMPTS, len(route.upstreams))
-            failed: UpstreamFailed | None = None
-            resp = None
-            try:
-                resp = await _open(up, route, replica.url, call, dog)
-            except UpstreamFailed as e:
-                if not retry:
-                    raise
-                failed = e
-            else:
-                if resp.status not in (502, 503) or not retry:
-                    break
-            # This replica failed before the client saw a byte: free it and try another,
-            # waiting for a slot if the others are busy but up.
-            if sched.all_down(route, tried):
-                if failed is not None:
-                    raise failed
-                break  # relay this replica's 502/503 as the answer
-            if resp is not None:
-                resp.close()
-            sched.release(replica, ok=False)
-            replica = None  # released: the finally below must not release it again
-            o.failovers += 1
-            nxt = sched.take(route, call.prefix, tried)
-            if nxt is None:
-                dog.rearm(route.queue_timeout + 5, "waiting for a slot")
-                o.phase = "queue"
-                nxt = await _acquire(sched, route, call, o, tuple(tried))
-                o.phase = "upstream"
-            replica = nxt
-            dog.rearm(t.connect, "connect")
-        assert resp is not None
+        resp = await _open_with_failover(backends.client, sched, route, call, slot, dog, o)
         try:
-            dog.rearm(t.idle, "idle between bytes")
+            dog.rearm(route.timeouts.idle, "idle between bytes")
             if resp.status >= 400:
                 ok = resp.status not in (502, 503, 504)  # alive unless it says otherwise
                 raise await _upstream_error(resp, route, call.rid, dog)
-            if resp.status != 200:
-                raise UpstreamBadResponse(route.alias)
-            ctype = resp.content_type
-            collect = call.dialect.collect if call.dialect is not None else None
-            out: Answer | None
-            if ctype == "text/event-stream" and not call.stream and collect is not None:
-                assert call.dialect is not None
-                out = await relay_collected(resp, route, call.dialect, call.rid, dog, o)
-                ok = True
-            elif ctype == "text/event-stream":
-                if not call.stream:
-                    raise UpstreamBadResponse(route.alias)
-                rewriter = (SSERewriter(route.alias, route.model, strip_usage=not call.usage,
-                                        fingerprint=replica.fingerprint)
-                            if call.dialect is None
-                            else ChatEventRewriter(call.dialect.stream()))
-                try:
-                    await relay_stream(ex, up, resp, route, call.rid, dog, rewriter)
-                finally:  # a stream cut short has still shown its fingerprint
-                    if isinstance(rewriter, SSERewriter) and rewriter.fingerprint is not None:
-                        replica.fingerprint = rewriter.fingerprint  # the next stream splices
-                out = None
-                ok = _VERDICT.get(o.code, False)
-            elif call.stream or ctype != "application/json":
-                raise UpstreamBadResponse(route.alias)
-            elif call.dialect is not None:
-                out = await relay_translated(resp, route, call.dialect, call.rid, dog, o)
-                ok = True
-            else:
-                out = await relay_unary(resp, route, replica, call.rid, dog, o)
-                ok = True
+            answer = _answerer(resp, route, call)
+            out, ok = await answer(ex, backends, resp, route, call, slot.replica, dog)
         finally:
             resp.close()  # mid-body this drops the socket: the server stops generating
-        if ok:
-            sched.remember(route, call.prefix, replica)
-        return out
     except (UpstreamFailed, UpstreamTimeout) as e:
         if ok is None:
             ok = _VERDICT.get(e.code, False)
         raise
     finally:
         dog.stop()
-        if replica is not None:
-            sched.release(replica, ok)
+        slot.release(sched, ok)
+    if ok:
+        sched.remember(route, call.prefix, slot.replica)
+    return out
 
 
 async def _acquire(sched: Scheduler, route: Route, call: Call, o: Outcome,
@@ -265,28 +246,96 @@ def replica_name(route: Route, replica: Replica) -> str:
         return "-"
 
 
-async def _open(up: Upstream, route: Route, base: str, call: Call, dog: Watchdog) -> Response:
-    """Connect and wait for the response head, mapping every failure to our envelope."""
+# --- open the upstream, with failover --------------------------------------------------------
+
+
+async def _open_with_failover(client: Client, sched: Scheduler, route: Route, call: Call,
+                              slot: Slot, dog: Watchdog, o: Outcome) -> Response:
+    """The response head from the slot's replica. A replica that refuses the connection,
+    resets it, or answers 502/503 before the client saw a byte gets a failed verdict and the
+    next replica is tried (up to MAX_ATTEMPTS, while any is up); the last one's failure is
+    raised, or its 502/503 returned to be answered."""
+    headers = upstream_headers(call.rid, _upstream_key(route))
     t = route.timeouts
-    try:
-        return await up.client.request(
-            "POST", base, call.path, call.body, upstream_headers(call.rid, _upstream_key(route)),
-            on_connected=lambda: dog.rearm(t.first_byte, "waiting for the first byte"))
-    except asyncio.CancelledError:
-        if not dog.fired:
-            raise
-        dog.absorb()
-        if dog.phase == "connect":
-            raise UpstreamFailed(route.alias, "did not accept a connection in time") from None
-        raise UpstreamTimeout(route.alias, dog.phase) from None
-    except (OSError, ValueError) as e:  # UpstreamError is an OSError
-        log.warning("%s a server of %s is unreachable: %s", call.rid, route.alias,
-                    type(e).__name__)
-        raise UpstreamFailed(route.alias) from None
+
+    def connected() -> None:
+        dog.rearm(t.first_byte, "waiting for the first byte")
+
+    while True:
+        o.replica = replica_name(route, slot.replica)
+        last = slot.last_try(route)
+        try:
+            with _Opening(route, call.rid, dog):
+                resp = await client.request("POST", slot.replica.url, call.path, call.body,
+                                            headers, on_connected=connected)
+        except UpstreamFailed:
+            if last or sched.all_down(route, slot.tried):
+                raise
+        else:
+            if resp.status not in (502, 503) or last or sched.all_down(route, slot.tried):
+                return resp
+            resp.close()
+        await slot.fail_over(sched, route, call, o, dog)
 
 
-async def relay_unary(resp: Response, route: Route, replica: Replica, rid: str,
-                      dog: Watchdog, o: Outcome) -> Answer:
+class _Opening:
+    """Opening's failures as our errors: the watchdog's cancellation is a connect failure
+    (which fails over) or a first-byte timeout; a socket error an unreachable server. Any
+    other cancellation passes. A class, not a coroutine wrapper: one less frame per request."""
+
+    __slots__ = ("dog", "rid", "route")
+
+    def __init__(self, route: Route, rid: str, dog: Watchdog) -> None:
+        self.route = route
+        self.rid = rid
+        self.dog = dog
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if kind is None:
+            return
+        alias = self.route.alias
+        if issubclass(kind, asyncio.CancelledError):
+            if not self.dog.fired:
+                return
+            self.dog.absorb()
+            if self.dog.phase == "connect":
+                raise UpstreamFailed(alias, "did not accept a connection in time") from None
+            raise UpstreamTimeout(alias, self.dog.phase) from None
+        if issubclass(kind, (OSError, ValueError)):  # UpstreamError is an OSError
+            log.warning("%s a server of %s is unreachable: %s", self.rid, alias, kind.__name__)
+            raise UpstreamFailed(alias) from None
+
+
+# --- answer by content type --------------------------------------------------------------------
+
+Answerer = Callable[[Exchange, Backends, Response, Route, Call, Replica, Watchdog],
+                    Awaitable[tuple[Answer | None, bool | None]]]
+
+
+def _answerer(resp: Response, route: Route, call: Call) -> Answerer:
+    """How a 2xx answer reaches the client, by its content type and what the client asked
+    for: the stream relayed, a dialect's stream folded into one answer, or a unary body."""
+    if resp.status == 200:
+        ctype = resp.content_type
+        if ctype == "text/event-stream":
+            if call.stream:
+                return relay_stream
+            if call.dialect is not None:
+                return relay_collected
+        elif ctype == "application/json" and not call.stream and call.dialect is None:
+            return relay_unary
+    raise UpstreamBadResponse(route.alias)
+
+
+async def relay_unary(ex: Exchange, backends: Backends, resp: Response, route: Route,
+                      call: Call, replica: Replica, dog: Watchdog
+                      ) -> tuple[Answer, bool | None]:
+    """The upstream's JSON body, with the alias for the model id (the replica's fingerprint
+    remembered for the next answer's splice)."""
     data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
     try:
         out, replica.fingerprint = rewrite_body(data, route.alias, route.model,
@@ -295,34 +344,21 @@ async def relay_unary(resp: Response, route: Route, replica: Replica, rid: str,
         raise UpstreamBadResponse(route.alias) from None
     if out[:1] != b"{":
         raise UpstreamBadResponse(route.alias)
+    o = ex.outcome
     o.usage(usage_of(out))
     o.bytes_out = len(out)
-    return Answer(200, out, {"Content-Type": "application/json", "X-Request-Id": rid,
-                             "Server": SERVER})
+    return Answer(200, out, {"Content-Type": "application/json", "X-Request-Id": call.rid,
+                             "Server": SERVER}), True
 
 
-async def relay_translated(resp: Response, route: Route, dialect: Dialect, rid: str,
-                           dog: Watchdog, o: Outcome) -> Answer:
-    """A unary chat completion, translated into the client's dialect (which names the alias
-    and nothing of the upstream's own answer but its content and usage)."""
-    data = await _read_capped(resp, MAX_UNARY_BYTES, route, dog)
-    try:
-        completion = jsonfast.loads(data)
-        if not isinstance(completion, dict) or dialect.unary is None:
-            raise ValueError("not a completion")
-        answer = dialect.unary(completion)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
-        raise UpstreamBadResponse(route.alias) from None
-    o.usage(completion.get("usage"))
-    return _json_answer(answer, rid, o)
-
-
-async def relay_collected(resp: Response, route: Route, dialect: Dialect, rid: str,
-                          dog: Watchdog, o: Outcome) -> Answer:
-    """A unary answer built from an upstream stream: the dialect's events, folded. Reading
-    stops when the dialect's answer is complete (its [DONE], or an Anthropic stop sequence);
-    the caller's resp.close() then hangs up, which stops the generation."""
-    assert dialect.collect is not None
+async def relay_collected(ex: Exchange, backends: Backends, resp: Response, route: Route,
+                          call: Call, replica: Replica, dog: Watchdog
+                          ) -> tuple[Answer, bool | None]:
+    """A dialect's unary answer: its events for the upstream stream, folded. Reading stops
+    when the dialect's answer is complete (its [DONE], or an Anthropic stop sequence); the
+    caller's resp.close() then hangs up, which stops the generation."""
+    dialect = call.dialect
+    assert dialect is not None
     rewriter = ChatEventRewriter(dialect.stream())
     parts: list[bytes] = []
     size = 0
@@ -341,146 +377,176 @@ async def relay_collected(resp: Response, route: Route, dialect: Dialect, rid: s
         answer = dialect.collect(b"".join(parts))
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         raise UpstreamBadResponse(route.alias) from None  # SSEError is a ValueError
+    o = ex.outcome
     o.usage(rewriter.usage)
-    return _json_answer(answer, rid, o)
-
-
-def _json_answer(answer: dict[str, Any], rid: str, o: Outcome) -> Answer:
     body = jsonfast.dumps(answer)
     o.bytes_out = len(body)
-    return Answer(200, body, {"Content-Type": "application/json", "X-Request-Id": rid,
-                              "Server": SERVER})
+    return Answer(200, body, {"Content-Type": "application/json", "X-Request-Id": call.rid,
+                              "Server": SERVER}), True
 
 
-CLIENT_HIGH_WATER = 256 * 1024  # bytes queued for a slow client before the upstream pauses
-CLIENT_LOW_WATER = 64 * 1024
+# --- relay a stream ----------------------------------------------------------------------------
 
 
-async def relay_stream(ex: Exchange, up: Upstream, resp: Response, route: Route,
-                       rid: str, dog: Watchdog, rewriter: SSERewriter | ChatEventRewriter
-                       ) -> None:
-    """Relay an event stream. Each upstream read is rewritten and written to the client inside
-    the socket callback (`Response.pump`): no buffering and no task switch per read, so an
-    event reaches the client the moment its last byte arrives.
+async def relay_stream(ex: Exchange, backends: Backends, resp: Response, route: Route,
+                       call: Call, replica: Replica, dog: Watchdog
+                       ) -> tuple[None, bool | None]:
+    """Relay an event stream: each upstream read is rewritten and written to the client
+    inside the socket callback (`_Pump.feed`), so an event reaches the client the moment its
+    last byte arrives. This coroutine only waits for the pump to stop, and says why: the end,
+    a slow client (wait for its socket to drain, then go on), or a failure (in-band).
 
-    `rewriter` is the OpenAI passthrough (SSERewriter) or a dialect's ChatEventRewriter;
-    both take upstream bytes at any cut and return the client's bytes.
-
-    Backpressure: past CLIENT_HIGH_WATER bytes queued for a slow client, reading from the
-    upstream pauses until the client has taken all but CLIENT_LOW_WATER, so memory per stream
-    stays bounded and TCP flow control reaches the model server.
-    """
+    Backpressure: the client transport pauses writing past CLIENT_HIGH_WATER queued bytes;
+    reading from the upstream then pauses until it resumes (below CLIENT_LOW_WATER), so memory
+    per stream stays bounded and TCP flow control reaches the model server."""
     o = ex.outcome
-    # The server chooses the framing: chunked for HTTP/1.1, close-delimited for 1.0.
-    chunked = await ex.start_stream({**SSE_HEADERS, "X-Request-Id": rid})
-    o.phase = "response"
-    transport = ex.transport
-    if transport is None:
-        raise ConnectionResetError("client gone")
-    write = transport.write
-    buffered = transport.get_write_buffer_size
-    touch = dog.touch
-    state = {"bad": False, "full": False}
-
-    def sink(data: bytes) -> None:
-        touch()
+    rewriter = (SSERewriter(route.alias, route.model, strip_usage=not call.usage,
+                            fingerprint=replica.fingerprint)
+                if call.dialect is None else ChatEventRewriter(call.dialect.stream()))
+    failure: GatewayError | None = None
+    try:
+        chunked = await ex.start_stream({**SSE_HEADERS, "X-Request-Id": call.rid})
+        o.phase = "response"
+        pump = _Pump(ex, resp, rewriter, chunked, dog, route.alias)
         try:
-            chunk = rewriter.feed(data)
+            resp.pump(pump.feed)
+            while await _pumped(ex, resp, pump, dog):
+                resp.resume()
+            if pump.bad:
+                failure = UpstreamBadResponse(route.alias)
+            elif not rewriter.done:
+                failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
+        except asyncio.CancelledError:
+            failure = _cancelled(ex, backends, route, dog, pump)
+            if failure is None:
+                raise
+        except OSError:
+            if _client_gone(ex):
+                raise
+            failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
+        finally:
+            pump.resp = None  # the connection holds pump.feed: no cycle through the response
+        if failure is None:
+            await ex.end_stream()
+        else:
+            _end_with(ex, pump, failure)
+    finally:  # one place for what the stream reported, however it ended
+        o.usage(rewriter.usage)
+        if isinstance(rewriter, SSERewriter) and rewriter.fingerprint is not None:
+            replica.fingerprint = rewriter.fingerprint  # the next stream splices
+    return None, _VERDICT.get(o.code, False)
+
+
+class _Pump:
+    """The stream's socket callback: `feed` runs inside the upstream connection's
+    data_received and writes what the rewriter made of the bytes straight to the client.
+    It never raises; it halts the response and leaves why: `bad` (the rewriter refused the
+    upstream's bytes), `full` (the client's transport paused writing), the client gone, or
+    the rewriter done."""
+
+    __slots__ = ("alias", "bad", "chunked", "ex", "full", "outcome", "resp", "rewriter",
+                 "touch", "transport")
+
+    def __init__(self, ex: Exchange, resp: Response, rewriter: SSERewriter | ChatEventRewriter,
+                 chunked: bool, dog: Watchdog, alias: str) -> None:
+        transport = ex.transport
+        if transport is None:
+            raise ConnectionResetError("client gone")
+        transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
+        self.transport = transport
+        self.ex = ex
+        self.outcome = ex.outcome
+        self.resp: Response | None = resp
+        self.rewriter = rewriter
+        self.chunked = chunked
+        self.touch = dog.touch
+        self.alias = alias
+        self.bad = False
+        self.full = False
+
+    def feed(self, data: bytes) -> None:
+        self.touch()
+        try:
+            chunk = self.rewriter.feed(data)
         except Exception as e:  # runs inside data_received: never let it escape
             if not isinstance(e, SSEError):
-                log.exception("%s relay of %s failed", rid, route.alias)
-            state["bad"] = True
-            resp.pause()
-            resp.halt()
+                log.exception("%s relay of %s failed", self.ex.rid, self.alias)
+            self.bad = True
+            self._stop()
             return
         if chunk:
+            transport = self.transport
             if transport.is_closing():
-                resp.pause()
-                resp.halt()
+                self._stop()
                 return
-            write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk)
+            o = self.outcome
             o.bytes_out += len(chunk)
             if o.first_at is None and chunk.find(b"data:") >= 0:  # not a `: keepalive` comment
                 o.first_event()
-            if buffered() > CLIENT_HIGH_WATER:
-                state["full"] = True
-                resp.pause()
-                resp.halt()
-        if rewriter.done:
-            resp.halt()
+            if self.ex.writing_paused:
+                self.full = True
+                self._stop()
+        if self.rewriter.done and self.resp is not None:
+            self.resp.halt()
 
-    failure: GatewayError | None = None
+    def _stop(self) -> None:
+        if self.resp is not None:
+            self.resp.pause()
+            self.resp.halt()
+
+
+async def _pumped(ex: Exchange, resp: Response, pump: _Pump, dog: Watchdog) -> bool:
+    """Wait for the pump to stop; True when it stopped for a slow client that has now taken
+    its bytes (go on), False at the end or on a failure (the caller reads which). Raises
+    ConnectionResetError when the client is gone."""
+    await resp.wait()
+    if pump.bad or pump.rewriter.done:
+        return False
+    if pump.transport.is_closing():
+        raise ConnectionResetError("client gone")
+    if not pump.full:
+        return False
+    # A slow client: its draining counts as progress for the idle timeout; one that takes
+    # nothing for `idle` seconds is timed out by the watchdog.
+    dog.watch(pump.transport.get_write_buffer_size)
     try:
-        resp.pump(sink)
-        while True:
-            await resp.wait()
-            if state["bad"]:
-                failure = UpstreamBadResponse(route.alias)
-            elif rewriter.done:
-                pass
-            elif transport.is_closing():
-                raise ConnectionResetError("client gone")
-            elif state["full"]:
-                await _drained(transport, buffered, dog)
-                state["full"] = False
-                resp.resume()
-                continue
-            else:
-                failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
-            break
-    except asyncio.CancelledError:
-        if dog.fired:
-            dog.absorb()
-            failure = UpstreamTimeout(route.alias, dog.phase)
-        elif up.shutting_down.is_set() and not _client_gone(ex):
-            o.usage(rewriter.usage)
-            err = ShuttingDown()
-            o.fail(err.status, err.code)
-            _finish_with(ex, chunked, err, rewriter)
-            raise
-        else:
-            o.usage(rewriter.usage)
-            raise
-    except OSError:
-        o.usage(rewriter.usage)
-        if _client_gone(ex):
-            raise
-        failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
-    o.usage(rewriter.usage)
-    if failure is not None:
-        o.fail(failure.status, failure.code)
-        _finish_with(ex, chunked, failure, rewriter)
-        return None
-    await ex.end_stream()
+        await ex.drain()
+    finally:
+        dog.watch(None)
+    pump.full = False
+    return True
+
+
+def _cancelled(ex: Exchange, backends: Backends, route: Route, dog: Watchdog, pump: _Pump
+               ) -> GatewayError | None:
+    """A cancelled stream: our watchdog's (an idle upstream: the failure to report), or a
+    shutdown's (the client gets ShuttingDown in-band; the cancellation goes on: None), or
+    the client's (it is gone: None)."""
+    if dog.fired:
+        dog.absorb()
+        return UpstreamTimeout(route.alias, dog.phase)
+    if backends.shutting_down.is_set() and not _client_gone(ex):
+        _end_with(ex, pump, ShuttingDown())
     return None
 
 
-async def _drained(transport: asyncio.BaseTransport, buffered: Callable[[], int],
-                   dog: Watchdog) -> None:
-    """Wait for a slow client to take its queued bytes. Polls: this runs only under
-    backpressure. Progress counts as activity for the idle timeout; a client that takes
-    nothing for `idle` seconds is timed out by the watchdog."""
-    last = buffered()
-    while last > CLIENT_LOW_WATER and not transport.is_closing():
-        await asyncio.sleep(0.005)
-        now = buffered()
-        if now < last:
-            dog.touch()
-        last = now
-
-
-def _finish_with(ex: Exchange, chunked: bool, error: GatewayError,
-                 rewriter: SSERewriter | ChatEventRewriter) -> None:
+def _end_with(ex: Exchange, pump: _Pump, error: GatewayError) -> None:
     """End a started stream with one error event, then close the connection without the
     chunked terminator: nothing follows the error, and no client mistakes the connection
     for reusable or the body for complete (Go's ErrAbortHandler, in effect). A dialect says
     it its own way (Anthropic `event: error`, Responses `response.failed`)."""
+    ex.outcome.fail(error.status, error.code)
+    rewriter = pump.rewriter
     last = error.to_sse() if isinstance(rewriter, SSERewriter) else rewriter.fail(error)
     transport = ex.transport
     if transport is None or transport.is_closing():
         return
-    transport.write(b"%x\r\n%b\r\n" % (len(last), last) if chunked else last)
+    transport.write(b"%x\r\n%b\r\n" % (len(last), last) if pump.chunked else last)
     transport.close()  # flushes what is buffered, then closes
+
+
+# --- shared parts ------------------------------------------------------------------------------
 
 
 def _client_gone(ex: Exchange) -> bool:

@@ -1,10 +1,11 @@
 """OpenAI's Responses API (POST /v1/responses) as chat completions: pure, no I/O.
 
 Codex CLI speaks only this dialect, and mlx_lm.server only chat completions, so a Responses
-request becomes one chat request (`to_chat`), and the chat answer becomes a Response object
-(`from_chat`) or, streamed, the Responses event sequence (`ResponsesStream`, fed one chat
-chunk at a time by the relay). Nothing is stored: the client resends the whole history each
-turn (Codex sends `store: false`), so `previous_response_id` is refused with a clear 400.
+request becomes one chat request (`to_chat`, always streamed upstream), and the chat stream
+becomes the Responses event sequence (`ResponsesStream`, fed one chat chunk at a time by the
+relay) or, unary, the Response object its last event carries (`collect`). Nothing is stored:
+the client resends the whole history each turn (Codex sends `store: false`), so
+`previous_response_id` is refused with a clear 400.
 
 Requests, item by item (every item a plain dict as the client sent it):
   * `instructions`, and `system`/`developer` messages anywhere in `input`, become ONE leading
@@ -41,6 +42,7 @@ import time
 import uuid
 from typing import Any
 
+from . import jsonfast
 from .dialect import encode_event
 from .errors import BadRequest, GatewayError
 
@@ -100,9 +102,10 @@ def to_chat(req: dict[str, Any], model: str) -> dict[str, Any]:
                 raise BadRequest(f"'{src}' must be a number.", param=src)
             out[dst] = value
     out.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
-    if req.get("stream") is True:
-        out["stream"] = True
-        out["stream_options"] = {"include_usage": True}  # mlx fails on `{}` after the content
+    # Always a stream upstream, unary answers included (`collect` folds the events): one path,
+    # so a unary answer is exactly what the stream would have said.
+    out["stream"] = True
+    out["stream_options"] = {"include_usage": True}  # mlx fails on `{}` after the content
     return out
 
 
@@ -300,35 +303,19 @@ def _call(item_id: str, call_id: str, name: str, arguments: str, status: str
             "arguments": arguments, "status": status}
 
 
-def from_chat(completion: dict[str, Any], alias: str, rid: str | None = None
-              ) -> dict[str, Any]:
-    """A unary chat completion as a Response object reporting `alias`."""
-    rid = rid or new_response_id()
-    choices = completion.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices and \
-        isinstance(choices[0], dict) else {}
-    msg = choice.get("message")
-    msg = msg if isinstance(msg, dict) else {}
-    output: list[dict[str, Any]] = []
-    reasoning = msg.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        output.append(_reasoning(_item_id(rid, "rs", len(output)), reasoning))
-    content = msg.get("content")
-    if isinstance(content, str) and content:
-        output.append(_message(_item_id(rid, "msg", len(output)), content))
-    for call in msg.get("tool_calls") or ():
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict):
-            continue
-        item_id = _item_id(rid, "fc", len(output))
-        output.append(_call(item_id, str(call.get("id") or "call_" + item_id[3:]),
-                            str(fn.get("name") or ""), str(fn.get("arguments") or ""),
-                            "completed"))
-    status, incomplete = _ending(choice.get("finish_reason"))
-    created = completion.get("created")
-    return _response(rid, alias, created if isinstance(created, int) else int(time.time()),
-                     status, output, usage_of(completion.get("usage")),
-                     incomplete=incomplete)
+def collect(events: bytes) -> dict[str, Any]:
+    """The unary Response for a whole ResponsesStream output: the final snapshot its terminal
+    event (`response.completed` or `response.incomplete`) carries."""
+    at = events.rstrip().rfind(b"\n\n")
+    last = events[at + 2:] if at >= 0 else events
+    data = last.find(b"\ndata: ")
+    if data < 0:
+        raise ValueError("no terminal event")
+    event = jsonfast.loads(last[data + 7:])
+    if event["type"] not in ("response.completed", "response.incomplete"):
+        raise ValueError("the stream did not complete")
+    response: dict[str, Any] = event["response"]
+    return response
 
 
 def error_body(err: GatewayError) -> bytes:

@@ -432,3 +432,47 @@ async def test_slow_client_backpressure_reaches_the_upstream(make_gateway: Any,
             assert flood.written < 96 * 1024 * 1024, flood.written
             resp.close()
         await assert_serving(gw)
+
+
+@pytest.mark.parametrize("handed_over", [False, True], ids=["front", "aiohttp"])
+async def test_slow_client_that_reads_again_gets_the_whole_stream(make_gateway: Any,
+                                                                  fake: FakeMLX,
+                                                                  handed_over: bool) -> None:
+    """Backpressure is a pause, not an end: once the stalled client reads again, the client
+    transport's resume_writing resumes the upstream and every byte arrives, [DONE] last. On
+    both servers: the front, and aiohttp for a connection the front handed over (a chunked
+    request body)."""
+    total = 64 * 1024 * 1024
+    async with FloodUpstream(total, f"/Users/admin/models/internal-{BAD}-id") as flood:
+        gw = await two_aliases(make_gateway, f"http://127.0.0.1:{flood.port}", fake.url)
+        body = json.dumps(chat(BAD, stream=True)).encode()
+
+        async def chunked() -> Any:
+            yield body
+
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)) as s:
+            resp = await s.post(gw.url + CHAT, data=chunked() if handed_over else body,
+                                headers={**AUTH, "Content-Type": "application/json"},
+                                read_bufsize=2**16)
+            assert resp.status == 200
+            got = len(await resp.content.readany())
+            last = [-1, time.monotonic()]
+
+            def settled() -> bool:
+                now = time.monotonic()
+                if flood.written != last[0]:
+                    last[0], last[1] = flood.written, now
+                    return False
+                return now - last[1] > 0.5
+
+            await wait_for(settled, timeout=20, interval=0.05)
+            assert not flood.finished  # stalled by the client, not done
+            tail = b""
+            while chunk := await asyncio.wait_for(resp.content.readany(), 20):
+                got += len(chunk)
+                tail = (tail + chunk)[-64:]
+            assert flood.finished
+            assert tail.endswith(b"data: [DONE]\n\n")
+            assert got > total * 0.95  # every frame (each names the shorter alias)
+        await assert_serving(gw)

@@ -16,8 +16,8 @@ from maclustr.errors import BadRequest, UpstreamFailed
 from maclustr.responses import (
     DEFAULT_MAX_TOKENS,
     ResponsesStream,
+    collect,
     error_body,
-    from_chat,
     to_chat,
 )
 
@@ -93,7 +93,8 @@ def test_sdk_request_with_instructions_and_string_input() -> None:
         "model": INTERNAL,
         "messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": "say pong"}],
-        "max_tokens": 16, "temperature": 0.2, "top_p": 0.9}
+        "max_tokens": 16, "temperature": 0.2, "top_p": 0.9,
+        "stream": True, "stream_options": {"include_usage": True}}
 
 
 def test_easy_messages_and_a_late_developer_message_fold_into_the_leading_system() -> None:
@@ -158,22 +159,34 @@ def test_what_cannot_be_translated_is_a_clear_400(req: dict[str, Any], param: st
 
 # --- unary answers ---------------------------------------------------------------------------
 
-# A unary answer as mlx_lm.server 0.32 writes it for a tool call (agent-clients.md section 4).
-MLX_UNARY = {
-    "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": INTERNAL,
-    "system_fingerprint": "0.32.2-Linux",
-    "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-        "role": "assistant", "content": "Let me run it.", "reasoning": "The user wants echo.",
-        "tool_calls": [{"id": "call_9", "type": "function",
-                        "function": {"name": "exec_command",
-                                     "arguments": "{\"cmd\": \"echo hi\"}"}}]}}],
-    "usage": {"prompt_tokens": 19, "completion_tokens": 5, "total_tokens": 24,
-              "prompt_tokens_details": {"cached_tokens": 3}},
-}
+# A unary answer is the stream's events folded (`collect`), as mlx_lm.server 0.32 streams a
+# tool call (agent-clients.md section 4): reasoning, text, the whole call, then usage.
+UNARY_CHUNKS = [
+    {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000,
+     "model": INTERNAL, "system_fingerprint": "0.32.2-Linux",
+     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    for delta, finish in (
+        ({"role": "assistant", "reasoning": "The user wants echo."}, None),
+        ({"content": "Let me run it."}, None),
+        ({"tool_calls": [{"index": 0, "id": "call_9", "type": "function",
+                          "function": {"name": "exec_command",
+                                       "arguments": "{\"cmd\": \"echo hi\"}"}}]},
+         "tool_calls"))] + [
+    {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000,
+     "model": INTERNAL, "choices": [],
+     "usage": {"prompt_tokens": 19, "completion_tokens": 5, "total_tokens": 24,
+               "prompt_tokens_details": {"cached_tokens": 3}}}]
+
+
+def folded(chunks: list[dict[str, Any]], rid: str = "resp_x") -> dict[str, Any]:
+    """What the relay answers a unary request with: the whole stream's events, collected."""
+    rw = ChatEventRewriter(ResponsesStream(ALIAS, rid=rid, created=1700000000))
+    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+    return collect(rw.feed(raw + b"data: [DONE]\n\n"))
 
 
 def test_unary_answer_becomes_a_response_object_with_alias_and_usage() -> None:
-    r = from_chat(MLX_UNARY, ALIAS, "resp_x")
+    r = folded(UNARY_CHUNKS)
     assert r["id"] == "resp_x" and r["object"] == "response" and r["model"] == ALIAS
     assert r["status"] == "completed" and r["created_at"] == 1700000000
     assert [o["type"] for o in r["output"]] == ["reasoning", "message", "function_call"]
@@ -190,11 +203,21 @@ def test_unary_answer_becomes_a_response_object_with_alias_and_usage() -> None:
 
 
 def test_unary_cut_by_the_token_limit_is_incomplete() -> None:
-    done = {**MLX_UNARY, "choices": [{"index": 0, "finish_reason": "length",
-                                      "message": {"role": "assistant", "content": "abc"}}]}
-    r = from_chat(done, ALIAS)
+    cut = [{**UNARY_CHUNKS[1], "choices": [{"index": 0, "delta": {"content": "abc"},
+                                            "finish_reason": "length"}]}]
+    r = folded(cut)
     assert r["status"] == "incomplete"
     assert r["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_unary_of_a_stream_that_never_completed_is_refused() -> None:
+    """The relay maps this ValueError to a 502: a failed or empty stream is no answer."""
+    with pytest.raises(ValueError):
+        collect(b"")
+    rw = ChatEventRewriter(ResponsesStream(ALIAS))
+    with pytest.raises(ValueError):
+        collect(rw.feed(b"data: " + json.dumps(UNARY_CHUNKS[1]).encode() + b"\n\n")
+                + rw.fail(UpstreamFailed(ALIAS)))
 
 
 # --- streams ---------------------------------------------------------------------------------
@@ -443,9 +466,8 @@ def test_translation_keeps_every_message_tool_and_parameter(req: dict[str, Any])
     for src, dst in (("temperature", "temperature"), ("top_p", "top_p")):
         assert chat.get(dst) == req.get(src)
     assert chat["max_tokens"] == req.get("max_output_tokens", DEFAULT_MAX_TOKENS)
-    assert chat.get("stream", False) == req.get("stream", False)
-    if req.get("stream"):
-        assert chat["stream_options"] == {"include_usage": True}
+    # Always streamed upstream: a unary answer is the stream folded (collect).
+    assert chat["stream"] is True and chat["stream_options"] == {"include_usage": True}
     assert chat["model"] == INTERNAL
 
 

@@ -123,7 +123,8 @@ async def test_sdk_unary_sees_the_exact_function_call(gateway: Gateway, fake: Fa
     assert json.loads(calls[0].arguments) == ARGS
     assert r.status == "completed" and r.model == ALIAS
     up = fake.requests[-1].json
-    assert up["tools"][0]["function"]["name"] == "exec_command" and "stream" not in up
+    assert up["tools"][0]["function"]["name"] == "exec_command"
+    assert up["stream"] is True  # a unary answer is the upstream's stream, folded
 
 
 async def test_sdk_stream_helper_sees_the_exact_function_call(gateway: Gateway,
