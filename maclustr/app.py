@@ -242,6 +242,9 @@ async def frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except web.HTTPException as e:
+            # aiohttp keeps its 404/405 in the request's match_info: the traceback (this
+            # frame, the request) would make a cycle per refusal (issue 25)
+            e.__traceback__ = None
             raise _from_http_exception(e, request) from None
 
     result = await serve(request.app, ex, endpoint, run)
@@ -267,7 +270,9 @@ async def stamp(request: web.Request, resp: web.StreamResponse) -> None:
     stream the relay prepares itself (a middleware sees it only after its headers are sent),
     and `Server: maclustr` over aiohttp's default (its name and version, e.g. on /metrics)."""
     resp.headers["Server"] = SERVER
-    ex = request.get(EXCHANGE)
+    # Taken out, not read: the request holds the exchange and the exchange the request, a
+    # cycle that would wait for the collector (issue 25); nothing reads it after this.
+    ex = request.pop(EXCHANGE, None)
     if ex is not None and ex.rid != "-":
         resp.headers["X-Request-Id"] = ex.rid
     origins = request.app[ROUTES].current.settings.cors_origins

@@ -165,13 +165,23 @@ class _Conn(asyncio.Protocol):
         self._client.forget(self)
         if self.response is None:
             self._fail(UpstreamError("connection closed before a response"))
-            return
-        if not self._body_done:
-            if self._remaining is None and self._chunked is None:
-                self._body_done = True  # close-delimited body: EOF is the end (HTTP/1.0, mlx)
-            else:
-                self._exc = UpstreamError("connection closed in the middle of the body")
-        self._wake()
+        else:
+            if not self._body_done:
+                if self._remaining is None and self._chunked is None:
+                    self._body_done = True  # close-delimited body: EOF ends it (HTTP/1.0, mlx)
+                else:
+                    self._exc = UpstreamError("connection closed in the middle of the body")
+            self._wake()
+        self._unlink()
+
+    def _unlink(self) -> None:
+        """Nothing arrives any more: drop the references back to this connection (the bound
+        parser, the sink's closure, the response and the future holding it), so it is freed
+        by reference counting, not left as cyclic garbage for the collector (issue 25)."""
+        self._on_data = _ignore
+        self._sink = None
+        self.response = None
+        self._head_waiter = None
 
     def pause_writing(self) -> None:  # requests are small; nothing to do
         pass
@@ -303,6 +313,8 @@ class _Conn(asyncio.Protocol):
         except BaseException:  # cancelled (client gone, timeout) or failed: drop the socket
             tr.abort()
             raise
+        finally:
+            self._head_waiter = None  # it holds the Response, which holds this connection
 
     async def read_body(self) -> bytes:
         while True:
@@ -334,7 +346,10 @@ class _Conn(asyncio.Protocol):
             self._buf = []
             self._buffered = 0
             sink(data)
-        self.resume()
+        if self._lost:
+            self._unlink()  # the whole body had arrived: keep no reference to the sink
+        else:
+            self.resume()
 
     def halt(self) -> None:
         self._halted = True
@@ -721,6 +736,10 @@ class Client:
             for fut in claims:
                 fut.cancel()
         self.keep_only(())
+
+
+def _ignore(data: bytes) -> None:
+    """Where bytes go once the connection is lost (none should)."""
 
 
 def _keep_probing(transport_sock: Any) -> None:
