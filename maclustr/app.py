@@ -33,7 +33,7 @@ from .errors import (
     NotFound,
     ShuttingDown,
 )
-from .exchange import Answer, Exchange
+from .exchange import Answer, Exchange, client_gone
 from .front import FrontExchange, FrontServer
 from .headers import SERVER, cors, request_id
 from .metrics import LastMinute, Metrics
@@ -148,11 +148,14 @@ async def serve(app: web.Application, ex: Exchange, endpoint: str,
     except GatewayError as e:
         result = error_answer(e, ex.path)
         o.fail(e.status, e.code)
-    except (asyncio.CancelledError, ConnectionError):
-        if o.code == "done":  # not a shutdown the relay already reported in-band
-            o.gone()
-        report(app, o)
-        raise
+    except (asyncio.CancelledError, ConnectionError) as e:
+        cut = _cut_short(app, ex, o, e)
+        if cut is None:
+            report(app, o)
+            raise
+        result = cut
+        if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
+            task.uncancel()  # answered: the cancel is spent
     except Exception:
         log.exception("%s %s %s failed", rid, ex.method, endpoint)
         result = error_answer(GatewayError(), ex.path)
@@ -163,6 +166,21 @@ async def serve(app: web.Application, ex: Exchange, endpoint: str,
         o.status = getattr(result, "status", 200)  # None: streamed, a 200
     report(app, o)
     return result
+
+
+def _cut_short(app: web.Application, ex: Exchange, o: Outcome, e: BaseException
+               ) -> Answer | None:
+    """A request that ended early: the client left (499), or the shutdown grace ran out,
+    which is the gateway's 503, answered when nothing was sent yet. None: nothing to send."""
+    if o.code != "done":  # a shutdown the relay already reported in-band
+        return None
+    if not (isinstance(e, asyncio.CancelledError) and app[SHUTTING_DOWN].is_set()
+            and not client_gone(ex)):
+        o.gone()
+        return None
+    err = ShuttingDown()
+    o.fail(err.status, err.code)
+    return None if ex.started else error_answer(err, ex.path)
 
 
 def authenticate(app: web.Application, ex: Exchange) -> None:
@@ -214,6 +232,10 @@ class AiohttpExchange:
 
     async def drain(self) -> None:
         await self.request.writer.drain()  # aiohttp's protocol waits for its resume_writing
+
+    @property
+    def started(self) -> bool:
+        return self.response is not None
 
     async def body(self, limit: int) -> bytes:
         return await read_body(self.request, limit)

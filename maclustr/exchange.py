@@ -61,6 +61,11 @@ class Exchange(Protocol):
         """Until the client's transport resumes writing (resume_writing), or is gone."""
         ...
 
+    @property
+    def started(self) -> bool:
+        """A stream's head was sent: no other answer can follow."""
+        ...
+
     async def body(self, limit: int) -> bytes:
         """The whole body; BodyTooLarge past `limit` bytes, without reading them all."""
         ...
@@ -72,3 +77,9 @@ class Exchange(Protocol):
     async def end_stream(self) -> None:
         """End a started stream cleanly (the chunked terminator, or the close)."""
         ...
+
+
+def client_gone(ex: Exchange) -> bool:
+    """The client closed its connection (or is closing it)."""
+    tr = ex.transport
+    return tr is None or tr.is_closing()

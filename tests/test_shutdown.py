@@ -135,3 +135,58 @@ async def test_idle_gateway_exits_0_promptly_on_sigterm(gateway_process: Any, tm
     gp.proc.send_signal(signal.SIGTERM)
     assert await exit_code(gp.proc, 5) == 0
     assert time.monotonic() - t0 < 3
+
+
+UNARY = {"model": A, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_unary_cut_by_the_grace_gets_the_503_and_is_logged_as_one(
+        gateway_process: Any, tmp_path: Path, fake: FakeMLX) -> None:
+    """A unary request still waiting when the grace runs out is the gateway's doing: the
+    client gets the 503 `gateway_shutting_down` envelope before the connection closes, and
+    the access log says 503, not the 499 of a client that left."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(routes_yaml({A: fake.url}, extra="gateway: {shutdown_grace: 1}"))
+    gp = gateway_process(routes, "--reload-interval", "0")
+    fake.push(Behavior(kind="hang"))
+    async with aiohttp.ClientSession() as s:
+        pending = asyncio.ensure_future(s.post(gp.url + CHAT, json=UNARY, headers=AUTH))
+        await fake.wait_requests(1)
+        gp.proc.send_signal(signal.SIGTERM)
+        resp = await asyncio.wait_for(pending, 10)
+        body = await resp.json()
+    assert resp.status == 503 and body["error"]["code"] == "gateway_shutting_down", body
+    assert await exit_code(gp.proc, 5) == 0
+    access = [ln for ln in gp.output().splitlines() if " POST /v1/chat/completions " in ln]
+    assert len(access) == 1 and "status=503" in access[0], access
+    assert "outcome=gateway_shutting_down" in access[0]
+
+
+async def test_unary_cut_by_the_grace_counts_as_503_in_the_metrics(
+        make_gateway: Any, fake: FakeMLX) -> None:
+    """In-process, through `drain` itself: the cut request counts under code 503 and not as a
+    client disconnect."""
+    from maclustr.app import METRICS
+    from maclustr.cli import drain
+
+    class Listening:  # the site drain stops first: the in-process server's stays open
+        async def stop(self) -> None:
+            pass
+
+    gw = await make_gateway(routes_yaml({A: fake.url}))
+    fake.push(Behavior(kind="hang"))
+    pending = asyncio.ensure_future(gw.client.post(CHAT, UNARY))
+    await fake.wait_requests(1)
+    await drain(gw.app, Listening(), 0.2)  # type: ignore[arg-type]
+    ans = await asyncio.wait_for(pending, 5)
+    assert ans.status == 503 and ans.json()["error"]["code"] == "gateway_shutting_down"
+    registry = gw.app[METRICS].registry
+
+    def requests(code: str) -> float:
+        return sum(sample.value for metric in registry.collect() for sample in metric.samples
+                   if sample.name == "maclustr_requests_total"
+                   and sample.labels["code"] == code and sample.labels["model"] == A)
+
+    assert (requests("503"), requests("499")) == (1.0, 0.0)
+    assert not registry.get_sample_value("maclustr_client_disconnects_total",
+                                         {"model": A, "phase": "upstream"})
