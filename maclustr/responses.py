@@ -22,14 +22,16 @@ Requests, item by item (every item a plain dict as the client sent it):
     `file_search`, ...) is dropped, not refused. Function tools inside a `namespace` are
     dropped too: Codex routes a namespaced call by its namespace, which a chat tool call
     cannot carry back.
-  * `max_output_tokens` -> `max_tokens` (DEFAULT_MAX_TOKENS when absent); `temperature`,
+  * `max_output_tokens` -> `max_tokens` (DEFAULT_MAX_TOKENS when absent; an integer >= 1,
+    as /v1/messages checks `max_tokens`: nothing else goes upstream); `temperature`,
     `top_p` pass; `tool_choice: "none"` sends no tools (as the Anthropic dialect does). What a
     local model cannot honour (`reasoning`, `include`, `store`, other `tool_choice` values,
     `parallel_tool_calls`, `text`, `prompt_cache_key`, `client_metadata`, `metadata`,
     `truncation`, `user`, ...) is ignored.
 
-Answers: the upstream's `delta.reasoning` becomes a `reasoning` item with `reasoning_text`
-content (what OpenAI sends for open-weight models' raw reasoning), text a `message` item,
+Answers: the upstream's `delta.reasoning` (mlx) or `delta.reasoning_content` (vLLM and others)
+becomes a `reasoning` item with `reasoning_text` content (what OpenAI sends for open-weight
+models' raw reasoning), text a `message` item,
 each tool call a `function_call` item. Every item goes through its whole lifecycle (the openai
 SDK's `responses.stream()` helper refuses an event for an item it was not told about), and the
 stream ends with exactly one of `response.completed`, `response.incomplete` (the upstream hit
@@ -100,6 +102,8 @@ def to_chat(req: dict[str, Any], model: str) -> dict[str, Any]:
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise BadRequest(f"'{src}' must be a number.", param=src)
+            if src == "max_output_tokens" and (not isinstance(value, int) or value < 1):
+                raise BadRequest(f"'{src}' must be an integer >= 1.", param=src)
             out[dst] = value
     out.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     # Always a stream upstream, unary answers included (`collect` folds the events): one path,
@@ -368,7 +372,7 @@ class ResponsesStream:
         choice = choices[0]
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            reasoning = delta.get("reasoning")
+            reasoning = delta.get("reasoning") or delta.get("reasoning_content")
             if isinstance(reasoning, str) and reasoning:
                 out += self._delta("reasoning", reasoning)
             content = delta.get("content")

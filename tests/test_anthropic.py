@@ -286,6 +286,14 @@ def run(chunks: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     return decode(b"".join(out + s.finish()))
 
 
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_both_reasoning_field_names_become_thinking(field: str) -> None:
+    events = run([_chunk({field: "hm"}), _chunk({"content": "a"}, "stop")])
+    deltas = [e["delta"] for n, e in events if n == "content_block_delta"]
+    assert deltas == [{"type": "thinking_delta", "thinking": "hm"},
+                      {"type": "text_delta", "text": "a"}]
+
+
 def test_content_and_finish_in_one_chunk_are_split() -> None:
     events = run([_chunk({"content": "a"}), _chunk({"content": "b"}, "stop")])
     assert [n for n, _ in events] == [

@@ -147,6 +147,9 @@ def test_tool_choice_none_sends_no_tools_and_other_choices_are_ignored() -> None
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
      "input[0]"),
     ({"input": "hi", "max_output_tokens": "many"}, "max_output_tokens"),
+    ({"input": "hi", "max_output_tokens": -1}, "max_output_tokens"),
+    ({"input": "hi", "max_output_tokens": 1.5}, "max_output_tokens"),
+    ({"input": "hi", "max_output_tokens": True}, "max_output_tokens"),
     ({"input": "hi", "tools": [{"type": "function"}]}, "tools[0].name"),
     ({"input": "hi", "instructions": ["x"]}, "instructions"),
 ])
@@ -296,6 +299,19 @@ def test_stream_emits_the_full_lifecycle_for_reasoning_text_and_a_tool_call() ->
     assert final["output"][2]["call_id"] == "call_7"
     assert final["usage"]["input_tokens"] == 7 and final["usage"]["total_tokens"] == 11
     assert [e["output_index"] for e in evs if e["type"] == "response.output_item.done"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_both_reasoning_field_names_become_reasoning_output(field: str) -> None:
+    """mlx says `delta.reasoning`, vLLM and others `delta.reasoning_content`: both are the
+    model's reasoning (as /v1/messages makes both thinking), streamed and unary."""
+    chunks = [chunk({field: "think "}), chunk({field: "more"}), chunk({"content": "ok"}, "stop")]
+    evs = events(run(sse(chunks)))
+    assert [e["delta"] for e in evs if e["type"] == "response.reasoning_text.delta"] == [
+        "think ", "more"]
+    r = folded(chunks)
+    assert [o["type"] for o in r["output"]] == ["reasoning", "message"]
+    assert r["output"][0]["content"] == [{"type": "reasoning_text", "text": "think more"}]
 
 
 def test_stream_cut_at_every_byte_gives_the_same_events() -> None:

@@ -197,6 +197,18 @@ async def test_previous_response_id_is_a_clear_400(gateway: Gateway, fake: FakeM
     assert not fake.requests
 
 
+@pytest.mark.parametrize("value", [-1, 0, 1.5, "64", True])
+async def test_bad_max_output_tokens_is_a_400_naming_it_and_nothing_goes_upstream(
+        gateway: Gateway, fake: FakeMLX, value: Any) -> None:
+    """As /v1/messages refuses a bad max_tokens: mlx would take a negative limit as none."""
+    ans = await gateway.client.post("/v1/responses", {"model": ALIAS, "input": "hi",
+                                                      "max_output_tokens": value})
+    assert ans.status == 400, ans.body[:300]
+    err = ans.json()["error"]
+    assert err["param"] == "max_output_tokens" and "max_output_tokens" in err["message"]
+    assert not fake.requests
+
+
 async def test_unknown_model_and_bad_key_use_openai_envelopes(gateway: Gateway) -> None:
     ans = await gateway.client.post("/v1/responses", {"model": "nope", "input": "hi"})
     assert ans.status == 404 and ans.json()["error"]["code"] == "model_not_found"
