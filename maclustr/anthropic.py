@@ -541,6 +541,8 @@ def error_type(err: GatewayError) -> str:
         return "not_found_error"
     if s == 413:
         return "request_too_large"
+    if err.anthropic_type is not None:  # e.g. a key's own rate limit (429), not load
+        return err.anthropic_type
     if s in (429, 503):
         return "overloaded_error"
     if s >= 500:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -21,7 +22,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from . import anthropic, health, jsonfast, responses
 from .auth import KeyRing, bearer_token
 from .body import ask_for_usage, check_content_type, parse_request, upstream_body, wants_stream
-from .config import Route, RouteTable
+from .config import Route, RouteTable, usage_db_path
 from .dialect import Dialect
 from .errors import (
     BadRequest,
@@ -36,7 +37,8 @@ from .errors import (
 from .exchange import Answer, Exchange, client_gone
 from .front import FrontExchange, FrontServer
 from .headers import SERVER, cors, request_id
-from .metrics import LastMinute, Metrics
+from .ledger import ReportError, aggregate, parse_by, parse_since
+from .metrics import KeyGauges, LastMinute, Metrics
 from .openapi import openapi_document
 from .outcome import Outcome, access_line
 from .page import CSP, base_url, render_page
@@ -44,6 +46,8 @@ from .relay import Backends, Call, relay
 from .reload import RoutesHolder
 from .scheduler import Scheduler, conversation_prefix
 from .upstream import Client
+from .usage import MODEL_ENDPOINTS, KeyUsage, check_access, policy_of, require_admin
+from .usage_db import report_rows
 from .warmup import Warmer, generate_one
 
 log = logging.getLogger("maclustr.access")
@@ -55,6 +59,7 @@ STARTED = web.AppKey("started", int)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 IN_FLIGHT = web.AppKey("in_flight", set)  # handler tasks, for the shutdown grace
 DEEP_HEALTH = web.AppKey("deep_health", health.DeepCache)
+USAGE = web.AppKey("usage", KeyUsage)  # team keys: windows and the ledger (from start)
 METRICS = web.AppKey("metrics", Metrics)  # absent when gateway.metrics is false
 LAST_MINUTE = web.AppKey("last_minute", LastMinute)  # the front page's figures (with METRICS)
 LOG_FORMAT = web.AppKey("log_format", str)  # access log: "text" or "json"
@@ -117,6 +122,12 @@ def report(app: web.Application, o: Outcome) -> None:
     metrics = app.get(METRICS)
     if metrics is not None:
         metrics.observe(o)
+    usage = app.get(USAGE)
+    if usage is not None:
+        usage.observe(o)
+    up = app.get(UPSTREAM)
+    if up is not None:
+        up.scheduler.leave(asyncio.current_task())  # its key's max_in_flight slot
     if log.isEnabledFor(logging.INFO):
         line = access_line(o, app[LOG_FORMAT])
         write = app.get(ACCESS_WRITER)
@@ -195,6 +206,8 @@ def authenticate(app: web.Application, ex: Exchange) -> None:
         if name is None:
             raise InvalidApiKey(_ANTHROPIC_KEY_HELP) if anthropic_path else InvalidApiKey()
         ex.key = ex.outcome.key = name
+        if path == "/metrics":
+            require_admin(app[ROUTES].current, name, "/metrics")
 
 
 _ANTHROPIC_KEY_HELP = ("Invalid or missing API key. Send 'x-api-key: <key>' or "
@@ -297,6 +310,8 @@ async def stamp(request: web.Request, resp: web.StreamResponse) -> None:
     ex = request.pop(EXCHANGE, None)
     if ex is not None and ex.rid != "-":
         resp.headers["X-Request-Id"] = ex.rid
+    if ex is not None:
+        resp.headers.update(rate_headers(request.app, ex))
     origins = request.app[ROUTES].current.settings.cors_origins
     if origins:
         resp.headers.update(cors(request.headers.get("Origin"), origins))
@@ -326,11 +341,27 @@ async def _request(app: web.Application, ex: Exchange) -> tuple[RouteTable, dict
     return table, parse_request(await ex.body(table.settings.max_body_bytes))
 
 
-def _route_for(table: RouteTable, payload: dict[str, Any]) -> Route:
+def _route_for(app: web.Application, ex: Exchange, table: RouteTable, payload: dict[str, Any],
+               admit: bool = True) -> Route:
+    """The request's route, once its key may use it now (`keys:`): 403 for a model outside
+    its list, 429 past its rates or quota; `admit` False: access only (nothing counted)."""
     route = table.resolve(payload["model"])
     if route is None:
         raise ModelNotFound(payload["model"], table.aliases)
+    usage = app.get(USAGE)
+    if admit and usage is not None:
+        usage.admit(table, ex.key, route.alias)
+    else:
+        check_access(table, ex.key, route.alias)
     return route
+
+
+def rate_headers(app: web.Application, ex: Exchange) -> dict[str, str]:
+    """x-ratelimit-* on every model answer of a key with limits."""
+    usage = app.get(USAGE)
+    if usage is None or ex.key == "-" or ex.path not in MODEL_ENDPOINTS:
+        return {}
+    return usage.headers(app[ROUTES].current, ex.key)
 
 
 def completions_handler(path: str) -> PostHandler:
@@ -338,7 +369,7 @@ def completions_handler(path: str) -> PostHandler:
 
     async def handle(app: web.Application, ex: Exchange) -> Answer | None:
         table, payload = await _request(app, ex)
-        route = _route_for(table, payload)
+        route = _route_for(app, ex, table, payload)
         o = ex.outcome
         o.model, o.stream = route.alias, wants_stream(payload)
         prefix = conversation_prefix(payload) if len(route.upstreams) > 1 else None
@@ -367,7 +398,7 @@ async def messages(app: web.Application, ex: Exchange) -> Answer | None:
     """POST /v1/messages: Anthropic's Messages API, unary or streamed, over chat completions.
     Routed by path alone (Claude Code adds `?beta=true`) and the body's `model`."""
     table, payload = await _request(app, ex)
-    route = _route_for(table, payload)
+    route = _route_for(app, ex, table, payload)
     chat = anthropic.to_chat(payload, route.model)
     estimate = anthropic.estimate_tokens(chat)
     alias, stops = route.alias, anthropic.stop_sequences(payload)
@@ -380,7 +411,7 @@ async def responses_api(app: web.Application, ex: Exchange) -> Answer | None:
     """POST /v1/responses: OpenAI's Responses API (Codex CLI speaks nothing else), unary or
     streamed, over chat completions. Stateless: the client resends the whole history."""
     table, payload = await _request(app, ex)
-    route = _route_for(table, payload)
+    route = _route_for(app, ex, table, payload)
     chat = responses.to_chat(payload, route.model)
     alias = route.alias
     dialect = Dialect(stream=lambda: responses.ResponsesStream(alias), collect=responses.collect)
@@ -391,7 +422,7 @@ async def count_tokens(app: web.Application, ex: Exchange) -> Answer | None:
     """POST /v1/messages/count_tokens: an estimate (anthropic.estimate_tokens says how); the
     tokenizer lives with the model on its node, and asking it would cost a prompt pass."""
     table, payload = await _request(app, ex)
-    route = _route_for(table, payload)
+    route = _route_for(app, ex, table, payload, admit=False)
     ex.outcome.model = route.alias
     payload.pop("stream", None)
     return json_answer({"input_tokens": anthropic.estimate_tokens(
@@ -419,9 +450,12 @@ def _model_card(request: web.Request, alias: str) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """The aliases the key may use (`keys:`), every alias without that section."""
     table = request.app[ROUTES].current
+    policy = policy_of(table, request[EXCHANGE].key)
     return json_response({"object": "list",
-                          "data": [_model_card(request, a) for a in table.aliases]})
+                          "data": [_model_card(request, a) for a in table.aliases
+                                   if policy.allows(a)]})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -430,6 +464,7 @@ async def get_model(request: web.Request) -> web.Response:
     route = table.resolve(name)
     if route is None:
         raise ModelNotFound(name, table.aliases)
+    check_access(table, request[EXCHANGE].key, route.alias)
     return json_response(_model_card(request, route.alias))
 
 
@@ -445,9 +480,34 @@ async def get_health(request: web.Request) -> web.Response:
     if generate and keyed is None:
         raise InvalidApiKey("'/health?deep=generate' asks every model for a token and needs "
                             "'Authorization: Bearer <key>'; '?deep=true' is public.")
+    if generate:
+        require_admin(table, keyed, "'/health?deep=generate'")
+    admin = keyed is not None and policy_of(table, keyed).admin  # in-flight figures
     report = await request.app[DEEP_HEALTH].get(table, up.client, up.scheduler, generate)
-    shown = report if keyed is not None else health.public(report)
+    shown = report if admin else health.public(report)
     return json_response(shown, status=200 if report["status"] == "ok" else 503)
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    """GET /v1/usage?since=...&by=...: the ledger's report (admin keys), the same rows as
+    `maclustr usage --format json`."""
+    table = request.app[ROUTES].current
+    require_admin(table, request[EXCHANGE].key, "/v1/usage")
+    usage = request.app[USAGE]
+    if usage.db is None:
+        raise NotFound("The usage ledger is off ('gateway.usage_db: false').")
+    try:
+        since = parse_since(request.query.get("since"), time.time())
+        by = parse_by(request.query.get("by"))
+    except ReportError as e:
+        raise BadRequest(str(e).replace("--", "")) from None
+    await asyncio.to_thread(usage.flush)
+    try:
+        rows = await asyncio.to_thread(report_rows, usage.db, since)
+    except sqlite3.Error as e:
+        log.error("usage ledger cannot be read for /v1/usage: %s", e)
+        rows = []
+    return json_response({"object": "list", "data": aggregate(rows, by)})
 
 
 async def front_page(request: web.Request) -> web.Response:
@@ -477,6 +537,9 @@ def make_front(app: web.Application, fallback: Callable[[], asyncio.Protocol]) -
 
     def stamp(ex: FrontExchange, headers: dict[str, str]) -> dict[str, str]:
         out = {**headers, "X-Request-Id": ex.rid} if ex.rid != "-" else dict(headers)
+        limits = rate_headers(app, ex)
+        if limits:
+            out.update(limits)
         origins = app[ROUTES].current.settings.cors_origins
         if origins:
             out.update(cors(ex.header("Origin"), origins))
@@ -501,6 +564,10 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text",
             lambda: holder.current,
             lambda: app[UPSTREAM].scheduler if UPSTREAM in app else None)
         holder.results.append(metrics.reloaded)
+        metrics.registry.register(KeyGauges(
+            lambda: keys.names,
+            lambda name: app[USAGE].tokens_left_today(holder.current, name)
+            if USAGE in app else None))
         app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry),
                            allow_head=False)
         app[LAST_MINUTE] = LastMinute(metrics)
@@ -511,6 +578,7 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text",
     app[DEEP_HEALTH] = health.DeepCache()
     app.on_response_prepare.append(stamp)
     app.cleanup_ctx.append(_upstream_client)
+    app.cleanup_ctx.append(_key_usage)
     for path, post in POST_ROUTES.items():
         app.router.add_post(path, on_aiohttp(post))
     app.router.add_get("/v1/models", list_models, allow_head=False)
@@ -518,6 +586,7 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text",
     app.router.add_get("/health", get_health)
     app.router.add_get("/", front_page)
     app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/v1/usage", get_usage, allow_head=False)
     return app
 
 
@@ -535,6 +604,19 @@ async def _sample_last_minute(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         task.cancel()
+
+
+async def _key_usage(app: web.Application) -> AsyncIterator[None]:
+    """Team keys' windows and ledger: the ledger's totals are read back before the first
+    request; its last rows are written at cleanup."""
+    holder = app[ROUTES]
+    settings = holder.current.settings
+    db = usage_db_path(holder.path, settings)
+    usage = app[USAGE] = await asyncio.to_thread(KeyUsage, db, settings.usage_retention_days)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(usage.close)
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
@@ -566,6 +648,7 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     def keep_routed(table: RouteTable) -> None:
         client.keep_only(table.upstreams)
         scheduler.keep_only(table.upstreams)
+        scheduler.set_policies(table.keys)
 
     holder.listeners += [warmer.warm_table, keep_routed]
     warmer.warm_table(holder.current)

@@ -85,7 +85,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="print this many frames, then exit (default: until Ctrl-C)")
     top.add_argument("--once", action="store_true", help="one frame (= --iterations 1)")
 
+    usage = sub.add_parser("usage", help="requests and tokens per key, model and day, from the "
+                           "usage ledger")
+    where_db = usage.add_mutually_exclusive_group()
+    where_db.add_argument("--routes", default="routes.yaml",
+                          help="routes file whose gateway.usage_db to read (default: "
+                               "%(default)s)")
+    where_db.add_argument("--db", default=None, help="the ledger file itself")
+    usage.add_argument("--since", default=None,
+                       help="YYYY-MM-DD (UTC) or a number of days like 7d (default: all)")
+    usage.add_argument("--by", default="key,model,day",
+                       help="comma list of key, model, day (default: %(default)s)")
+    usage.add_argument("--format", choices=["table", "json", "csv"], default="table")
+
     args = parser.parse_args(argv)
+    if args.command == "usage":
+        return run_usage(args)
     if args.command == "top":
         return run_top(args)
     if args.command == "check":
@@ -151,6 +166,44 @@ def run_check(path: str) -> int:
     else:
         print(format_table(table))
     print(f"{path}: OK, {len(table.routes)} models")
+    return 0
+
+
+def run_usage(args: argparse.Namespace) -> int:
+    """`maclustr usage`: the ledger's report, the same rows GET /v1/usage answers."""
+    import sqlite3
+
+    from .config import usage_db_path
+    from .ledger import ReportError, aggregate, parse_by, parse_since, render
+    from .usage_db import report_rows
+
+    try:
+        since = parse_since(args.since, time.time())
+        by = parse_by(args.by)
+    except ReportError as e:
+        print(f"maclustr usage: {e}", file=sys.stderr)
+        return 2
+    db = args.db
+    if db is None:
+        try:
+            table = load_routes(args.routes)
+        except ConfigError as e:
+            print(f"maclustr usage: {e}", file=sys.stderr)
+            return 1
+        found = usage_db_path(args.routes, table.settings)
+        if found is None:
+            print(f"maclustr usage: {args.routes} turns the ledger off (gateway.usage_db: "
+                  "false)", file=sys.stderr)
+            return 1
+        db = str(found)
+    from pathlib import Path
+
+    try:
+        rows = report_rows(Path(db), since)
+    except sqlite3.Error as e:
+        print(f"maclustr usage: cannot read the ledger {db}: {e}", file=sys.stderr)
+        return 1
+    print(render(aggregate(rows, by), by, args.format))
     return 0
 
 

@@ -21,6 +21,7 @@ class GatewayError(Exception):
     type = "server_error"
     code = "internal_error"
     shown_status = ""  # the error table's status column when not `status` (e.g. "4xx")
+    anthropic_type: str | None = None  # its type in Anthropic's envelope, when not by status
     meaning = "The gateway hit an unexpected error; its log, under the request id, says where"
 
     def __init__(self, message: str = "The gateway hit an internal error.", *,
@@ -212,6 +213,51 @@ class Overloaded(GatewayError):
         super().__init__(f"Model '{alias}' is busy: {why}. Retry after {retry_after} s.",
                          headers={"Retry-After": str(retry_after)})
         self.reason = reason  # the rejections metric's label: queue_full or queue_timeout
+
+
+class ModelNotAllowed(GatewayError):
+    status, type, code = 403, "permission_error", "model_not_allowed"
+    meaning = "The key's `keys:` policy does not list this model alias in its `models`"
+
+    def __init__(self, key: str, alias: str) -> None:
+        super().__init__(f"The key '{key}' may not use model '{alias}'.", param="model")
+
+
+class AdminOnly(GatewayError):
+    status, type, code = 403, "permission_error", "admin_only"
+    meaning = ("`/metrics`, `/health?deep=generate`, in-flight figures and `/v1/usage` need a "
+               "key whose `keys:` policy says `admin: true`")
+
+    def __init__(self, key: str, what: str) -> None:
+        super().__init__(f"The key '{key}' is not an admin key; {what} needs one "
+                         "('admin: true' under keys: in routes.yaml).")
+
+
+class RateLimited(GatewayError):
+    """A key past its requests_per_minute or tokens_per_minute (`keys:` in routes.yaml)."""
+
+    status, type, code = 429, "rate_limit_error", "rate_limited"
+    anthropic_type: str | None = "rate_limit_error"
+    meaning = ("The key is past its `requests_per_minute` or `tokens_per_minute` (`Retry-After`: "
+               "seconds until the oldest entry leaves the 60 s window)")
+
+    def __init__(self, key: str, what: str, limit: int, retry_after: int,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"The key '{key}' is over its limit of {limit} {what}. Retry after "
+                         f"{retry_after} s.",
+                         headers={**(headers or {}), "Retry-After": str(retry_after)})
+
+
+class QuotaExceeded(RateLimited):
+    code = "quota_exceeded"
+    meaning = ("The key used its `tokens_per_day` (`Retry-After`: seconds until the next UTC "
+               "midnight)")
+
+    def __init__(self, key: str, what: str, limit: int, retry_after: int,
+                 headers: dict[str, str] | None = None) -> None:
+        # Hours away as a rule: an SDK's own retries would only spin until then.
+        super().__init__(key, what, limit, retry_after,
+                         {**(headers or {}), "x-should-retry": "false"})
 
 
 class ShuttingDown(GatewayError):

@@ -70,6 +70,26 @@ class SchedulerGauges(Collector):  # type: ignore[misc, unused-ignore]  # Any wh
         yield up
 
 
+class KeyGauges(Collector):  # type: ignore[misc, unused-ignore]  # Any when untyped
+    """maclustr_key_tokens_remaining: each key's tokens left today under its tokens_per_day
+    (keys without one are not listed), computed at scrape time."""
+
+    def __init__(self, names: Callable[[], Iterable[str]],
+                 left: Callable[[str], int | None]) -> None:
+        self._names = names
+        self._left = left
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily("maclustr_key_tokens_remaining",
+                              "Tokens the key may still use today (tokens_per_day, UTC).",
+                              labels=["key"])
+        for name in self._names():
+            left = self._left(name)
+            if left is not None:
+                g.add_metric([name], left)
+        yield g
+
+
 class Metrics:
     """The app's registry and every metric the gateway reports."""
 

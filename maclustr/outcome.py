@@ -42,6 +42,7 @@ class Outcome:
     duration: float = 0.0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # of the prompt, when the upstream says
     bytes_out: int = 0
     failovers: int = 0
     rejection: str | None = None  # queue_full, queue_timeout, unavailable (the scheduler's no)
@@ -60,6 +61,10 @@ class Outcome:
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if _count(p) and _count(c):
             self.prompt_tokens, self.completion_tokens = p, c
+            details = usage.get("prompt_tokens_details")
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
+            if _count(cached):
+                self.cached_tokens = cached
 
     def fail(self, status: int, code: str) -> None:
         self.status, self.code = status, code

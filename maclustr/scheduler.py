@@ -5,7 +5,9 @@ replica: the one that served its conversation before (the server's prompt cache 
 the shared prefix), else the one with the fewest requests in flight (ties round-robin). Each
 replica takes at most `max_concurrency` requests; the rest wait in a per-model FIFO queue
 that takes API keys in turn, so one key flooding a model cannot starve the others. The queue
-is bounded by `max_queue` and `queue_timeout` (429 beyond either).
+is bounded by `max_queue` and `queue_timeout` (429 beyond either). A key with `max_in_flight`
+(routes.yaml `keys:`) holds at most that many slots: at its limit its requests wait in the
+queue, and the queue serves the other keys' requests meanwhile (a slot never idles for it).
 
 Passive health: a replica that fails `FAILS_TO_EJECT` times in a row is taken out for a
 cool-down, then probed (`/health`) before it serves again; with every replica of a model out,
@@ -30,6 +32,7 @@ from typing import Any
 
 from .config import Route
 from .errors import ModelUnavailable, Overloaded
+from .policy import Policies
 
 log = logging.getLogger("maclustr.scheduler")
 
@@ -64,6 +67,8 @@ class _Waiter:
     prefix: str | None
     future: asyncio.Future[Replica]
     exclude: tuple[str, ...] = ()  # replicas this request already failed on
+    key: str = "-"
+    task: asyncio.Task[Any] | None = None  # the request's; set when its key's slots count
 
 
 class _FairQueue:
@@ -77,13 +82,16 @@ class _FairQueue:
         self._by_key.setdefault(key, deque()).append(w)
         self.size += 1
 
-    def peek(self) -> _Waiter | None:
+    def first(self, ready: Callable[[_Waiter], bool]) -> _Waiter | None:
+        """The head of the first key in turn whose head is ready (a key at its in-flight
+        limit waits; the keys after it are served)."""
         for q in self._by_key.values():
-            return q[0]
+            if ready(q[0]):
+                return q[0]
         return None
 
-    def pop(self) -> None:
-        key, q = next(iter(self._by_key.items()))
+    def pop(self, key: str) -> None:
+        q = self._by_key[key]
         q.popleft()
         self.size -= 1
         if q:
@@ -135,6 +143,16 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._routed: set[str] | None = None  # the replicas the route table names (None: all)
         self.version = 0  # bumped whenever a replica's reported state changes
+        self._policies: Policies | None = None  # `keys:`, for max_in_flight
+        self._key_limits = False  # some key has a max_in_flight
+        self._key_flight: dict[str, int] = {}  # slots held per key (while limits are on)
+        self._holders: dict[asyncio.Task[Any], str] = {}  # request task -> its key
+
+    def set_policies(self, policies: Policies | None) -> None:
+        """The live `keys:` section (each routes reload)."""
+        self._policies = policies
+        self._key_limits = policies is not None and policies.in_flight_limits
+        self._pump()
 
     def replica(self, url: str) -> Replica:
         r = self.replicas.get(url)
@@ -195,9 +213,10 @@ class Scheduler:
     def free_slot(self, route: Route, prefix: str | None,
                   exclude: tuple[str, ...] = ()) -> Replica | None:
         """A slot now, when nobody is queued for the model (no jumping the queue) and a
-        replica has one: the common case, without the cost of a coroutine. None: `acquire`."""
+        replica has one: the common case, without the cost of a coroutine. None: `acquire`
+        (always while a key has max_in_flight: only `acquire` knows the key)."""
         q = self._queues.get(route.alias)
-        if q is not None and q.size:
+        if (q is not None and q.size) or self._key_limits:
             return None
         return self.take(route, prefix, exclude)
 
@@ -215,8 +234,12 @@ class Scheduler:
             q = self._queues[route.alias] = _FairQueue()
         if q.size >= route.max_queue:
             raise Overloaded(route.alias, "its queue is full", retry_after=1)
-        w = _Waiter(route, prefix, asyncio.get_running_loop().create_future(), exclude)
+        w = _Waiter(route, prefix, asyncio.get_running_loop().create_future(), exclude, key)
+        if self._key_limits and not exclude:  # a failover's slot is counted already
+            w.task = asyncio.current_task()
         q.push(key, w)
+        if self._key_limits:
+            self._pump()  # a free slot now, unless the key is at its limit
         try:
             return await asyncio.wait_for(asyncio.shield(w.future), route.queue_timeout)
         except asyncio.TimeoutError:
@@ -263,27 +286,54 @@ class Scheduler:
             seen.popitem(last=False)
 
     def _pump(self) -> None:
-        """Hand free slots to queued requests, oldest first, keys in turn. When a model has
-        lost its last replica, its queued requests get the 503 at once instead of waiting
-        out their queue_timeout."""
+        """Hand free slots to queued requests, oldest first, keys in turn, skipping keys at
+        their max_in_flight. When a model has lost its last replica, its queued requests get
+        the 503 at once instead of waiting out their queue_timeout."""
         for q in self._queues.values():
             while q.size:
-                w = q.peek()
-                assert w is not None
+                w = q.first(self._ready)
+                if w is None:
+                    break
                 if w.future.done():
-                    q.pop()
+                    q.pop(w.key)
                     continue
                 if self.all_down(w.route, w.exclude):
-                    q.pop()
+                    q.pop(w.key)
                     w.future.set_exception(
                         ModelUnavailable(w.route.alias, self.retry_after(w.route)))
                     continue
                 r = self.pick(w.route, w.prefix, w.exclude)
                 if r is None:
                     break
-                q.pop()
+                q.pop(w.key)
                 r.in_flight += 1
+                if w.task is not None:
+                    self._holders[w.task] = w.key
+                    self._key_flight[w.key] = self._key_flight.get(w.key, 0) + 1
                 w.future.set_result(r)
+
+    def _ready(self, w: _Waiter) -> bool:
+        if w.task is None or w.future.done() or self._policies is None:
+            return True
+        limit = self._policies.of(w.key).max_in_flight
+        return limit is None or self._key_flight.get(w.key, 0) < limit
+
+    def leave(self, task: asyncio.Task[Any] | None) -> None:
+        """A request ended (its Outcome reported): the slot its key held is free for the
+        key's next request. Its replica slot was released already (`release`)."""
+        if not self._holders or task is None:
+            return
+        key = self._holders.pop(task, None)
+        if key is not None:
+            left = self._key_flight[key] - 1
+            if left:
+                self._key_flight[key] = left
+            else:
+                del self._key_flight[key]
+            self._pump()
+
+    def key_in_flight(self, key: str) -> int:
+        return self._key_flight.get(key, 0)
 
     # --- passive health ---------------------------------------------------------------------
 
