@@ -141,6 +141,26 @@ async def test_greedy_chat_answers_paris(make_gateway: Any, smollm: SmolServer) 
     assert "Paris" in answer, answer
 
 
+async def test_stop_sequence_from_a_greedy_answer_ends_it_there_on_chat(
+        make_gateway: Any, smollm: SmolServer) -> None:
+    gw: Gateway = await make_gateway(routes(smollm.model, smollm.url))
+    full = content(await gw.client.post(CHAT, greedy(CAPITAL), timeout=180))
+    # With its leading space: mlx_lm.server (0.32.2) matches stop words by their token ids
+    # as encoded alone, and "France" alone is not the " France" token the model generates:
+    # such a stop word is cut out of the text while the generation runs on.
+    stop_at = " France"
+    assert stop_at in full, full
+    cut = await gw.client.post(CHAT, greedy(CAPITAL, stop=[stop_at]), timeout=180)
+    assert content(cut) == full[:full.index(stop_at)]
+    assert cut.json()["choices"][0]["finish_reason"] == "stop"
+    streamed = await gw.client.post(CHAT, greedy(CAPITAL, stop=[stop_at], stream=True),
+                                    timeout=180)
+    chunks = [d for d in streamed.data() if isinstance(d, dict) and d.get("choices")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == full[:full.index(stop_at)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 async def test_stop_sequence_from_a_greedy_answer_ends_it_there_on_messages(
         make_gateway: Any, smollm: SmolServer) -> None:
     gw: Gateway = await make_gateway(routes(smollm.model, smollm.url))
