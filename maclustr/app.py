@@ -210,8 +210,11 @@ def authenticate(app: web.Application, ex: Exchange) -> None:
             require_admin(app[ROUTES].current, name, "/metrics")
 
 
-_ANTHROPIC_KEY_HELP = ("Invalid or missing API key. Send 'x-api-key: <key>' or "
-                       "'Authorization: Bearer <key>' with a key from MACLUSTR_API_KEY.")
+# Never the words "x-api-key": Claude Code then prints "Not logged in · Please run /login"
+# instead of this message (it takes them for Anthropic's own missing-key answer).
+_ANTHROPIC_KEY_HELP = ("Invalid or missing API key. Set ANTHROPIC_API_KEY (or "
+                       "ANTHROPIC_AUTH_TOKEN) to a key from MACLUSTR_API_KEY: it is sent as the "
+                       "API key header or as 'Authorization: Bearer <key>'.")
 
 
 class AiohttpExchange:
