@@ -95,10 +95,11 @@ class Sizes:
     queue_clients: int = 32
     affinity_convs: int = 3  # (h) conversations, interleaved turn by turn
     affinity_turns: int = 6
+    tail_s: float = 10.0  # (t) each wrk run: issue 25's 10 s at 1 and 16 connections
 
 
 QUICK = Sizes(rounds=1, wrk_s=1.0, seq_s=1.0, paced_streams=16, bursts=4, slow_streams=100,
-              slow_s=3,
+              slow_s=3, tail_s=2.0,
               real_requests=1, real_tokens=64, queue_s=3.0, affinity_convs=2,
               affinity_turns=4)
 
@@ -413,10 +414,34 @@ class Target:
     # hands the fake's HTTP/1.0 answers to the client as they are (direct, the byte pipes):
     # wrk counts each close-delimited end as a read error, which is then no anomaly
     raw_framing: bool = False
+    # maclustr's MACLUSTR_PAUSES file (maclustr/pauses.py): a build that writes it answers
+    # SIGUSR1 with its collector and loop pauses since the last signal; others are not asked
+    pauses: Path | None = None
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
+
+    def pause_window(self) -> dict[str, float]:
+        """Close the target's pause window (maclustr builds with pauses.py): the longest
+        collector pause, collections and objects freed, longest loop lag since the last call."""
+        path = self.pauses
+        if path is None or not path.exists() or not self.procs:
+            return {}
+        seen = len(path.read_text().splitlines())
+        os.kill(self.procs[0].pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            lines = path.read_text().splitlines()
+            if len(lines) > seen and lines[-1].endswith("}"):
+                w = json.loads(lines[-1])
+                return {"gc_longest_ms": w["gc"]["longest_ms"],
+                        "gc_longest_cpu_ms": w["gc"].get("longest_cpu_ms", math.nan),
+                        "gc_collections": float(sum(w["gc"]["collections"])),
+                        "gc_collected": float(w["gc"]["collected"]),
+                        "loop_lag_ms": w["loop_longest_lag_ms"]}
+            time.sleep(0.02)
+        return {}
 
 
 def start_direct(ups: Upstreams, pin: Pinning, http11: bool) -> Target:
@@ -554,14 +579,28 @@ def start_litellm(ups: Upstreams, pin: Pinning, http11: bool,
 
 
 def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = False,
-                   loop: str = "auto", metrics: bool = False) -> Target:
+                   loop: str = "auto", metrics: bool = False,
+                   tree: Path | None = None) -> Target:
     name = ("maclustr-quiet" if quiet else "maclustr-asyncio" if loop == "asyncio"
-            else "maclustr-metrics" if metrics else "maclustr")
+            else "maclustr-metrics" if metrics else "maclustr-baseline" if tree
+            else "maclustr")
     t = Target(name)
     exe = Path(PY).parent / "maclustr"
     if not exe.exists():
         t.error = f"{exe} not found (run `make install`)"
         return t
+    # maclustr-baseline: the same venv running another checkout's code (its tree first on
+    # the path), so two commits are measured side by side in one run
+    run_env = dict(os.environ, MACLUSTR_API_KEY=KEY)
+    maclustr = [str(exe)]
+    if tree is not None:
+        if not (tree / "maclustr" / "__init__.py").exists():
+            t.error = f"--baseline {tree}: no maclustr package there"
+            return t
+        maclustr = [PY, "-m", "maclustr"]
+        run_env["PYTHONPATH"] = str(tree)
+        commit = version_of(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"])
+        t.note += f"baseline {tree} at {commit}; "
     d = WORK / name
     d.mkdir(parents=True, exist_ok=True)
     lines = ["models:"]
@@ -588,8 +627,8 @@ def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = Fal
         elif line.startswith("    upstream: ") and not line.endswith(f":{ups.real_port}"):
             lifted += lift
     routes.write_text("\n".join(lifted) + "\n")
-    check = subprocess.run([str(exe), "check", "--routes", str(routes)], capture_output=True,
-                           timeout=30)
+    check = subprocess.run([*maclustr, "check", "--routes", str(routes)], capture_output=True,
+                           timeout=30, env=run_env, cwd=tree)
     if check.returncode != 0:
         lifted = lines
         t.note += "admission limits: build default; "
@@ -601,8 +640,8 @@ def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = Fal
     gateway = ["gateway:", f"  metrics: {'true' if metrics else 'false'}",
                "  metrics_public: true"] if metrics else ["gateway:", "  metrics: false"]
     routes.write_text("\n".join(lifted + gateway) + "\n")
-    check = subprocess.run([str(exe), "check", "--routes", str(routes)], capture_output=True,
-                           timeout=30)
+    check = subprocess.run([*maclustr, "check", "--routes", str(routes)], capture_output=True,
+                           timeout=30, env=run_env, cwd=tree)
     if check.returncode != 0:
         if metrics:
             t.error = "this build has no metrics (gateway.metrics is not a known setting)"
@@ -617,12 +656,16 @@ def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = Fal
     for k in t.models:
         t.urls[k] = f"http://127.0.0.1:{port}"
     t.headers = {"Authorization": f"Bearer {KEY}"}
-    cmd = [str(exe), "serve", "--routes", str(d / "routes.yaml"), "--port", str(port)]
+    cmd = [*maclustr, "serve", "--routes", str(d / "routes.yaml"), "--port", str(port)]
     if quiet:
         cmd += ["--log-level", "warning"]
     if loop != "auto":
         cmd += ["--loop", loop]
-    t.procs.append(spawn(name, cmd, pin, "target", env=dict(os.environ, MACLUSTR_API_KEY=KEY)))
+    t.pauses = d / "pauses.jsonl"  # collector and loop pauses (issue 25), where the build has it
+    t.pauses.unlink(missing_ok=True)
+    t.procs.append(spawn(name, cmd, pin, "target", env=dict(run_env,
+                                                             MACLUSTR_PAUSES=str(t.pauses)),
+                         cwd=tree))
     t.note += "`maclustr serve`" + (" --log-level warning" if quiet else " (info: access log)")
     t.note += f" --loop {loop}" if loop != "auto" else ""
     return t
@@ -705,6 +748,10 @@ WRK_LUA = """wrk.method = "POST"
 wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
 {headers}
+done = function(summary, latency, requests)
+  io.write(string.format("TAIL mean=%d p999=%d max=%d\\n", latency.mean,
+                         latency:percentile(99.9), latency.max))
+end
 """
 
 
@@ -731,12 +778,13 @@ def run_wrk(t: Target, kind: str, stream: bool, conns: int, seconds: float,
     script = lua_script(t, kind, stream)
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency",
            "--timeout", "10s", "-s", str(script), t.urls[kind] + "/v1/chat/completions"]
+    t.pause_window()  # opens a window for this run (and forces a collection before it)
     cpu0 = cpu_seconds(t.pids)
     r = subprocess.run(cmd, capture_output=True, timeout=seconds + 60,
                        preexec_fn=pin.preexec("load"))
     cpu = cpu_seconds(t.pids) - cpu0
     out = r.stdout.decode(errors="replace")
-    res: dict[str, float] = {"cpu_s": cpu, "settle_s": settle(t.pids)}
+    res: dict[str, float] = {"cpu_s": cpu, **t.pause_window(), "settle_s": settle(t.pids)}
     if m := re.search(r"(\d+) requests in ([\d.]+)(\w+)", out):
         res["requests"] = float(m.group(1))
     if m := re.search(r"Requests/sec:\s+([\d.]+)", out):
@@ -744,6 +792,8 @@ def run_wrk(t: Target, kind: str, stream: bool, conns: int, seconds: float,
     for pct in ("50", "99"):
         if m := re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M):
             res[f"p{pct}_ms"] = parse_ms(m.group(1))
+    if m := re.search(r"^TAIL mean=(\d+) p999=(\d+) max=(\d+)", out, re.M):  # µs, from done()
+        res["mean_ms"], res["p999_ms"], res["max_ms"] = (int(v) / 1e3 for v in m.groups())
     res["non2xx"] = float(m.group(1)) if (m := re.search(r"Non-2xx.*?(\d+)", out)) else 0.0
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
                       out):
@@ -875,6 +925,16 @@ def scenario_a(t: Target, sizes: Sizes, pin: Pinning) -> dict[str, float]:
     r = run_wrk(t, "fast", False, 1, sizes.seq_s, pin)
     out["c1_p50_ms"] = r.get("p50_ms", math.nan)
     out["c1_rps"] = r["rps"]
+    return out
+
+
+def scenario_t(t: Target, sizes: Sizes, pin: Pinning) -> dict[str, float]:
+    """Issue 25's tail: unary through wrk for tail_s at 1 and 16 keep-alive connections:
+    mean, p99, p99.9, max, and (maclustr) the longest collector pause and loop lag."""
+    out: dict[str, float] = {}
+    for c in (1, 16):
+        r = run_wrk(t, "fast", False, c, sizes.tail_s, pin)
+        out.update({f"c{c}_{k}": v for k, v in r.items()})
     return out
 
 
@@ -1366,7 +1426,7 @@ ADDED_KEYS = ["a.c1_p50_ms", "c.ttfb_p50_ms", "c.ttfb_p99_ms", "c.chunk_lag_p50_
               "c.chunk_lag_p99_ms", "i.ttfb_p50_ms", "i.ttfb_p99_ms"]
 
 SCENARIOS: dict[str, Callable[[Target, Sizes, Pinning], dict[str, Any]]] = {
-    "a": scenario_a, "b": scenario_b, "c": scenario_c, "i": scenario_i,
+    "a": scenario_a, "b": scenario_b, "c": scenario_c, "i": scenario_i, "t": scenario_t,
 }
 
 
@@ -1570,8 +1630,50 @@ def build_tables(report: dict[str, Any]) -> str:
                     f"| {fmt(r['decode_tokens_s'], 0)} | {fmt(r['events'], 0)} "
                     f"| {fmt(r['complete'], 0)}/"
                     f"{fmt(r['requests'], 0)} |\n")
-    out += queue_tables(report)
+    out += queue_tables(report) + tail_table(report)
     return out.lstrip("\n")
+
+
+TAIL_LIMIT = 3.0  # issue 25: unary p99.9 through maclustr within 3x Caddy's, same run
+
+
+def tail_table(report: dict[str, Any]) -> str:
+    """(t): unary tail latency at 1 and 16 keep-alive connections, the pauses maclustr saw
+    in the same windows, and issue 25's p99.9 target against Caddy."""
+    med_ = report["medians"]
+    have = [n for n in report["targets"] if "t.c1_p999_ms" in med_.get(n, {})]
+    if not have:
+        return ""
+    secs = report["sizes"].get("tail_s", "?")
+    out = (f"\n\n(t) unary tail: wrk {secs} s per run, keep-alive, the unpaced fake (ms; "
+           "the longest collector pause and loop lag are maclustr's own, from MACLUSTR_PAUSES)"
+           "\n\n| target | c=1 mean / p99 / p99.9 / max | c=16 mean / p99 / p99.9 / max "
+           "| longest gc pause c=1 / c=16 (collections) | longest loop lag c=1 / c=16 |\n"
+           "|---|---|---|---|---|\n")
+    for name in have:
+        m = med_[name]
+
+        def g(k: str, m: dict[str, float] = m) -> float:
+            return float(m.get(f"t.{k}", math.nan))
+
+        lat = [" / ".join(fmt(g(f"c{c}_{k}"), 2) for k in ("mean_ms", "p99_ms", "p999_ms",
+                                                           "max_ms")) for c in (1, 16)]
+        gc_ = " / ".join(f"{fmt(g(f'c{c}_gc_longest_ms'), 2)} ({fmt(g(f'c{c}_gc_collections'), 0)})"
+                         for c in (1, 16))
+        lag = " / ".join(fmt(g(f"c{c}_loop_lag_ms"), 1) for c in (1, 16))
+        out += f"| {name} | {lat[0]} | {lat[1]} | {gc_} | {lag} |\n"
+    caddy = med_.get("caddy", {})
+    for name in have:
+        if not name.startswith("maclustr"):
+            continue
+        for c in (1, 16):
+            v = float(med_[name].get(f"t.c{c}_p999_ms", math.nan))
+            ref = float(caddy.get(f"t.c{c}_p999_ms", math.nan))
+            ok = None if math.isnan(v) or math.isnan(ref) else v <= TAIL_LIMIT * ref
+            mark = "not measured" if ok is None else "met" if ok else "NOT met"
+            out += (f"\n- {name}, c={c}: unary p99.9 within {TAIL_LIMIT:g}× Caddy's: "
+                    f"{fmt(v, 2)} vs {fmt(ref, 2)} ms{ratio(v, ref)} — {mark}")
+    return out + "\n"
 
 
 def queue_tables(report: dict[str, Any]) -> str:
@@ -1650,7 +1752,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(ALL_TARGETS),
                    help=f"targets (default: %(default)s; also: {','.join(EXTRA_TARGETS)})")
     p.add_argument("--scenarios", default="a,b,c,d,e,f,i",
-                   help="(default: %(default)s; also g, h: queueing and cache affinity)")
+                   help="(default: %(default)s; also g, h: queueing and cache affinity; "
+                        "t: issue 25's unary tail, 10 s at 1 and 16 connections)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
     p.add_argument("--slow-seconds", type=int, help="(d) duration (default 30, quick 3)")
     p.add_argument("--slow-streams", type=int, help="(d) streams (default 1000, quick 100)")
@@ -1670,6 +1773,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="after the rounds, py-spy maclustr during (a) and (b) (not counted)")
     p.add_argument("--litellm-install-timeout", type=float, default=300.0)
+    p.add_argument("--baseline", type=Path,
+                   help="another checkout (e.g. a git worktree at an older commit), run with "
+                        "this venv as the maclustr-baseline target (added to --only)")
     p.add_argument("--out", default=str(RESULTS / "latest"), help="path prefix for .md/.json")
     args = p.parse_args(argv)
 
@@ -1681,13 +1787,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.slow_streams:
         sizes.slow_streams = args.slow_streams
     names = [n.strip() for n in args.only.split(",") if n.strip()]
+    if args.baseline:  # another checkout's code as one more target, same run
+        STARTERS["maclustr-baseline"] = functools.partial(start_maclustr,
+                                                          tree=args.baseline.resolve())
+        if "maclustr-baseline" not in names:
+            names.append("maclustr-baseline")
     unknown = [n for n in names if n not in STARTERS]
     if unknown:
         p.error(f"unknown targets {unknown}; known: {list(STARTERS)}")
     scen = {s.strip() for s in args.scenarios.split(",") if s.strip()}
     if "e" in scen:
         scen |= {"a", "b"}  # (e) is computed from (a) and (b)
-    if "direct" not in names and scen & {"a", "b", "c", "f", "i"}:
+    if "direct" not in names and scen & {"a", "b", "c", "f", "i", "t"}:
         names.insert(0, "direct")  # ratios need the limit
 
     started = time.monotonic()
@@ -1699,10 +1810,10 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, pin.load)  # this process is the aiohttp load generator
     print(f"bench: targets {names}, scenarios {sorted(scen)}, {sizes.rounds} round(s); "
           f"{pin.describe()}", flush=True)
-    wrk_missing = try_apt("wrk", "wrk") if scen & {"a", "b"} else None
+    wrk_missing = try_apt("wrk", "wrk") if scen & {"a", "b", "t"} else None
     if wrk_missing:
-        print(f"  scenarios a, b skipped: {wrk_missing}")
-        scen -= {"a", "b", "e"}
+        print(f"  scenarios a, b, t skipped: {wrk_missing}")
+        scen -= {"a", "b", "e", "t"}
 
     ups = Upstreams()
     targets: dict[str, Target] = {}
@@ -1739,7 +1850,7 @@ def main(argv: list[str] | None = None) -> int:
                 for proc in t.procs:
                     wait_http(t.urls["fast"] + t.health, proc, 90)
                 asyncio.run(sanity(t))
-                if "a" in scen:  # warm-up: imports, pools, JIT-less caches
+                if scen & {"a", "t"}:  # warm-up: imports, pools, JIT-less caches
                     run_wrk(t, "fast", False, 16, 1, pin)
             except Exception as e:
                 tail = " ".join(p.tail(3) for p in t.procs)
@@ -1753,7 +1864,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for rnd in range(sizes.rounds):
             for t in rotated(live, rnd):
-                for s in ("a", "b", "c", "i"):
+                for s in ("a", "b", "c", "i", "t"):
                     if s not in scen:
                         continue
                     try:
@@ -1765,7 +1876,8 @@ def main(argv: list[str] | None = None) -> int:
                     brief = {k: round(v, 2) for k, v in r.items()
                              if k in ("c64_rps", "streams_s", "ttfb_p50_ms", "cpu_us_per_event",
                                       "batched_cpu_us_per_event", "c64_cpu_us_per_req",
-                                      "chunk_lag_p50_ms")}
+                                      "chunk_lag_p50_ms", "c1_p999_ms", "c16_p999_ms",
+                                      "c16_gc_longest_ms", "c16_loop_lag_ms")}
                     print(f"  round {rnd + 1} {t.name:>14} ({s}) {brief or r}", flush=True)
         for t in live:
             m: dict[str, float] = {}
