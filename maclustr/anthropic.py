@@ -21,7 +21,7 @@ import json
 import os
 from typing import Any
 
-from . import jsonfast
+from . import chatparts, jsonfast
 from .dialect import encode_event
 from .errors import BadRequest, GatewayError
 
@@ -64,17 +64,16 @@ def to_chat(req: dict[str, Any], model: str) -> dict[str, Any]:
         else:
             raise BadRequest(f"{where}.role must be 'user', 'assistant' or 'system'.",
                              param=f"{where}.role")
-    if system:
-        chat_messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
-    chat: dict[str, Any] = {"model": model, "messages": chat_messages}
+    chat: dict[str, Any] = {"model": model,
+                            "messages": chatparts.with_system(system, chat_messages)}
     tools = _tools(req.get("tools"))
     choice = req.get("tool_choice")
     if tools and not (isinstance(choice, dict) and choice.get("type") == "none"):
         chat["tools"] = tools
-    _number(req, chat, "max_tokens", "max_tokens", integer=True, low=1)
-    _number(req, chat, "temperature", "temperature", low=0)
-    _number(req, chat, "top_p", "top_p", low=0)
-    _number(req, chat, "top_k", "top_k", integer=True, low=0)
+    chatparts.copy_number(req, chat, "max_tokens", "max_tokens", integer=True, low=1)
+    chatparts.copy_number(req, chat, "temperature", "temperature", low=0)
+    chatparts.copy_number(req, chat, "top_p", "top_p", low=0)
+    chatparts.copy_number(req, chat, "top_k", "top_k", integer=True, low=0)
     stop_sequences(req)  # validated here; applied by AnthropicStream, not sent upstream
     stream = req.get("stream")
     if stream is not None and not isinstance(stream, bool):
@@ -220,41 +219,9 @@ def _assistant(content: Any, where: str) -> list[dict[str, Any]]:
 def _tools(value: Any) -> list[dict[str, Any]]:
     """Client tools become chat functions; server tools (typed, no input_schema, e.g.
     `web_search_20250305`) run at Anthropic and are dropped."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise BadRequest("'tools' must be an array.", param="tools")
-    out = []
-    for i, t in enumerate(value):
-        if not isinstance(t, dict):
-            raise BadRequest(f"tools[{i}] must be an object.", param="tools")
-        if t.get("type") not in (None, "custom") and "input_schema" not in t:
-            continue
-        name = t.get("name")
-        if not isinstance(name, str) or not name:
-            raise BadRequest(f"tools[{i}].name must be a non-empty string.", param="tools")
-        schema = t.get("input_schema")
-        if schema is None:
-            schema = {"type": "object", "properties": {}}
-        if not isinstance(schema, dict):
-            raise BadRequest(f"tools[{i}].input_schema must be an object.", param="tools")
-        fn: dict[str, Any] = {"name": name, "parameters": schema}
-        if isinstance(t.get("description"), str):
-            fn["description"] = t["description"]
-        out.append({"type": "function", "function": fn})
-    return out
-
-
-def _number(req: dict[str, Any], chat: dict[str, Any], key: str, to: str, *,
-            integer: bool = False, low: float = 0) -> None:
-    value = req.get(key)
-    if value is None:
-        return
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool) or value < low:
-        kind = "an integer" if integer else "a number"
-        raise BadRequest(f"'{key}' must be {kind} >= {low:g}.", param=key)
-    chat[to] = value
+    return [chatparts.function_tool(t, "input_schema", f"tools[{i}]")
+            for i, t in enumerate(chatparts.tool_list(value))
+            if t.get("type") in (None, "custom") or "input_schema" in t]
 
 
 def estimate_tokens(chat: dict[str, Any]) -> int:
@@ -282,20 +249,15 @@ def message_id() -> str:
 def _usage(usage: dict[str, Any] | None, input_estimate: int, output_estimate: int
            ) -> dict[str, int]:
     """Anthropic counts cached prompt tokens apart from `input_tokens`."""
-    if not isinstance(usage, dict):
+    counts = chatparts.usage_counts(usage)
+    if counts is None:
         return {"input_tokens": input_estimate, "output_tokens": output_estimate}
-    prompt = _int(usage.get("prompt_tokens"), input_estimate)
-    details = usage.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens") if isinstance(details, dict) else 0, 0)
-    cached = min(cached, prompt)
+    prompt = counts.prompt if counts.prompt is not None else input_estimate
+    cached = min(counts.cached, prompt)
     return {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": cached,
-            "output_tokens": _int(usage.get("completion_tokens"), output_estimate)}
-
-
-def _int(value: Any, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
-        else default
+            "output_tokens": counts.completion if counts.completion is not None
+            else output_estimate}
 
 
 def _tool_id(call: dict[str, Any]) -> str:
@@ -371,33 +333,21 @@ class AnthropicStream:
         if self.ended:
             return []
         out = self._start()
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return out
-        choice = choices[0]
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            reasoning = delta.get("reasoning") or delta.get("reasoning_content")
-            if isinstance(reasoning, str) and reasoning:
-                out += self._block("thinking", {"type": "thinking", "thinking": "",
-                                                "signature": ""})
-                out.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
-                self._chars += len(reasoning)
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                out += self._text(text)
-                if self.ended:
-                    return out
-            calls = delta.get("tool_calls")
-            for call in calls if isinstance(calls, list) else ():
-                if isinstance(call, dict):
-                    out += self._tool(call)
-        finish = choice.get("finish_reason")
-        if isinstance(finish, str) and finish:  # may share a chunk with content: split
+        self.usage = chatparts.chunk_usage(chunk) or self.usage
+        parts = chatparts.chunk_parts(chunk)
+        if parts.reasoning:
+            out += self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            out.append(self._delta({"type": "thinking_delta", "thinking": parts.reasoning}))
+            self._chars += len(parts.reasoning)
+        if parts.content:
+            out += self._text(parts.content)
+            if self.ended:
+                return out
+        for call in parts.tool_calls:
+            out += self._tool(call)
+        if parts.finish is not None:  # may share a chunk with content: split
             out += self._close()
-            self._finish = finish
+            self._finish = parts.finish
         return out
 
     def keepalive(self) -> list[bytes]:

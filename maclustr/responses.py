@@ -44,7 +44,7 @@ import time
 import uuid
 from typing import Any
 
-from . import jsonfast
+from . import chatparts, jsonfast
 from .dialect import encode_event
 from .errors import BadRequest, GatewayError
 
@@ -91,20 +91,14 @@ def to_chat(req: dict[str, Any], model: str) -> dict[str, Any]:
     if not turns.messages and not system:
         raise BadRequest("'input' is empty: send a string or at least one message.",
                          param="input")
-    messages = ([{"role": "system", "content": "\n\n".join(system)}] if system else [])
-    out: dict[str, Any] = {"model": model, "messages": messages + turns.messages}
+    messages = chatparts.with_system(system, turns.messages)
+    out: dict[str, Any] = {"model": model, "messages": messages}
     tools = _tools(req.get("tools"))
     if tools and req.get("tool_choice") != "none":  # "none": the model may not call one
         out["tools"] = tools
-    for src, dst in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
-                     ("top_p", "top_p")):
-        value = req.get(src)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise BadRequest(f"'{src}' must be a number.", param=src)
-            if src == "max_output_tokens" and (not isinstance(value, int) or value < 1):
-                raise BadRequest(f"'{src}' must be an integer >= 1.", param=src)
-            out[dst] = value
+    chatparts.copy_number(req, out, "max_output_tokens", "max_tokens", integer=True, low=1)
+    chatparts.copy_number(req, out, "temperature", "temperature", low=0)
+    chatparts.copy_number(req, out, "top_p", "top_p", low=0)
     out.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     # Always a stream upstream, unary answers included (`collect` folds the events): one path,
     # so a unary answer is exactly what the stream would have said.
@@ -217,28 +211,10 @@ def _text(content: object, param: str) -> str:
 
 
 def _tools(tools: object) -> list[dict[str, Any]]:
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise BadRequest("'tools' must be an array.", param="tools")
-    out = []
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict):
-            raise BadRequest(f"'tools[{i}]' must be an object.", param=f"tools[{i}]")
-        if tool.get("type") != "function":
-            continue  # hosted and namespaced tools: dropped (module docstring)
-        name = tool.get("name")
-        if not isinstance(name, str) or not name:
-            raise BadRequest(f"'tools[{i}].name' must be a non-empty string.",
-                             param=f"tools[{i}].name")
-        fn: dict[str, Any] = {"name": name}
-        if isinstance(tool.get("description"), str):
-            fn["description"] = tool["description"]
-        params = tool.get("parameters")
-        fn["parameters"] = params if isinstance(params, dict) else \
-            {"type": "object", "properties": {}}
-        out.append({"type": "function", "function": fn})
-    return out
+    """Function tools as chat functions; hosted and namespaced tools dropped (module
+    docstring)."""
+    return [chatparts.function_tool(t, "parameters", f"tools[{i}]")
+            for i, t in enumerate(chatparts.tool_list(tools)) if t.get("type") == "function"]
 
 
 # --- answers ---------------------------------------------------------------------------------
@@ -263,21 +239,14 @@ def _response(rid: str, alias: str, created: int, status: str, output: list[dict
 
 def usage_of(chat: object) -> dict[str, Any] | None:
     """Chat usage -> Responses usage (None when the upstream sent none)."""
-    if not isinstance(chat, dict):
+    counts = chatparts.usage_counts(chat)
+    if counts is None:
         return None
-    inp = _int(chat.get("prompt_tokens"))
-    out = _int(chat.get("completion_tokens"))
-    total = _int(chat.get("total_tokens")) or inp + out
-    pd, cd = chat.get("prompt_tokens_details"), chat.get("completion_tokens_details")
-    cached = _int(pd.get("cached_tokens")) if isinstance(pd, dict) else 0
-    reasoning = _int(cd.get("reasoning_tokens")) if isinstance(cd, dict) else 0
-    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": total}
-
-
-def _int(v: object) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+    inp, out = counts.prompt or 0, counts.completion or 0
+    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": counts.cached},
+            "output_tokens": out,
+            "output_tokens_details": {"reasoning_tokens": counts.reasoning},
+            "total_tokens": counts.total or inp + out}
 
 
 def _ending(finish: object) -> tuple[str, dict[str, Any] | None]:
@@ -363,28 +332,16 @@ class ResponsesStream:
         out = self._start()
         if self._ended:
             return out
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return out
-        choice = choices[0]
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            reasoning = delta.get("reasoning") or delta.get("reasoning_content")
-            if isinstance(reasoning, str) and reasoning:
-                out += self._delta("reasoning", reasoning)
-            content = delta.get("content")
-            if isinstance(content, str) and content:
-                out += self._delta("message", content)
-            calls = delta.get("tool_calls")
-            if isinstance(calls, list):
-                for call in calls:
-                    if isinstance(call, dict):
-                        out += self._call_delta(call)
-        if choice.get("finish_reason") is not None:
-            self._finish = choice["finish_reason"]
+        self.usage = chatparts.chunk_usage(chunk) or self.usage
+        parts = chatparts.chunk_parts(chunk)
+        if parts.reasoning:
+            out += self._delta("reasoning", parts.reasoning)
+        if parts.content:
+            out += self._delta("message", parts.content)
+        for call in parts.tool_calls:
+            out += self._call_delta(call)
+        if parts.finish is not None:
+            self._finish = parts.finish
             out += self._close()
         return out
 
