@@ -778,7 +778,10 @@ async def test_bytes_on_an_idle_pooled_connection_close_it(serve: list[Server]) 
     try:
         assert await fetch(client, s.url) == (200, b"ok")
         await asyncio.wait_for(s.wrote_after.wait(), 5)
-        await asyncio.sleep(0.1)  # the stale bytes reach the client
+        for _ in range(100):  # bounded: the stale bytes reach the client (and close it)
+            if not client._idle.get(s.key):
+                break
+            await asyncio.sleep(0.02)
         assert await fetch(client, s.url) == (200, b"ok")
     finally:
         client.close()
