@@ -203,7 +203,10 @@ def run_usage(args: argparse.Namespace) -> int:
     except sqlite3.Error as e:
         print(f"maclustr usage: cannot read the ledger {db}: {e}", file=sys.stderr)
         return 1
-    print(render(aggregate(rows, by), by, args.format))
+    try:
+        print(render(aggregate(rows, by), by, args.format), flush=True)
+    except BrokenPipeError:  # `maclustr usage | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -348,6 +348,32 @@ def openapi_document(table: RouteTable) -> dict[str, Any]:
                     **_errors("model_not_found", "not_found"),
                 },
             }},
+            "/v1/usage": {"get": {
+                "summary": "Requests and tokens per key, model and UTC day, from the usage "
+                           "ledger (admin keys; `maclustr usage --format json` prints the "
+                           "same rows)",
+                "operationId": "usage",
+                "tags": ["meta"],
+                "security": [{"bearer": []}],
+                "parameters": [
+                    {"name": "since", "in": "query", "required": False,
+                     "schema": {"type": "string"},
+                     "description": "YYYY-MM-DD (UTC) or a number of days like 7d."},
+                    {"name": "by", "in": "query", "required": False,
+                     "schema": {"type": "string", "default": "key,model,day"},
+                     "description": "Comma list of key, model, day."}],
+                "responses": {
+                    "200": {"description": "One object per group: its `by` fields, requests, "
+                                           "prompt_tokens, completion_tokens, total_tokens.",
+                            "content": {"application/json": {"schema": {
+                                "type": "object",
+                                "properties": {"object": {"const": "list"},
+                                               "data": {"type": "array",
+                                                        "items": {"type": "object"}}}}}}},
+                    **_AUTH_ERRORS,
+                    **_errors("admin_only", "invalid_request", "not_found"),
+                },
+            }},
             "/health": {"get": {
                 "summary": "Gateway health; deep=true checks every model server, deep=generate "
                            "(with a key) also asks each for one token",

@@ -378,3 +378,24 @@ async def test_max_in_flight_at_the_upstream(make_gateway: Any, fake: FakeMLX) -
     assert gw.app[UPSTREAM].scheduler.key_in_flight("ci") == 0
     assert pipe.server is not None
     pipe.server.close()
+
+
+async def test_policies_reload_live(make_gateway: Any, fake: FakeMLX) -> None:
+    gw = await team(make_gateway, fake)
+    interns = oai(gw, INTERNS)
+    with pytest.raises(openai.PermissionDeniedError):
+        await interns.chat.completions.create(model="maclustr-coder", messages=CHAT)
+    gw.holder.path.write_text(routes_yaml(
+        {"maclustr-coder": fake.url, "maclustr-fast": fake.url},
+        extra="keys:\n  interns:\n    requests_per_minute: 1\n    max_in_flight: 1\n"))
+    assert gw.holder.reload()
+    ok = await interns.chat.completions.with_raw_response.create(model="maclustr-coder",
+                                                                 messages=CHAT)
+    assert ok.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError):
+        await interns.chat.completions.create(model="maclustr-coder", messages=CHAT)
+    gw.holder.path.write_text(routes_yaml({"maclustr-coder": fake.url,
+                                           "maclustr-fast": fake.url}))
+    assert gw.holder.reload()  # no keys: section any more: nothing limited
+    await interns.chat.completions.create(model="maclustr-coder", messages=CHAT)
+    assert [m.id async for m in interns.models.list()] == ["maclustr-coder", "maclustr-fast"]
