@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -162,10 +163,12 @@ async def test_unary_cut_by_the_grace_gets_the_503_and_is_logged_as_one(
     assert "outcome=gateway_shutting_down" in access[0]
 
 
+@pytest.mark.parametrize("server", ["front", "aiohttp"])
 async def test_unary_cut_by_the_grace_counts_as_503_in_the_metrics(
-        make_gateway: Any, fake: FakeMLX) -> None:
-    """In-process, through `drain` itself: the cut request counts under code 503 and not as a
-    client disconnect."""
+        make_gateway: Any, fake: FakeMLX, server: str) -> None:
+    """In-process, through `drain` itself: the cut request is answered 503 and counts under
+    code 503, not as a client disconnect, whichever server carries it (a chunked request
+    body is handed over to aiohttp)."""
     from maclustr.app import METRICS
     from maclustr.cli import drain
 
@@ -175,7 +178,14 @@ async def test_unary_cut_by_the_grace_counts_as_503_in_the_metrics(
 
     gw = await make_gateway(routes_yaml({A: fake.url}))
     fake.push(Behavior(kind="hang"))
-    pending = asyncio.ensure_future(gw.client.post(CHAT, UNARY))
+    if server == "front":
+        pending = asyncio.ensure_future(gw.client.post(CHAT, UNARY))
+    else:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield json.dumps(UNARY).encode()
+
+        pending = asyncio.ensure_future(gw.client.request(
+            "POST", CHAT, data=chunks(), headers={"Content-Type": "application/json"}))
     await fake.wait_requests(1)
     await drain(gw.app, Listening(), 0.2)  # type: ignore[arg-type]
     ans = await asyncio.wait_for(pending, 5)
