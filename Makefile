@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: $(STAMP) real-model
 	$(PY) demo/run.py
 
-test: $(STAMP) system-deps agents real-model
+test: lint system-deps agents real-model
 	$(PY) -m pytest -q
 
 # The real instruct model of the demo and the real-model tests (issue 29): SmolLM2-135M-Instruct,
