@@ -22,8 +22,8 @@ import os
 from typing import Any
 
 from . import chatparts, jsonfast
-from .dialect import encode_event
 from .errors import BadRequest, GatewayError
+from .sse import encode_event
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from . import jsonfast
 from .errors import GatewayError
-from .sse import SSEError, normalize_line_ends
+from .sse import EventFramer, SSEError, event_data
 
 
 class ChatStream(Protocol):
@@ -56,29 +56,19 @@ class Dialect:
     collect: Callable[[bytes], dict[str, Any]]
 
 
-def encode_event(name: str | None, obj: dict[str, Any]) -> bytes:
-    """One SSE event: `event: NAME` (when named) and one `data:` line of compact JSON."""
-    data = jsonfast.dumps(obj)
-    if name is None:
-        return b"data: " + data + b"\n\n"
-    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
-
-
-class ChatEventRewriter:
-    """Frames the upstream's event stream (any cut, LF/CRLF/CR line ends), decodes each
+class ChatEventRewriter(EventFramer):
+    """Takes the upstream's event stream at any cut (framed by EventFramer), decodes each
     `data:` JSON and drives a ChatStream; returns the bytes to write to the client.
 
     Same interface as SSERewriter (`feed`, `done`), plus `fail` for the relay's in-band
-    error. Memory is bounded by `max_event` bytes of incomplete event."""
+    error."""
 
-    __slots__ = ("_cr", "_tail", "done", "max_event", "stream")
+    __slots__ = ("done", "stream")
 
     def __init__(self, stream: ChatStream, max_event: int = 8 * 1024 * 1024) -> None:
+        super().__init__(max_event)
         self.stream = stream
         self.done = False
-        self.max_event = max_event
-        self._tail = b""
-        self._cr = False
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -87,15 +77,11 @@ class ChatEventRewriter:
     def feed(self, data: bytes) -> bytes:
         if self.done or not data:
             return b""
-        if self._cr or data.find(b"\r") >= 0:
-            data, self._cr = normalize_line_ends(data, self._cr)
-        data = self._tail + data if self._tail else data
-        frames = data.split(b"\n\n")
-        self._tail = frames.pop()
-        if len(self._tail) > self.max_event:
-            raise SSEError("event too large")
+        block = self._complete(data)
+        if block is None:
+            return b""
         out: list[bytes] = []
-        for frame in frames:
+        for frame in block.split(b"\n\n"):
             out += self._event(frame)
             if self.done or getattr(self.stream, "ended", False):
                 self.done = True
@@ -107,17 +93,12 @@ class ChatEventRewriter:
         return b"".join(self.stream.fail(err))
 
     def _event(self, frame: bytes) -> list[bytes]:
-        data: list[bytes] = []
-        keepalive = False
-        for line in frame.split(b"\n"):
-            if line.startswith(b"data:"):
-                value = line[5:]
-                data.append(value[1:] if value[:1] == b" " else value)
-            elif line.startswith(b":") and line[1:].strip().startswith(b"keepalive"):
-                keepalive = True
-        if not data:
+        lines = frame.split(b"\n")
+        payload, _ = event_data(lines)
+        if payload is None:
+            keepalive = any(line.startswith(b":") and line[1:].strip().startswith(b"keepalive")
+                            for line in lines)
             return self.stream.keepalive() if keepalive else []
-        payload = b"\n".join(data)
         if payload.strip() == b"[DONE]":
             self.done = True
             return self.stream.finish()
@@ -128,4 +109,3 @@ class ChatEventRewriter:
         if not isinstance(obj, dict):
             raise SSEError("event data is not an object")
         return self.stream.feed(obj)
-

@@ -45,8 +45,8 @@ import uuid
 from typing import Any
 
 from . import chatparts, jsonfast
-from .dialect import encode_event
 from .errors import BadRequest, GatewayError
+from .sse import encode_event
 
 # --- request ---------------------------------------------------------------------------------
 

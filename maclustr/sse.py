@@ -55,6 +55,7 @@ import functools
 import hashlib
 import json
 import re
+from typing import Any
 
 from . import jsonfast
 
@@ -307,7 +308,66 @@ def normalize_line_ends(data: bytes, pending_cr: bool) -> tuple[bytes, bool]:
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n"), data.endswith(b"\r")
 
 
-class SSERewriter:
+def encode_event(name: str | None, obj: dict[str, Any]) -> bytes:
+    """One SSE event: `event: NAME` (when named) and one `data:` line of compact JSON."""
+    data = jsonfast.dumps(obj)
+    if name is None:
+        return b"data: " + data + b"\n\n"
+    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def event_data(lines: list[bytes]) -> tuple[bytes | None, int]:
+    """One event's data: its `data:` lines' values (one leading space dropped) joined by LF,
+    and the index of the first; (None, -1) for an event without data (comments, `id:`)."""
+    data: list[bytes] = []
+    first = -1
+    for i, line in enumerate(lines):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value[:1] == b" " else value)
+            if first < 0:
+                first = i
+    return (b"\n".join(data) if data else None), first
+
+
+class EventFramer:
+    """Cuts an upstream event stream, read at any cut with LF, CRLF or CR line ends, into
+    whole events: the one place that frames the events the gateway reads (SSERewriter for
+    OpenAI's passthrough, dialect.ChatEventRewriter for the translated APIs). Memory is bounded
+    by `max_event` bytes of incomplete event."""
+
+    __slots__ = ("_cr", "_tail", "max_event")
+
+    def __init__(self, max_event: int) -> None:
+        self._tail = b""
+        self._cr = False
+        self.max_event = max_event
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an event not yet complete (what is lost if the upstream stops here)."""
+        return self._tail
+
+    def _complete(self, data: bytes) -> bytes | None:
+        """The whole events `data` completes, joined by blank lines without the last one;
+        None while none is complete."""
+        if self._cr or data.find(b"\r") >= 0:
+            data, self._cr = normalize_line_ends(data, self._cr)
+        if self._tail:
+            data = self._tail + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            if len(data) > self.max_event:
+                raise SSEError("event too large")
+            self._tail = data
+            return None
+        self._tail = data[end + 2:]
+        if len(self._tail) > self.max_event:
+            raise SSEError("event too large")
+        return data[:end]
+
+
+class SSERewriter(EventFramer):
     """Incremental relay of one upstream event stream for one route.
 
     `feed(bytes)` returns the rewritten bytes of every event completed so far (possibly b""),
@@ -321,12 +381,12 @@ class SSERewriter:
     carry. After the stream, `fingerprint` is what the events carried, for the next stream.
     """
 
-    __slots__ = ("_alias", "_cr", "_fp", "_internal", "_label", "_lessons", "_model",
-                 "_prefix", "_prefix_out", "_tail", "done", "fingerprint", "max_event",
-                 "strip_usage", "usage")
+    __slots__ = ("_alias", "_fp", "_internal", "_label", "_lessons", "_model", "_prefix",
+                 "_prefix_out", "done", "fingerprint", "strip_usage", "usage")
 
     def __init__(self, alias: str, internal: str, max_event: int = 8 * 1024 * 1024,
                  strip_usage: bool = False, fingerprint: str | None = None) -> None:
+        super().__init__(max_event)
         self._alias = alias
         self._internal = internal
         self._model = KeySplice("model", internal, alias)
@@ -335,20 +395,12 @@ class SSERewriter:
         self.fingerprint: str | None = None
         if fingerprint is not None:
             self._learn(fingerprint)
-        self._tail = b""
-        self._cr = False
         self._prefix = b""  # a learned event prefix (module docstring), and it rewritten
         self._prefix_out = b""
         self._lessons = _PREFIX_LESSONS
         self.done = False
-        self.max_event = max_event
         self.strip_usage = strip_usage
         self.usage: dict[str, object] | None = None
-
-    @property
-    def pending(self) -> bytes:
-        """Bytes of an event not yet complete (what is lost if the upstream stops here)."""
-        return self._tail
 
     def feed(self, data: bytes) -> bytes:
         prefix = self._prefix
@@ -364,25 +416,14 @@ class SSERewriter:
         if (self._lessons and not self._tail and not self._cr and data[:7] == b"data: {"
                 and data.find(b"\n") == len(data) - 2 and data[-1:] == b"\n"
                 and data.find(b"\r") < 0):
-            block = data[:-2]  # one whole single-line event: the splice may teach a prefix
-            out = self._splice(block)
+            event = data[:-2]  # one whole single-line event: the splice may teach a prefix
+            out = self._splice(event)
             if out is not None:
-                self._learn_prefix(block, out)
+                self._learn_prefix(event, out)
                 return out + b"\n\n"
-        if self._cr or data.find(b"\r") >= 0:
-            data, self._cr = normalize_line_ends(data, self._cr)
-        if self._tail:
-            data = self._tail + data
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            if len(data) > self.max_event:
-                raise SSEError("event too large")
-            self._tail = data
+        block = self._complete(data)
+        if block is None:
             return b""
-        self._tail = data[end + 2:]
-        if len(self._tail) > self.max_event:
-            raise SSEError("event too large")
-        block = data[:end] if self._tail else data[:-2]
         at = block.find(b"[DONE]")
         if at < 0:
             return self._rewrite(block)
@@ -491,18 +532,11 @@ class SSERewriter:
         """The JSON path for one event; learns the upstream's fingerprint and usage on the
         way. None: the event is not for this client (a usage event it did not ask for)."""
         lines = frame.split(b"\n")
-        data: list[bytes] = []
-        first = -1
-        for i, line in enumerate(lines):
-            if line.startswith(b"data:"):
-                value = line[5:]
-                data.append(value[1:] if value[:1] == b" " else value)
-                if first < 0:
-                    first = i
-        if first < 0:
+        payload, first = event_data(lines)
+        if payload is None:
             return self._plain(frame)  # comments and other fields only
         try:
-            obj = jsonfast.loads(b"\n".join(data))
+            obj = jsonfast.loads(payload)
         except (ValueError, RecursionError):
             raise SSEError("event data is not JSON") from None
         if isinstance(obj, dict):

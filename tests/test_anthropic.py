@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from maclustr import anthropic
 from maclustr.anthropic import AnthropicStream, collect, to_chat
-from maclustr.dialect import ChatEventRewriter, encode_event
+from maclustr.dialect import ChatEventRewriter
 from maclustr.errors import BadRequest, UpstreamFailed, UpstreamRejected, UpstreamTimeout
-from maclustr.sse import SSEError
+from maclustr.sse import SSEError, encode_event
 
 MODEL = "/Users/admin/models/Qwen3-Coder-30B"
 ALIAS = "maclustr-coder"
