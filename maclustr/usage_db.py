@@ -135,7 +135,7 @@ class Writer:
         db = self._open()
         pruned = 0.0
         while True:
-            rows, events, stop = self._batch()
+            rows, flushed, stop = self._batch()
             if db is None and rows:
                 db = self._open()
             if rows:
@@ -143,43 +143,31 @@ class Writer:
             if db is not None and self._clock() - pruned >= PRUNE_EVERY:
                 pruned = self._clock()
                 self._prune(db)
-            for e in events:
-                e.set()
+            if flushed is not None:
+                flushed.set()
             if stop:
                 if db is not None:
                     db.close()
                 return
 
-    def _batch(self) -> tuple[list[Row], list[threading.Event], bool]:
-        """What queued in the next INTERVAL (at least one item, or the interval's end)."""
+    def _batch(self) -> tuple[list[Row], threading.Event | None, bool]:
+        """What queued in the next INTERVAL (written then, however busy), up to a flush
+        request (the queue is FIFO: every row added before it is in the batch) or the stop."""
         rows: list[Row] = []
-        events: list[threading.Event] = []
         deadline = time.monotonic() + INTERVAL
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return rows, None, False
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self._queue.get(timeout=left)
             except queue.Empty:
-                return rows, events, False
+                return rows, None, False
             if item is None:
-                return rows, events, True
+                return rows, None, True
             if isinstance(item, threading.Event):
-                events.append(item)
-                return self._drain(rows, events)
+                return rows, item, False
             rows.append(item)
-
-    def _drain(self, rows: list[Row], events: list[threading.Event]
-               ) -> tuple[list[Row], list[threading.Event], bool]:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return rows, events, False
-            if item is None:
-                return rows, events, True
-            if isinstance(item, threading.Event):
-                events.append(item)
-            else:
-                rows.append(item)
 
     def _open(self) -> sqlite3.Connection | None:
         try:

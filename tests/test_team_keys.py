@@ -135,9 +135,11 @@ async def test_tokens_per_minute_counts_upstream_usage(make_gateway: Any,
     assert done.usage is not None
     spent = done.usage.total_tokens
     assert 0 < spent < 20
-    stream = await interns.chat.completions.create(model="maclustr-fast", messages=CHAT,
-                                                   stream=True)
-    async for _ in stream:
+    raw = await interns.chat.completions.with_raw_response.create(
+        model="maclustr-fast", messages=CHAT, stream=True)
+    assert raw.headers["x-ratelimit-limit-tokens"] == "20"  # on a stream's head too
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(20 - spent)
+    async for _ in raw.parse():
         pass
     with pytest.raises(openai.RateLimitError) as e:
         await interns.chat.completions.create(model="maclustr-fast", messages=CHAT)
@@ -399,3 +401,28 @@ async def test_policies_reload_live(make_gateway: Any, fake: FakeMLX) -> None:
     assert gw.holder.reload()  # no keys: section any more: nothing limited
     await interns.chat.completions.create(model="maclustr-coder", messages=CHAT)
     assert [m.id async for m in interns.models.list()] == ["maclustr-coder", "maclustr-fast"]
+
+
+async def test_without_ledger_token_limits_are_off(make_gateway: Any, fake: FakeMLX) -> None:
+    """`gateway.usage_db: false`: no file, no token limits; request rates still apply."""
+    gw = await team(make_gateway, fake, dedent("""\
+        keys:
+          interns:
+            tokens_per_day: 1
+            requests_per_minute: 2
+          ops:
+            admin: true
+        gateway:
+          usage_db: false
+        """))
+    interns = oai(gw, INTERNS)
+    first = await interns.chat.completions.with_raw_response.create(model="maclustr-fast",
+                                                                    messages=CHAT)
+    assert "x-ratelimit-limit-tokens" not in first.headers
+    await interns.chat.completions.create(model="maclustr-fast", messages=CHAT)
+    with pytest.raises(openai.RateLimitError) as e:
+        await interns.chat.completions.create(model="maclustr-fast", messages=CHAT)
+    assert e.value.body["code"] == "rate_limited"  # type: ignore[index]
+    assert not list(gw.holder.path.parent.glob("*.sqlite3*"))
+    off = await gw.client.get("/v1/usage", headers={"Authorization": f"Bearer {OPS}"})
+    assert off.status == 404 and "ledger is off" in off.json()["error"]["message"]
