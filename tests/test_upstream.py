@@ -55,6 +55,16 @@ def test_dechunker_refuses_garbage(wire: bytes) -> None:
         _Dechunker().feed(wire)
 
 
+async def read_request(r: asyncio.StreamReader) -> bytes:
+    """One request, head and Content-Length body, as the test servers receive it."""
+    head = await r.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await r.readexactly(length)
+
+
 class Server:
     """A loopback HTTP/1.1 server that answers each request with `reply` and counts the
     connections it accepted; `close_idle` closes a connection after each answer."""
@@ -71,12 +81,7 @@ class Server:
         self.connections += 1
         try:
             while True:
-                head = await r.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                self.requests.append(head + await r.readexactly(length))
+                self.requests.append(await read_request(r))
                 w.write(self.reply)
                 await w.drain()
                 if self.close_idle:
@@ -467,12 +472,7 @@ class Trickle(Server):
         self.connections += 1
         try:
             while True:
-                head = await r.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                self.requests.append(head + await r.readexactly(length))
+                self.requests.append(await read_request(r))
                 w.write(self.head)
                 for part in self.parts:
                     await w.drain()
@@ -631,12 +631,7 @@ class Scripted(Server):
         self.connections += 1
         try:
             while reply is not None:
-                head = await r.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                self.requests.append(head + await r.readexactly(length))
+                self.requests.append(await read_request(r))
                 w.write(reply)
                 await w.drain()
                 if self.after:
