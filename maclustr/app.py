@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,6 +38,8 @@ from .errors import (
 from .exchange import Answer, Exchange, client_gone
 from .front import FrontExchange, FrontServer
 from .headers import SERVER, cors, request_id
+from .heal import is_dead_health
+from .healer import Healer
 from .ledger import ReportError, aggregate, parse_by, parse_since
 from .metrics import KeyGauges, LastMinute, Metrics
 from .openapi import openapi_document
@@ -622,6 +625,20 @@ async def _key_usage(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(usage.close)
 
 
+def _secrets(holder: RoutesHolder) -> Callable[[], list[str]]:
+    """What a restart command's output must never show in the log: the gateway's keys and
+    the upstreams' keys, as the environment holds them now."""
+
+    def read() -> list[str]:
+        keys = [e.rpartition(":")[2].strip()
+                for e in os.environ.get("MACLUSTR_API_KEY", "").split(",")]
+        keys += [os.environ.get(r.api_key_env, "") for r in holder.current.routes
+                 if r.api_key_env]
+        return [k for k in keys if k]
+
+    return read
+
+
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     """The upstream client, scheduler and warmer: created at start, closed at cleanup."""
     client = Client()
@@ -634,9 +651,13 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 
     async def probe(url: str) -> bool:
         """A replica returns from exile when its /health answers, and (probe_generate) when
-        it also produces a token: /health alone says ok while generation is wedged."""
+        it also produces a token: /health alone says ok while generation is wedged. A 503
+        is a dead generation thread: the healer's."""
         table = holder.current
-        ok, _ = await health.ping(client, url, table.settings.health_timeout)
+        status, _ = await health.ping_status(client, url, table.settings.health_timeout)
+        if status is not None and is_dead_health(status):
+            scheduler.declare(url, "dead")
+        ok = status == 200
         if ok and table.settings.probe_generate:
             route = next((r for r in table.routes if url in r.upstreams), None)
             if route is not None:
@@ -645,6 +666,11 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 
     scheduler = Scheduler(probe, on_return)
     warmer = Warmer(client, scheduler)
+    # The stall watch needs the relay to stamp Replica.last_byte per upstream read; until it
+    # does, only dead servers (a /health 503) are healed.
+    healer = Healer(client, scheduler, lambda: holder.current, warmer, _secrets(holder),
+                    watch_stalls=False)
+    healer.start()
     app[UPSTREAM] = Backends(client=client, scheduler=scheduler,
                              shutting_down=app[SHUTTING_DOWN])
 
@@ -662,5 +688,6 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
         holder.listeners.remove(warmer.warm_table)
         holder.listeners.remove(keep_routed)
         warmer.close()
+        healer.close()
         scheduler.close()
         client.close()

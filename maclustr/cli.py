@@ -398,6 +398,9 @@ class _JSONFormatter(logging.Formatter):
         obj = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(),
                "logger": record.name, "message": record.getMessage()}
+        fields = getattr(record, "fields", None)  # structured extras (healer.note)
+        if isinstance(fields, dict):
+            obj.update({k: v for k, v in fields.items() if k not in obj})
         if record.exc_info:
             obj["exception"] = self.formatException(record.exc_info)
         return json.dumps(obj)

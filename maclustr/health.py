@@ -5,7 +5,9 @@ several aliases is pinged once. A model sharded over several nodes is one upstre
 serves HTTP; the group lives or dies together), so it reports like any other, plus
 `"placement": "sharded over N nodes"` (a count, no node names). Replica states: `up`;
 `down` (unreachable, or taken out by passive health); `loading` (warm-up still running);
-`wedged` (`?deep=generate`: /health is ok but no token came within the deadline).
+`wedged` (`?deep=generate`: /health is ok but no token came within the deadline; or the
+healer found it dead or hung); `suspect` and `restarting` (the healer's, see healer.py).
+A /health that answers 503 is mlx's dead generation thread: reported to the healer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from typing import Any
 
 from .config import RouteTable
+from .heal import is_dead_health
 from .scheduler import Scheduler
 from .upstream import Client
 from .warmup import generate_one
@@ -22,22 +25,29 @@ from .warmup import generate_one
 
 async def ping(client: Client, base: str, timeout: float) -> tuple[bool, float]:
     """(reachable and answering 200, latency in ms) for one upstream's GET /health."""
+    status, ms = await ping_status(client, base, timeout)
+    return status == 200, ms
+
+
+async def ping_status(client: Client, base: str, timeout: float) -> tuple[int | None, float]:
+    """(the status of one upstream's GET /health, None when it did not answer; latency in
+    ms). A 503 is mlx's dead generation thread (heal.is_dead_health)."""
     start = time.perf_counter()
 
-    async def get() -> bool:
+    async def get() -> int:
         resp = await client.request("GET", base, "/health", b"", {"Accept": "application/json"})
         try:
             while await resp.read():
                 pass
-            return resp.status == 200
+            return resp.status
         finally:
             resp.close()
 
     try:
-        ok = await asyncio.wait_for(get(), timeout)
+        status: int | None = await asyncio.wait_for(get(), timeout)
     except (OSError, asyncio.TimeoutError, ValueError):
-        ok = False
-    return ok, round((time.perf_counter() - start) * 1000, 1)
+        status = None
+    return status, round((time.perf_counter() - start) * 1000, 1)
 
 
 def shallow(table: RouteTable) -> dict[str, Any]:
@@ -55,8 +65,11 @@ async def deep(table: RouteTable, client: Client, scheduler: Scheduler,
                generate: bool = False) -> dict[str, Any]:
     timeout = table.settings.health_timeout
     bases = table.upstreams
-    pings = dict(zip(bases, await asyncio.gather(*(ping(client, b, timeout) for b in bases)),
-                     strict=True))
+    statuses = await asyncio.gather(*(ping_status(client, b, timeout) for b in bases))
+    for base, (code, _) in zip(bases, statuses, strict=True):
+        if code is not None and is_dead_health(code):
+            scheduler.declare(base, "dead")
+    pings = {b: (code == 200, ms) for b, (code, ms) in zip(bases, statuses, strict=True)}
     gen: dict[tuple[str, str], bool] = {}
     if generate:
         pairs = [(r, u) for r in table.routes for u in r.upstreams if pings[u][0]]
@@ -71,7 +84,9 @@ async def deep(table: RouteTable, client: Client, scheduler: Scheduler,
         for u in r.upstreams:
             ok, ms = pings[u]
             rep = scheduler.replica(u)
-            if not ok or not rep.usable(now):
+            if rep.health != "up":
+                state = rep.health  # suspect, wedged, restarting: the healer's word
+            elif not ok or not rep.usable(now):
                 state = "down"
             elif generate and not gen.get((r.alias, u), False):
                 state = "wedged"
@@ -85,7 +100,7 @@ async def deep(table: RouteTable, client: Client, scheduler: Scheduler,
                 latencies.append(ms)
         states = [x["status"] for x in replicas]
         status = "up" if "up" in states else next(
-            (s for s in ("loading", "wedged") if s in states), "down")
+            (s for s in ("loading", "restarting", "suspect", "wedged") if s in states), "down")
         latency = min(latencies, default=None)
         models[r.alias] = {"status": status, "latency_ms": latency, "replicas": replicas}
         if r.shards:

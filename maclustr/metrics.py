@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
 from .config import RouteTable
+from .heal import REASONS, STATES
 from .outcome import Outcome
 from .scheduler import Scheduler
 from .stats import ModelWindow, Snapshot, window
@@ -41,8 +42,9 @@ API_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messa
 
 
 class SchedulerGauges(Collector):  # type: ignore[misc, unused-ignore]  # Any when untyped
-    """queue_depth, in_flight and replica_up, computed from the live table and scheduler at
-    scrape time. A replica is named by its index in its route's upstreams."""
+    """queue_depth, in_flight, replica_up, replica_state and replica_restarts, computed from
+    the live table and scheduler at scrape time. A replica is named by its index in its
+    route's upstreams."""
 
     def __init__(self, table: Callable[[], RouteTable],
                  scheduler: Callable[[], Scheduler | None]) -> None:
@@ -58,16 +60,33 @@ class SchedulerGauges(Collector):  # type: ignore[misc, unused-ignore]  # Any wh
         up = GaugeMetricFamily("maclustr_replica_up",
                                "1 when the replica takes requests, 0 when it is out.",
                                labels=["model", "replica"])
+        state = GaugeMetricFamily("maclustr_replica_state",
+                                  "1 for the replica's state (up, suspect, wedged, "
+                                  "restarting, down), 0 for the others.",
+                                  labels=["model", "replica", "state"])
+        restarts = CounterMetricFamily("maclustr_replica_restarts",
+                                       "Restart commands run for a replica (reason: dead, "
+                                       "wedged).", labels=["model", "replica", "reason"])
         sched = self._scheduler()
         if sched is not None:
+            now = time.monotonic()
             for route in self._table().routes:
                 depth.add_metric([route.alias], sched.queue_depth(route.alias))
                 for i, (in_flight, usable) in enumerate(sched.replica_states(route)):
                     flight.add_metric([route.alias, str(i)], in_flight)
                     up.add_metric([route.alias, str(i)], 1 if usable else 0)
+                for i, r in enumerate(map(sched.replica, route.upstreams)):
+                    current = r.state(now)
+                    for s in STATES:
+                        state.add_metric([route.alias, str(i), s], 1 if s == current else 0)
+                    for reason in REASONS:
+                        restarts.add_metric([route.alias, str(i), reason],
+                                            r.restarts.get(reason, 0))
         yield depth
         yield flight
         yield up
+        yield state
+        yield restarts
 
 
 class KeyGauges(Collector):  # type: ignore[misc, unused-ignore]  # Any when untyped

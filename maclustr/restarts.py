@@ -55,16 +55,19 @@ def restart_argv(route: Route, url: str, nodes: Sequence[Node], uid: int,
     return ("ssh", node.ssh, kickstart(route.alias))
 
 
-def describe(argv: Sequence[str]) -> str:
-    """The command's words for a log line."""
-    return shlex.join(argv)
+def mask(text: str, secrets: Iterable[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+def describe(argv: Sequence[str], secrets: Iterable[str] = ()) -> str:
+    """The command's words for a log line, any known secret masked."""
+    return mask(shlex.join(argv), secrets)
 
 
 def output_tail(output: bytes, secrets: Iterable[str] = (), limit: int = TAIL_CHARS) -> str:
     """The end of a command's output for its log line, with any known secret masked."""
-    text = output.decode("utf-8", "replace")
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    text = " ".join(text.split())
+    text = " ".join(mask(output.decode("utf-8", "replace"), secrets).split())
     return text[-limit:]

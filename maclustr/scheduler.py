@@ -13,6 +13,13 @@ Passive health: a replica that fails `FAILS_TO_EJECT` times in a row is taken ou
 cool-down, then probed (`/health`) before it serves again; with every replica of a model out,
 requests get an immediate 503 with Retry-After instead of a long wait.
 
+Self-healing (healer.py decides, heal.py holds the rules): a replica's `health` is `up`,
+`suspect` (silent too long; its probe runs), `wedged` (dead or hung: out of rotation) or
+`restarting`. Only an `up` replica takes new requests; while one is suspect or restarting
+its model's requests wait in the queue rather than get the 503, since it may be back soon.
+`kick` interrupts the requests in flight on a replica declared wedged (the relay moves or
+ends them).
+
 State lives here, keyed by upstream URL, so it survives a routes reload; routes are read
 from the request's own table snapshot.
 """
@@ -32,6 +39,7 @@ from typing import Any
 
 from .config import Route
 from .errors import ModelUnavailable, Overloaded
+from .heal import RestartBudget
 from .policy import Policies
 
 log = logging.getLogger("maclustr.scheduler")
@@ -53,11 +61,23 @@ class Replica:
     served: int = 0
     warm: dict[str, str] = field(default_factory=dict)  # internal model -> loading/warm/failed
     fingerprint: str | None = None  # its system_fingerprint, once seen (lets unary splice)
+    health: str = "up"  # up, suspect, wedged, restarting (heal.STATES)
+    last_byte: float = 0.0  # monotonic: the last byte from any of its connections
+    restarts: dict[str, int] = field(default_factory=dict)  # reason -> restarts run
+    budget: RestartBudget = field(default_factory=RestartBudget)
+    # interrupt each request in flight here (registered by the relay, called by `kick`)
+    kicks: set[Callable[[], None]] = field(default_factory=set)
 
     def usable(self, now: float) -> bool:
-        return not self.checking and self.down_until <= now
+        return self.health == "up" and not self.checking and self.down_until <= now
+
+    def returning(self) -> bool:
+        """Out now, but being checked or restarted: worth waiting for."""
+        return self.health in ("suspect", "restarting")
 
     def state(self, now: float) -> str:
+        if self.health != "up":
+            return self.health
         return "up" if self.usable(now) else "down"
 
 
@@ -108,6 +128,14 @@ class _FairQueue:
                 del self._by_key[key]
 
 
+def _occupy(r: Replica) -> None:
+    """Take a slot. The silence the stall verdict measures starts when a request arrives at an
+    idle replica, not at its last byte of long ago."""
+    if not r.in_flight:
+        r.last_byte = time.monotonic()
+    r.in_flight += 1
+
+
 def _granted(f: asyncio.Future[Replica]) -> bool:
     return f.done() and not f.cancelled() and f.exception() is None
 
@@ -147,6 +175,9 @@ class Scheduler:
         self._key_limits = False  # some key has a max_in_flight
         self._key_flight: dict[str, int] = {}  # slots held per key (while limits are on)
         self._holders: dict[asyncio.Task[Any], str] = {}  # request task -> its key
+
+        # the healer's `declare(url, reason)`: a replica found dead or wedged (None: no healer)
+        self.on_verdict: Callable[[str, str], None] | None = None
 
     def set_policies(self, policies: Policies | None) -> None:
         """The live `keys:` section (each routes reload)."""
@@ -188,9 +219,10 @@ class Scheduler:
         return ties[turn % len(ties)]
 
     def all_down(self, route: Route, exclude: Iterable[str] = ()) -> bool:
+        """No replica up, and none suspect or restarting (those are waited for)."""
         now = time.monotonic()
-        return not any(self.replica(u).usable(now) for u in route.upstreams
-                       if u not in exclude)
+        return not any(r.usable(now) or r.returning() for u in route.upstreams
+                       if u not in exclude for r in (self.replica(u),))
 
     def retry_after(self, route: Route) -> int:
         now = time.monotonic()
@@ -261,7 +293,7 @@ class Scheduler:
         """A slot on another replica for failover, without queueing."""
         r = self.pick(route, prefix, exclude)
         if r is not None:
-            r.in_flight += 1
+            _occupy(r)
         return r
 
     def release(self, r: Replica, ok: bool | None) -> None:
@@ -306,7 +338,7 @@ class Scheduler:
                 if r is None:
                     break
                 q.pop(w.key)
-                r.in_flight += 1
+                _occupy(r)
                 if w.task is not None:
                     self._holders[w.task] = w.key
                     self._key_flight[w.key] = self._key_flight.get(w.key, 0) + 1
@@ -334,6 +366,28 @@ class Scheduler:
 
     def key_in_flight(self, key: str) -> int:
         return self._key_flight.get(key, 0)
+
+    # --- self-healing (the healer sets, the relay reads) -------------------------------------
+
+    def set_health(self, r: Replica, health: str) -> None:
+        """A replica's healing state; back `up`, it takes the requests queued for it; out for
+        good (`wedged`), its model's queue gets the 503 when no other replica is left."""
+        if r.health == health:
+            return
+        r.health = health
+        self.version += 1
+        self._pump()
+
+    def declare(self, url: str, reason: str) -> None:
+        """Report a replica found dead (mlx's 404 "generation thread died", /health 503) or
+        wedged, for the healer to take out and restart."""
+        if self.on_verdict is not None:
+            self.on_verdict(url, reason)
+
+    def kick(self, r: Replica) -> None:
+        """Interrupt every request in flight on `r` (declared wedged)."""
+        for interrupt in list(r.kicks):
+            interrupt()
 
     # --- passive health ---------------------------------------------------------------------
 

@@ -66,6 +66,12 @@ class Warmer:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
+    async def warm_now(self, table: RouteTable, url: str) -> None:
+        """Warm the `warmup: true` models of one replica and wait for it (a restarted
+        replica rejoins warm)."""
+        await asyncio.gather(*(self._warm(r, url) for r in table.routes
+                               if r.warmup and url in r.upstreams))
+
     async def _warm(self, route: Route, url: str) -> None:
         ok = await generate_one(self._client, route, url, route.timeouts.first_byte)
         self._scheduler.replica(url).warm[route.model] = "warm" if ok else "failed"

@@ -1,0 +1,188 @@
+"""Self-healing through the gateway in front of the fake upstream (issue 27): a dead replica
+(/health 503) is taken out, restarted by its `restart` command exactly once, and rejoins; the
+restart budget, a missing or failing command, and what health, metrics and the log say."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import KEY, Behavior, FakeMLX, Gateway, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from maclustr import healer as healer_mod
+from maclustr.app import UPSTREAM
+from maclustr.cli import _JSONFormatter
+from maclustr.healer import run_command
+
+CHAT = "/v1/chat/completions"
+ALIAS = "maclustr-coder"
+# Records each run as one JSON line: what a restart command was given.
+RECORDER = "import json, sys; open(sys.argv[1], 'a').write(json.dumps(sys.argv[2:]) + '\\n')"
+
+
+def routes(url: str, restart: list[str] | None, limit: int | None = None) -> str:
+    top = f"gateway:\n  restart_limit: {limit}\n" if limit is not None else ""
+    cmd = f"    restart: {json.dumps(restart)}\n" if restart else ""
+    return (f"{top}models:\n  {ALIAS}:\n    model: /Users/admin/models/internal-id\n"
+            f"    upstream: {url}\n{cmd}")
+
+
+def recorder(tmp_path: Path) -> tuple[list[str], Path]:
+    runs = tmp_path / "runs.jsonl"
+    return [sys.executable, "-c", RECORDER, str(runs), "{alias}", "{port}"], runs
+
+
+def runs_of(path: Path) -> list[list[str]]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def health_of(gw: Gateway, url: str) -> str:
+    return str(gw.app[UPSTREAM].scheduler.replica(url).health)
+
+
+async def deep(gw: Gateway) -> dict[str, Any]:
+    ans = await gw.client.get("/health?deep=true")
+    return dict(ans.json())
+
+
+async def metric(gw: Gateway, name: str, **labels: str) -> float:
+    body = (await gw.client.get("/metrics")).body.decode()
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} not in /metrics")
+
+
+@pytest.fixture
+def fast_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(healer_mod, "BACK_POLL", 0.05)
+
+
+async def test_a_dead_replica_is_restarted_once_and_rejoins(
+        make_gateway: Any, fake: FakeMLX, tmp_path: Path, fast_back: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    cmd, runs = recorder(tmp_path)
+    gw = await make_gateway(routes(fake.url, cmd))
+    assert (await gw.client.post(CHAT, {"model": ALIAS, "messages": [
+        {"role": "user", "content": "hi"}]})).status == 200
+    fake.health = Behavior(kind="error", status=503)  # mlx: the generation thread died
+    with caplog.at_level(logging.INFO, "maclustr.heal"):
+        await deep(gw)
+        await wait_for(lambda: runs_of(runs), timeout=10)
+        assert runs_of(runs) == [[ALIAS, str(fake.port)]]
+        report = await deep(gw)
+        assert report["models"][ALIAS]["replicas"][0]["status"] == "restarting"
+        assert await metric(gw, "maclustr_replica_state", model=ALIAS, replica="0",
+                            state="restarting") == 1
+        # no other replica: a request waits in the queue for the restarted one
+        waiting = asyncio.ensure_future(gw.client.post(CHAT, {"model": ALIAS, "messages": [
+            {"role": "user", "content": "while restarting"}]}))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        assert "while restarting" not in json.dumps([r.json for r in fake.requests])
+        fake.health = None  # the restart worked
+        await wait_for(lambda: health_of(gw, fake.url) == "up", timeout=10)
+        assert (await asyncio.wait_for(waiting, 10)).status == 200
+    assert runs_of(runs) == [[ALIAS, str(fake.port)]]  # exactly once
+    assert await metric(gw, "maclustr_replica_restarts_total", model=ALIAS, replica="0",
+                        reason="dead") == 1
+    assert await metric(gw, "maclustr_replica_state", model=ALIAS, replica="0",
+                        state="up") == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "maclustr.heal"]
+    said = "\n".join(lines)
+    assert f"replica 0 of {ALIAS} is dead" in said and "restarting it:" in said, said
+    assert sum("is dead" in x for x in lines) == 1  # one line per detection
+    assert any("is back after its restart" in x for x in lines), said
+    assert fake.url not in said and f":{fake.port}" not in said.replace(
+        f"{ALIAS} {fake.port}", "")
+
+
+async def test_past_restart_limit_the_replica_stays_wedged(
+        make_gateway: Any, fake: FakeMLX, tmp_path: Path, fast_back: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    cmd, runs = recorder(tmp_path)
+    gw = await make_gateway(routes(fake.url, cmd, limit=1))
+    fake.health = Behavior(kind="error", status=503)
+    await deep(gw)
+    await wait_for(lambda: runs_of(runs), timeout=10)
+    fake.health = None
+    await wait_for(lambda: health_of(gw, fake.url) == "up", timeout=10)
+    fake.health = Behavior(kind="error", status=503)  # dead again within the hour
+    with caplog.at_level(logging.INFO, "maclustr.heal"):
+        await deep(gw)
+        await wait_for(lambda: health_of(gw, fake.url) == "wedged", timeout=10)
+        report = await deep(gw)
+    assert report["models"][ALIAS]["replicas"][0]["status"] == "wedged"
+    assert len(runs_of(runs)) == 1  # not restarted again
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "restarted 1 time(s) this hour (restart_limit 1), it stays out" in said, said
+    assert any(r.levelno == logging.ERROR for r in caplog.records)
+    ans = await gw.client.post(CHAT, {"model": ALIAS, "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert ans.status == 503 and ans.json()["error"]["code"] == "model_unavailable"
+    assert await metric(gw, "maclustr_replica_restarts_total", model=ALIAS, replica="0",
+                        reason="dead") == 1
+    assert await metric(gw, "maclustr_replica_state", model=ALIAS, replica="0",
+                        state="wedged") == 1
+
+
+async def test_without_a_restart_command_it_stays_wedged_and_says_so(
+        make_gateway: Any, fake: FakeMLX, caplog: pytest.LogCaptureFixture) -> None:
+    gw = await make_gateway(routes(fake.url, None))
+    fake.health = Behavior(kind="error", status=503)
+    with caplog.at_level(logging.INFO, "maclustr.heal"):
+        await deep(gw)
+        await wait_for(lambda: health_of(gw, fake.url) == "wedged", timeout=5)
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "no restart command (set 'restart' or place the model on a node)" in said, said
+    assert (await deep(gw))["models"][ALIAS]["replicas"][0]["status"] == "wedged"
+    assert await metric(gw, "maclustr_replica_state", model=ALIAS, replica="0",
+                        state="wedged") == 1
+
+
+async def test_a_failing_command_is_logged_with_status_and_tail_and_counts(
+        make_gateway: Any, fake: FakeMLX, fast_back: None, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MACLUSTR_API_KEY", f"ops:{KEY}")
+    cmd = [sys.executable, "-c", f"print('cannot reach {KEY}: boom'); raise SystemExit(3)"]
+    gw = await make_gateway(routes(fake.url, cmd, limit=1))
+    fake.health = Behavior(kind="error", status=503)
+    with caplog.at_level(logging.INFO, "maclustr.heal"):
+        await deep(gw)
+        await wait_for(lambda: any("exited with status 3" in r.getMessage()
+                                   for r in caplog.records), timeout=10)
+    line = next(r.getMessage() for r in caplog.records if "exited with status 3" in
+                r.getMessage())
+    assert "cannot reach *** : boom" in line or "cannot reach ***: boom" in line, line
+    assert KEY not in "\n".join(r.getMessage() for r in caplog.records)
+    assert await metric(gw, "maclustr_replica_restarts_total", model=ALIAS, replica="0",
+                        reason="dead") == 1
+
+
+async def test_a_command_past_its_deadline_is_killed() -> None:
+    start = time.monotonic()
+    status, out = await run_command([sys.executable, "-c",
+                                     "print('slow', flush=True); import time; time.sleep(30)"],
+                                    timeout=1.0)
+    assert status is None and b"slow" in out
+    assert time.monotonic() - start < 10
+    assert await run_command(["/nonexistent/launchctl"]) == (
+        127, b"/nonexistent/launchctl: No such file or directory")
+
+
+def test_json_log_lines_carry_the_fields() -> None:
+    rec = logging.LogRecord("maclustr.heal", logging.WARNING, __file__, 1, "replica 0 is dead",
+                            None, None)
+    rec.fields = {"event": "dead", "model": ALIAS, "replica": "0",
+                  "command": ["launchctl", "kickstart", "-k", "gui/501/io.maclustr.mlx.x"]}
+    obj = json.loads(_JSONFormatter().format(rec))
+    assert obj["message"] == "replica 0 is dead" and obj["event"] == "dead"
+    assert obj["model"] == ALIAS and obj["replica"] == "0" and obj["command"][0] == "launchctl"
