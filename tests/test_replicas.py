@@ -374,7 +374,7 @@ async def test_a_probe_that_raises_logs_one_line_and_probing_goes_on(
     without a traceback, and the next probe brings the replica back."""
     fake.push(*[Behavior(kind="error", status=503, error_body=b'{"error": "x"}')] * 3)
     gw = await make_gateway(routes([fake.url]))
-    real, calls = health.ping, []
+    real, calls = health.ping_status, []
 
     async def ping(*args: Any, **kw: Any) -> Any:
         calls.append(1)
@@ -382,7 +382,7 @@ async def test_a_probe_that_raises_logs_one_line_and_probing_goes_on(
             raise RuntimeError("a bug in the probe")
         return await real(*args, **kw)
 
-    monkeypatch.setattr(health, "ping", ping)
+    monkeypatch.setattr(health, "ping_status", ping)  # what the passive probe calls
     route = gw.holder.current.routes[0]
     with caplog.at_level(logging.INFO, logger="maclustr.scheduler"):
         for _ in range(3):
