@@ -18,8 +18,10 @@ ALL_TARGETS = ["direct", "nginx", "caddy", "maclustr", "maclustr-metrics"]
 # litellm: the Python proxy people compare with (slow; installed on first use);
 # maclustr-quiet: --log-level warning (the access log's share); maclustr-asyncio: the
 # standard event loop instead of uvloop (uvloop's share); pipe / pipe-2: the floor of any
-# Python proxy, one or two processes (bench/pipe.py)
-EXTRA_TARGETS = ["litellm", "maclustr-quiet", "maclustr-asyncio", "pipe", "pipe-2"]
+# Python proxy, one or two processes (bench/pipe.py); maclustr-keys / maclustr-no-ledger:
+# a `keys:` policy with the usage ledger, and neither (issue 28's cost)
+EXTRA_TARGETS = ["litellm", "maclustr-quiet", "maclustr-asyncio", "pipe", "pipe-2",
+                 "maclustr-keys", "maclustr-no-ledger"]
 # (b): content events per stream, and how far apart the per-event-read upstream sends them
 STREAM_CHUNKS = 64
 TRICKLE_MS = 2.0

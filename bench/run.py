@@ -98,14 +98,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="after the rounds, py-spy maclustr during (a) and (b) (not counted)")
     p.add_argument("--litellm-install-timeout", type=float, default=300.0)
-    p.add_argument("--baseline", type=Path,
+    p.add_argument("--baseline", type=Path, action="append", default=[],
                    help="another checkout (e.g. a git worktree at an older commit), run with "
-                        "this venv as the maclustr-baseline target (added to --only)")
+                        "this venv as target maclustr@<its commit> (added to --only); repeatable")
     p.add_argument("--out", default=str(RESULTS / "latest"), help="path prefix for .md/.json")
     args = p.parse_args(argv)
-    if args.baseline:  # another checkout's code as one more target, same run
-        STARTERS["maclustr-baseline"] = functools.partial(start_maclustr,
-                                                          tree=args.baseline.resolve())
+    args.baselines = []
+    for tree in args.baseline:  # another checkout's code as one more target, same run
+        name = f"maclustr@{version_of(['git', '-C', str(tree), 'rev-parse', '--short', 'HEAD'])}"
+        STARTERS[name] = functools.partial(start_maclustr, tree=tree.resolve(), label=name)
+        args.baselines.append(name)
     unknown = [n for n in target_names(args) if n not in STARTERS]
     if unknown:
         p.error(f"unknown targets {unknown}; known: {list(STARTERS)}")
@@ -114,8 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def target_names(args: argparse.Namespace) -> list[str]:
     names = [n.strip() for n in args.only.split(",") if n.strip()]
-    if args.baseline and "maclustr-baseline" not in names:
-        names.append("maclustr-baseline")
+    names += [n for n in args.baselines if n not in names]
     return names
 
 

@@ -304,18 +304,19 @@ def start_litellm(ups: Upstreams, pin: Pinning, http11: bool,
 
 def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = False,
                    loop: str = "auto", metrics: bool = False,
-                   tree: Path | None = None) -> Target:
-    name = ("maclustr-quiet" if quiet else "maclustr-asyncio" if loop == "asyncio"
-            else "maclustr-metrics" if metrics else "maclustr-baseline" if tree
-            else "maclustr")
+                   tree: Path | None = None, usage: str = "", label: str = "") -> Target:
+    name = label or ("maclustr-quiet" if quiet else "maclustr-asyncio" if loop == "asyncio"
+                     else "maclustr-metrics" if metrics
+                     else f"maclustr-{usage}" if usage else "maclustr")
     t = Target(name)
     exe = Path(PY).parent / "maclustr"
     if not exe.exists():
         t.error = f"{exe} not found (run `make install`)"
         return t
-    # maclustr-baseline: the same venv running another checkout's code (its tree first on
-    # the path), so two commits are measured side by side in one run
-    run_env = dict(os.environ, MACLUSTR_API_KEY=KEY)
+    # --baseline (maclustr@<commit>): the same venv running another checkout's code (its tree
+    # first on the path), so commits are measured side by side in one run
+    # maclustr-keys: the bench key named `bench` under a `keys:` policy (issue 28)
+    run_env = dict(os.environ, MACLUSTR_API_KEY=f"bench:{KEY}" if usage == "keys" else KEY)
     maclustr = [str(exe)]
     if tree is not None:
         if not (tree / "maclustr" / "__init__.py").exists():
@@ -376,6 +377,16 @@ def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = Fal
         t.note += f"gateway.metrics {'on' if metrics else 'off'}; "
         if metrics:
             t.metrics = True
+    if usage:
+        ledger, keys = usage_settings(usage, d)
+        routes.write_text("\n".join(lifted + gateway + ledger + keys) + "\n")
+        check = subprocess.run([*maclustr, "check", "--routes", str(routes)],
+                               capture_output=True, timeout=30, env=run_env, cwd=tree)
+        if check.returncode != 0:
+            t.error = "this build has no team keys / usage ledger (issue 28)"
+            return t
+        t.note += ledger[0].strip() + ("; keys: bench, every limit far above the load; "
+                                       if keys else "; ")
     port = free_port()
     for k in t.models:
         t.urls[k] = f"http://127.0.0.1:{port}"
@@ -393,6 +404,21 @@ def start_maclustr(ups: Upstreams, pin: Pinning, http11: bool, quiet: bool = Fal
     t.note += "`maclustr serve`" + (" --log-level warning" if quiet else " (info: access log)")
     t.note += f" --loop {loop}" if loop != "auto" else ""
     return t
+
+
+def usage_settings(usage: str, d: Path) -> tuple[list[str], list[str]]:
+    """Issue 28's cost: `keys` = a policy on the bench key (every limit set far above the
+    load, max_in_flight so every request goes through the scheduler's queue check) and the
+    usage ledger in SQLite; `no-ledger` = neither (`gateway.usage_db: false`)."""
+    if usage == "no-ledger":
+        return ["  usage_db: false"], []
+    db = d / "usage.sqlite3"
+    for f in d.glob("usage.sqlite3*"):
+        f.unlink()
+    return [f"  usage_db: {db}"], [
+        "keys:", "  bench:", "    requests_per_minute: 100000000",
+        "    tokens_per_minute: 1000000000", "    tokens_per_day: 100000000000",
+        "    max_in_flight: 10000", '  "*":', "    tokens_per_day: 100000000000"]
 
 
 def start_pipe(ups: Upstreams, pin: Pinning, http11: bool, workers: int = 1) -> Target:
@@ -417,6 +443,8 @@ STARTERS: dict[str, Callable[..., Target]] = {
     "maclustr-quiet": lambda u, p, h: start_maclustr(u, p, h, quiet=True),
     "maclustr-asyncio": lambda u, p, h: start_maclustr(u, p, h, loop="asyncio"),
     "maclustr-metrics": lambda u, p, h: start_maclustr(u, p, h, metrics=True),
+    "maclustr-keys": lambda u, p, h: start_maclustr(u, p, h, usage="keys"),
+    "maclustr-no-ledger": lambda u, p, h: start_maclustr(u, p, h, usage="no-ledger"),
     "pipe": start_pipe, "pipe-2": lambda u, p, h: start_pipe(u, p, h, workers=2),
 }
 
