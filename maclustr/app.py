@@ -408,7 +408,7 @@ async def messages(app: web.Application, ex: Exchange) -> Answer | None:
     chat = anthropic.to_chat(payload, route.model)
     estimate = anthropic.estimate_tokens(chat)
     alias, stops = route.alias, anthropic.stop_sequences(payload)
-    dialect = Dialect(stream=lambda: anthropic.AnthropicStream(alias, estimate, stops),
+    dialect = Dialect(new_stream=lambda: anthropic.AnthropicStream(alias, estimate, stops),
                       collect=anthropic.collect)
     return await relay_chat(app, ex, route, chat, dialect, stream=payload.get("stream") is True)
 
@@ -420,7 +420,8 @@ async def responses_api(app: web.Application, ex: Exchange) -> Answer | None:
     route = _route_for(app, ex, table, payload)
     chat = responses.to_chat(payload, route.model)
     alias = route.alias
-    dialect = Dialect(stream=lambda: responses.ResponsesStream(alias), collect=responses.collect)
+    dialect = Dialect(new_stream=lambda: responses.ResponsesStream(alias),
+                      collect=responses.collect)
     return await relay_chat(app, ex, route, chat, dialect, stream=payload.get("stream") is True)
 
 

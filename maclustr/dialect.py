@@ -47,12 +47,12 @@ class ChatStream(Protocol):
 @dataclass(frozen=True)
 class Dialect:
     """How one translated request rides the relay. The upstream is always asked to stream:
-    `stream` makes a fresh stream state machine; a streamed answer relays its events, a
-    unary one is all of them folded by `collect` into one answer (so a unary answer is
-    exactly what the stream would have said). Errors are rendered by path in the app's error
-    funnel, before and after routing alike."""
+    `new_stream` makes a fresh stream state machine (one per request); a streamed answer
+    relays its events, a unary one is all of them folded by `collect` into one answer (so a
+    unary answer is exactly what the stream would have said). Errors are rendered by path in
+    the app's error funnel, before and after routing alike."""
 
-    stream: Callable[[], ChatStream]
+    new_stream: Callable[[], ChatStream]
     collect: Callable[[bytes], dict[str, Any]]
 
 

@@ -359,7 +359,7 @@ async def relay_collected(ex: Exchange, backends: Backends, resp: Response, rout
     caller's resp.close() then hangs up, which stops the generation."""
     dialect = call.dialect
     assert dialect is not None
-    rewriter = ChatEventRewriter(dialect.stream())
+    rewriter = ChatEventRewriter(dialect.new_stream())
     parts: list[bytes] = []
     size = 0
     try:
@@ -402,7 +402,7 @@ async def relay_stream(ex: Exchange, backends: Backends, resp: Response, route: 
     o = ex.outcome
     rewriter = (SSERewriter(route.alias, route.model, strip_usage=not call.usage,
                             fingerprint=replica.fingerprint)
-                if call.dialect is None else ChatEventRewriter(call.dialect.stream()))
+                if call.dialect is None else ChatEventRewriter(call.dialect.new_stream()))
     failure: GatewayError | None = None
     try:
         chunked = await ex.start_stream({**SSE_HEADERS, "X-Request-Id": call.rid})

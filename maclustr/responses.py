@@ -291,11 +291,6 @@ def collect(events: bytes) -> dict[str, Any]:
     return response
 
 
-def error_body(err: GatewayError) -> bytes:
-    """The Responses API's errors are OpenAI's envelope, like the rest of the gateway."""
-    return err.to_body()
-
-
 def _item_id(rid: str, prefix: str, index: int) -> str:
     """Item ids derive from the response id: stable for one response, unique across."""
     return f"{prefix}_{rid[5:]}{index:02d}"

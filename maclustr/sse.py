@@ -217,11 +217,6 @@ class KeySplice:
         self._exact = self._spec.exact  # json.dumps's bytes until the server shows its own
         self._seen = self._spec.exact_new
 
-    @property
-    def exact(self) -> bytes:
-        """The bytes of one `"key": "old"` as this server writes it."""
-        return self._exact
-
     def replace_all(self, data: bytes) -> bytes:
         """Every `"key": "old"`, without the proof (comment lines: the same on both paths)."""
         spec = self._spec

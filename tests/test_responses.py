@@ -17,7 +17,6 @@ from maclustr.responses import (
     DEFAULT_MAX_TOKENS,
     ResponsesStream,
     collect,
-    error_body,
     to_chat,
 )
 
@@ -157,7 +156,7 @@ def test_what_cannot_be_translated_is_a_clear_400(req: dict[str, Any], param: st
     with pytest.raises(BadRequest) as e:
         to_chat({"model": ALIAS, **req}, INTERNAL)
     assert e.value.status == 400 and e.value.param == param
-    assert json.loads(error_body(e.value))["error"]["param"] == param
+    assert json.loads(e.value.to_body())["error"]["param"] == param
 
 
 # --- unary answers ---------------------------------------------------------------------------
