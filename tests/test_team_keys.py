@@ -209,11 +209,25 @@ async def test_usage_report_agrees_with_the_requests(make_gateway: Any, fake: Fa
                          text=True, timeout=30)
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout) == expected
+    csv = subprocess.run([sys.executable, "-m", "maclustr", "usage", "--routes",
+                          str(gw.holder.path), "--since", "1d", "--by", "model",
+                          "--format", "csv"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)  # the ledger beside the routes file
+    assert csv.returncode == 0, csv.stderr
+    per_model = {m: sum(n for (_, mm), (n, _, _) in made.items() if mm == m)
+                 for m in ("maclustr-coder", "maclustr-fast")}
+    assert [line.split(",")[:2] for line in csv.stdout.splitlines()] == [
+        ["model", "requests"], *[[m, str(n)] for m, n in sorted(per_model.items())]]
+    bad = subprocess.run([sys.executable, "-m", "maclustr", "usage", "--db", str(db),
+                          "--since", "last week"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert bad.returncode == 2 and "--since must be YYYY-MM-DD" in bad.stderr
     by_day = await gw.client.get("/v1/usage", headers={"Authorization": f"Bearer {OPS}"})
     rows = by_day.json()["data"]
     assert {r["key"] for r in rows} == {"interns", "ops"} and all("day" in r for r in rows)
-    bad = await gw.client.get("/v1/usage?by=colour", headers={"Authorization": f"Bearer {OPS}"})
-    assert bad.status == 400
+    wrong = await gw.client.get("/v1/usage?by=colour",
+                                headers={"Authorization": f"Bearer {OPS}"})
+    assert wrong.status == 400
 
 
 def _ask(url: str, key: str) -> tuple[int, dict[str, str], Any]:
