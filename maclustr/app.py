@@ -34,6 +34,7 @@ from .errors import (
     ModelNotFound,
     NotFound,
     ShuttingDown,
+    UnreadableLength,
 )
 from .exchange import Answer, Exchange, client_gone
 from .front import FrontExchange, FrontServer
@@ -325,7 +326,10 @@ async def stamp(request: web.Request, resp: web.StreamResponse) -> None:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, refusing more than `limit` bytes without reading them all."""
-    length = request.content_length
+    try:
+        length = request.content_length
+    except ValueError:  # more digits than int() reads: aiohttp's parser let them through
+        raise UnreadableLength() from None
     if length is not None:
         if length > limit:
             raise BodyTooLarge(limit)

@@ -92,6 +92,14 @@ class MalformedRequest(BadRequest):
         super().__init__(message)
 
 
+class UnreadableLength(MalformedRequest):
+    """A Content-Length of more digits than any body needs: int() refuses over 4,300, and the
+    parsers let them through (aiohttp's, and the front's isdigit())."""
+
+    def __init__(self) -> None:
+        super().__init__("The Content-Length has more digits than the gateway reads.")
+
+
 class HeaderTooLarge(GatewayError):
     status, type, code = 431, "invalid_request_error", "request_header_too_large"
     meaning = "The request line or a header is over the gateway's limit (32 KiB)"

@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
-from .errors import BodyTooLarge, GatewayError, MalformedRequest
+from .errors import BodyTooLarge, GatewayError, MalformedRequest, UnreadableLength
 from .exchange import Answer
 from .headers import SERVER, request_id
 from .outcome import Outcome
@@ -95,8 +95,7 @@ def parse_head(head: bytes, paths: frozenset[str]) -> Head | None:
             if length >= 0 or not value.isascii() or not value.isdigit():
                 return None
             if len(value) > MAX_LENGTH_DIGITS:
-                raise MalformedRequest("The Content-Length has more digits than the gateway "
-                                       "reads.")
+                raise UnreadableLength()
             length = int(value)
         elif key in _REFUSED:
             return None

@@ -415,3 +415,19 @@ def test_what_the_front_accepts_h11_accepts_alike(raw: bytes) -> None:
         else:
             first.setdefault(name.decode("ascii"), value.decode("latin-1"))
     assert (first, length) == (got.headers, got.length), raw
+
+
+@pytest.mark.parametrize("before", ["Expect: 100-continue", "Upgrade: h2c", "X-Bad\x01: 1"])
+async def test_unreadable_content_length_on_a_handed_over_head_is_a_400(
+        gateway: Gateway, fake: FakeMLX, caplog: pytest.LogCaptureFixture,
+        before: str) -> None:
+    """A head the front hands to aiohttp before it reaches the Content-Length: aiohttp's
+    `request.content_length` calls int() on the same 5,000 digits (a 500 and a traceback)."""
+    raw = post(b"", extra="Connection: close\r\n").replace(
+        b"Content-Length: 0", before.encode() + b"\r\nContent-Length: " + b"0" * 5000)
+    got = await exchange(gateway, raw)
+    assert statuses(got)[-1:] == [b"400"], got[:300]
+    err = json.loads(got.rsplit(b"\r\n\r\n", 1)[1])["error"]
+    assert err["code"] == "malformed_request", err
+    assert not [r for r in caplog.records if r.exc_info], caplog.text[-2000:]
+    assert fake.requests == []
