@@ -671,10 +671,7 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 
     scheduler = Scheduler(probe, on_return)
     warmer = Warmer(client, scheduler)
-    # The stall watch needs the relay to stamp Replica.last_byte per upstream read; until it
-    # does, only dead servers (a /health 503) are healed.
-    healer = Healer(client, scheduler, lambda: holder.current, warmer, _secrets(holder),
-                    watch_stalls=False)
+    healer = Healer(client, scheduler, lambda: holder.current, warmer, _secrets(holder))
     healer.start()
     app[UPSTREAM] = Backends(client=client, scheduler=scheduler,
                              shutting_down=app[SHUTTING_DOWN])

@@ -125,12 +125,15 @@ class Healer:
         if route is None:
             return
         r = self._sched.replica(url)
-        if r.health in ("wedged", "restarting"):
+        if r.healing or r.health in ("wedged", "restarting"):
             return
         if url in self._busy:  # a probe is running: its verdict follows
             if reason != "dead":
                 return
             self._busy.pop(url).cancel()
+        # out at once, so a request moved off it cannot land on it again; while its fate is
+        # decided its model's requests wait
+        self._sched.set_health(r, "wedged", healing=True)
         self._spawn(url, self._verdict(route, r, reason))
 
     def _spawn(self, url: str, work: Any) -> None:
@@ -168,7 +171,7 @@ class Healer:
     async def _verdict(self, route: Route, r: Replica, reason: str) -> None:
         """Out of rotation, its requests in flight kicked, then restarted if it may be."""
         idx = self._name(route, r)
-        self._sched.set_health(r, "wedged")
+        self._sched.set_health(r, "wedged", healing=True)
         self._sched.kick(r)
         table = self._table()
         argv = restart_argv(route, r.url, table.nodes, os.getuid(), route.restart)
@@ -179,6 +182,7 @@ class Healer:
             note(logging.ERROR, f"replica {idx} of {route.alias} is {reason}: {what}; no "
                  "restart command (set 'restart' or place the model on a node), it stays out",
                  event=reason, model=route.alias, replica=idx, action="none")
+            self._sched.set_health(r, "wedged", healing=False)
             await self._rejoin(route, r)
             return
         r.budget.limit = table.settings.restart_limit
@@ -187,6 +191,7 @@ class Healer:
                  f"restarted {r.budget.used(now)} time(s) this hour (restart_limit "
                  f"{r.budget.limit}), it stays out",
                  event=reason, model=route.alias, replica=idx, action="limit")
+            self._sched.set_health(r, "wedged", healing=False)
             await self._rejoin(route, r)
             return
         note(logging.WARNING, f"replica {idx} of {route.alias} is {reason}: {what}; "
@@ -214,7 +219,7 @@ class Healer:
             note(logging.WARNING, f"replica {idx} of {route.alias} is back after its restart "
                  f"({time.monotonic() - started:.1f} s)", event="restarted",
                  model=route.alias, replica=idx, seconds=round(time.monotonic() - started, 1))
-            self._sched.set_health(r, "up")
+            self._sched.set_health(r, "up", healing=False)
             return
         note(logging.ERROR, f"replica {idx} of {route.alias} did not come back after its "
              "restart", event="restart_failed", model=route.alias, replica=idx)
@@ -227,7 +232,7 @@ class Healer:
             idx = self._name(route, r)
             note(logging.WARNING, f"replica {idx} of {route.alias} answers again: up",
                  event="recovered", model=route.alias, replica=idx)
-            self._sched.set_health(r, "up")
+            self._sched.set_health(r, "up", healing=False)
 
     async def _back(self, route: Route, r: Replica, within: float | None = -1.0) -> bool:
         """/health and one token answer again (and the warm-up ran), within `within` s

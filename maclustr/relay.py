@@ -39,6 +39,7 @@ from .errors import (
 )
 from .exchange import Answer, Exchange
 from .headers import SERVER, SSE_HEADERS, upstream_headers
+from .heal import is_dead_answer
 from .outcome import Outcome
 from .scheduler import Replica, Scheduler
 from .sse import SSEError, SSERewriter, rewrite_body, usage_of
@@ -49,6 +50,7 @@ log = logging.getLogger("maclustr.relay")
 MAX_UNARY_BYTES = 64 * 1024 * 1024  # a unary completion larger than this is not a completion
 MAX_ERROR_BYTES = 64 * 1024
 MAX_ATTEMPTS = 3  # replicas tried for one request, before any byte reached the client
+WEDGED = "its server was found wedged"  # the watchdog phase of a kicked request
 CLIENT_HIGH_WATER = 256 * 1024  # bytes queued for a slow client before the upstream pauses
 CLIENT_LOW_WATER = 64 * 1024  # ... and resumes
 
@@ -83,6 +85,9 @@ class Call:
     prefix: str | None
     dialect: Dialect | None = None  # a translated API (Anthropic, Responses); None: OpenAI
     usage: bool = True
+    # A stream moved to another replica after its head (and only comments) reached the
+    # client: the rewriter and framing it goes on with, on the same connection.
+    moved: tuple[SSERewriter | ChatEventRewriter, bool] | None = None
 
 
 class Watchdog:
@@ -94,7 +99,7 @@ class Watchdog:
     the check also counts a shrinking client write buffer as progress.
     """
 
-    __slots__ = ("_handle", "_loop", "_seen", "_task", "fired", "last", "limit", "phase",
+    __slots__ = ("_handle", "_loop", "_seen", "_task", "fired", "last", "limit", "on", "phase",
                  "progress")
 
     def __init__(self, limit: float, phase: str) -> None:
@@ -107,11 +112,31 @@ class Watchdog:
         self.fired = False
         self.progress: Callable[[], int] | None = None
         self._seen = 0
+        self.on: Replica | None = None  # the replica answering (its bytes: `byte`)
         self.last = self._loop.time()
         self._handle = self._loop.call_at(self.last + limit, self._check)
 
     def touch(self) -> None:
         self.last = self._loop.time()
+
+    def byte(self) -> None:
+        """Progress that is a byte from the upstream: the replica's too, for the healer's
+        stall verdict (heal.stalled)."""
+        self.last = now = self._loop.time()
+        if self.on is not None:
+            self.on.last_byte = now
+
+    def kick(self) -> None:
+        """The replica was declared wedged (Scheduler.kick): interrupt the request now, as a
+        timeout of phase WEDGED; the handler moves it or ends it in-band."""
+        self.fired = True
+        self.phase = WEDGED
+        self._task.cancel()
+
+    def recover(self) -> None:
+        """Our cancellation was handled (a move): the next one may be the client's."""
+        self.absorb()
+        self.fired = False
 
     def rearm(self, limit: float, phase: str) -> None:
         """Start a new phase. The timer moves only if it must fire earlier; a late check just
@@ -156,12 +181,39 @@ class Slot:
     replica holding it, whether it is held (not between giving a failed replica's slot back
     and getting the next), and the replicas tried so far, this one included."""
 
-    __slots__ = ("held", "replica", "tried")
+    __slots__ = ("dog", "held", "replica", "tried", "verdict")
 
-    def __init__(self, replica: Replica) -> None:
+    def __init__(self, replica: Replica, dog: Watchdog) -> None:
+        self.dog = dog
+        self.verdict: bool | None = None  # an error answer's word on the replica
         self.replica = replica
         self.held = True
         self.tried: tuple[str, ...] = (replica.url,)
+        self._hold(replica)
+
+    def _hold(self, r: Replica) -> None:
+        """This request now waits on `r`: its bytes are `r`'s, and `r` declared wedged kicks
+        it (self-healing)."""
+        self.replica.kicks.discard(self.dog.kick)
+        self.replica = r
+        self.dog.on = r
+        r.kicks.add(self.dog.kick)
+
+    async def move(self, sched: Scheduler, route: Route, call: Call, o: Outcome) -> None:
+        """The replica was found dead or wedged before the client saw content: give its slot
+        back (no verdict: the healer has it) and take one on any replica that is up, or
+        wait in the queue for the restarted one."""
+        self.dog.recover()
+        self.release(sched, None)
+        o.failovers += 1
+        self.dog.rearm(route.queue_timeout + 5, "waiting for a slot")
+        o.phase = "queue"
+        nxt = sched.take(route, call.prefix, ()) or await _acquire(sched, route, call, o)
+        o.phase = "upstream"
+        self._hold(nxt)
+        self.held = True
+        self.tried += (nxt.url,)
+        self.dog.rearm(route.timeouts.connect, "connect")
 
     def last_try(self, route: Route) -> bool:
         return len(self.tried) >= min(MAX_ATTEMPTS, len(route.upstreams))
@@ -179,11 +231,13 @@ class Slot:
             o.phase = "queue"
             nxt = await _acquire(sched, route, call, o, self.tried)
             o.phase = "upstream"
-        self.replica, self.held = nxt, True
+        self._hold(nxt)
+        self.held = True
         self.tried += (nxt.url,)
         dog.rearm(route.timeouts.connect, "connect")
 
     def release(self, sched: Scheduler, ok: bool | None) -> None:
+        self.replica.kicks.discard(self.dog.kick)
         if self.held:
             self.held = False
             sched.release(self.replica, ok)
@@ -196,25 +250,24 @@ async def relay(ex: Exchange, backends: Backends, route: Route, call: Call) -> A
     o = ex.outcome
     o.phase = "queue"  # take a slot
     queued = time.perf_counter()
-    slot = Slot(sched.free_slot(route, call.prefix) or await _acquire(sched, route, call, o))
+    replica = sched.free_slot(route, call.prefix) or await _acquire(sched, route, call, o)
     o.queue_wait = time.perf_counter() - queued
     o.phase = "upstream"
     dog = Watchdog(route.timeouts.connect, "connect")
+    slot = Slot(replica, dog)
     ok: bool | None = None  # the replica's verdict, for passive health
     try:
-        resp = await _open_with_failover(backends.client, sched, route, call, slot, dog, o)
-        try:
-            dog.rearm(route.timeouts.idle, "idle between bytes")
-            if resp.status >= 400:
-                ok = resp.status not in (502, 503, 504)  # alive unless it says otherwise
-                raise await _upstream_error(resp, route, call.rid, dog)
-            answer = _answerer(resp, route, call)
-            out, ok = await answer(ex, backends, resp, route, call, slot.replica, dog)
-        finally:
-            resp.close()  # mid-body this drops the socket: the server stops generating
+        while True:
+            try:
+                out, ok = await _answer_from(ex, backends, route, call, slot, dog)
+                break
+            except _Moved:  # found dead or wedged before the client saw content
+                await _move(ex, slot, sched, route, call)
     except (UpstreamFailed, UpstreamTimeout) as e:
-        if ok is None:
-            ok = _VERDICT.get(e.code, False)
+        ok = slot.verdict if slot.verdict is not None else _VERDICT.get(e.code, False)
+        raise
+    except UpstreamRejected:
+        ok = slot.verdict
         raise
     finally:
         dog.stop()
@@ -222,6 +275,45 @@ async def relay(ex: Exchange, backends: Backends, route: Route, call: Call) -> A
     if ok:
         sched.remember(route, call.prefix, slot.replica)
     return out
+
+
+async def _move(ex: Exchange, slot: Slot, sched: Scheduler, route: Route, call: Call) -> None:
+    """Take a slot elsewhere for a moved request; a stream already started that finds none
+    ends in-band, as any started stream's failure does."""
+    try:
+        await slot.move(sched, route, call, ex.outcome)
+    except GatewayError as e:
+        if call.moved is not None:
+            rewriter, chunked = call.moved
+            _end_with(ex, rewriter, chunked, e)
+        raise
+
+
+class _Moved(Exception):
+    """The replica was found dead (mlx's 404 "generation thread died") or wedged (the
+    healer's kick) before the client received content: serve the request elsewhere."""
+
+
+async def _answer_from(ex: Exchange, backends: Backends, route: Route, call: Call, slot: Slot,
+                       dog: Watchdog) -> tuple[Answer | None, bool | None]:
+    """One try: open the slot's replica (with failover) and answer from it; the answer and
+    the replica's verdict."""
+    resp = await _open_with_failover(backends.client, backends.scheduler, route, call, slot,
+                                     dog, ex.outcome)
+    try:
+        dog.byte()  # the head
+        dog.rearm(route.timeouts.idle, "idle between bytes")
+        if resp.status >= 400:
+            error = await _upstream_error(resp, route, call.rid, dog)
+            if error is None:  # the generation thread died: the healer restarts it
+                backends.scheduler.declare(slot.replica.url, "dead")
+                raise _Moved
+            slot.verdict = resp.status not in (502, 503, 504)  # alive unless it says otherwise
+            raise error
+        answer = _answerer(resp, route, call)
+        return await answer(ex, backends, resp, route, call, slot.replica, dog)
+    finally:
+        resp.close()  # mid-body this drops the socket: the server stops generating
 
 
 async def _acquire(sched: Scheduler, route: Route, call: Call, o: Outcome,
@@ -301,6 +393,8 @@ class _Opening:
         if issubclass(kind, asyncio.CancelledError):
             if not self.dog.fired:
                 return
+            if self.dog.phase == WEDGED:
+                raise _Moved from None
             self.dog.absorb()
             if self.dog.phase == "connect":
                 raise UpstreamFailed(alias, "did not accept a connection in time") from None
@@ -368,7 +462,7 @@ async def relay_collected(ex: Exchange, backends: Backends, resp: Response, rout
                 chunk = await resp.read()
                 if not chunk:
                     raise UpstreamFailed(route.alias, "stopped in the middle of the response")
-                dog.touch()
+                dog.byte()
                 events = rewriter.feed(chunk)
                 size += len(events)
                 if size > MAX_UNARY_BYTES:
@@ -400,12 +494,16 @@ async def relay_stream(ex: Exchange, backends: Backends, resp: Response, route: 
     reading from the upstream then pauses until it resumes (below CLIENT_LOW_WATER), so memory
     per stream stays bounded and TCP flow control reaches the model server."""
     o = ex.outcome
-    rewriter = (SSERewriter(route.alias, route.model, strip_usage=not call.usage,
-                            fingerprint=replica.fingerprint)
-                if call.dialect is None else ChatEventRewriter(call.dialect.new_stream()))
+    rewriter: SSERewriter | ChatEventRewriter
+    if call.moved is not None:  # the client has the head already: go on after it
+        (rewriter, chunked), call.moved = call.moved, None
+    else:
+        rewriter = (SSERewriter(route.alias, route.model, strip_usage=not call.usage,
+                                fingerprint=replica.fingerprint)
+                    if call.dialect is None else ChatEventRewriter(call.dialect.new_stream()))
+        chunked = await ex.start_stream({**SSE_HEADERS, "X-Request-Id": call.rid})
     failure: GatewayError | None = None
     try:
-        chunked = await ex.start_stream({**SSE_HEADERS, "X-Request-Id": call.rid})
         o.phase = "response"
         pump = _Pump(ex, resp, rewriter, chunked, dog, route.alias)
         try:
@@ -417,6 +515,10 @@ async def relay_stream(ex: Exchange, backends: Backends, resp: Response, route: 
             elif not rewriter.done:
                 failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
         except asyncio.CancelledError:
+            if dog.fired and dog.phase == WEDGED and o.first_at is None \
+                    and not _client_gone(ex):  # only the head and comments went out
+                call.moved = (rewriter, chunked)
+                raise _Moved from None
             failure = _cancelled(ex, backends, route, dog, pump)
             if failure is None:
                 raise
@@ -429,7 +531,7 @@ async def relay_stream(ex: Exchange, backends: Backends, resp: Response, route: 
         if failure is None:
             await ex.end_stream()
         else:
-            _end_with(ex, pump, failure)
+            _end_with(ex, pump.rewriter, pump.chunked, failure)
     finally:  # one place for what the stream reported, however it ended
         o.usage(rewriter.usage)
         if isinstance(rewriter, SSERewriter) and rewriter.fingerprint is not None:
@@ -459,7 +561,7 @@ class _Pump:
         self.resp: Response | None = resp
         self.rewriter = rewriter
         self.chunked = chunked
-        self.touch = dog.touch
+        self.touch = dog.byte  # every read is the upstream's byte
         self.alias = alias
         self.bad = False
         self.full = False
@@ -527,22 +629,22 @@ def _cancelled(ex: Exchange, backends: Backends, route: Route, dog: Watchdog, pu
         dog.absorb()
         return UpstreamTimeout(route.alias, dog.phase)
     if backends.shutting_down.is_set() and not _client_gone(ex):
-        _end_with(ex, pump, ShuttingDown())
+        _end_with(ex, pump.rewriter, pump.chunked, ShuttingDown())
     return None
 
 
-def _end_with(ex: Exchange, pump: _Pump, error: GatewayError) -> None:
+def _end_with(ex: Exchange, rewriter: SSERewriter | ChatEventRewriter, chunked: bool,
+              error: GatewayError) -> None:
     """End a started stream with one error event, then close the connection without the
     chunked terminator: nothing follows the error, and no client mistakes the connection
     for reusable or the body for complete (Go's ErrAbortHandler, in effect). A dialect says
     it its own way (Anthropic `event: error`, Responses `response.failed`)."""
     ex.outcome.fail(error.status, error.code)
-    rewriter = pump.rewriter
     last = error.to_sse() if isinstance(rewriter, SSERewriter) else rewriter.fail(error)
     transport = ex.transport
     if transport is None or transport.is_closing():
         return
-    transport.write(b"%x\r\n%b\r\n" % (len(last), last) if pump.chunked else last)
+    transport.write(b"%x\r\n%b\r\n" % (len(last), last) if chunked else last)
     transport.close()  # flushes what is buffered, then closes
 
 
@@ -564,7 +666,7 @@ async def _read_capped(resp: Response, cap: int, route: Route, dog: Watchdog) ->
             chunk = await resp.read()
             if not chunk:
                 break
-            dog.touch()
+            dog.byte()
             size += len(chunk)
             if size > cap:
                 raise UpstreamBadResponse(route.alias)
@@ -593,6 +695,8 @@ class _BodyRead:
         if issubclass(kind, asyncio.CancelledError):
             if not self.dog.fired:
                 return
+            if self.dog.phase == WEDGED:
+                raise _Moved from None
             self.dog.absorb()
             raise UpstreamTimeout(self.route.alias, self.dog.phase) from None
         if issubclass(kind, OSError):
@@ -601,9 +705,10 @@ class _BodyRead:
 
 
 async def _upstream_error(resp: Response, route: Route, rid: str,
-                          dog: Watchdog) -> GatewayError:
+                          dog: Watchdog) -> GatewayError | None:
     """Map the upstream's 4xx/5xx to our envelope. A 5xx's text (stack traces, load
-    failures) goes to the log only; a 4xx's passes when it reads as one human message."""
+    failures) goes to the log only; a 4xx's passes when it reads as one human message.
+    None: mlx's dead generation thread, never the client's error (heal.is_dead_answer)."""
     try:
         raw = await _read_capped(resp, MAX_ERROR_BYTES, route, dog)
     except UpstreamBadResponse:
@@ -611,6 +716,8 @@ async def _upstream_error(resp: Response, route: Route, rid: str,
     text = _error_text(raw)
     status = resp.status
     log.warning("%s upstream for %s answered %d: %.1000r", rid, route.alias, status, text)
+    if is_dead_answer(status, text):
+        return None
     if 400 <= status < 500 and status not in (401, 403, 407):
         key = _upstream_key(route)
         said = upstream_message(text, alias=route.alias, model=route.model,

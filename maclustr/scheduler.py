@@ -62,6 +62,7 @@ class Replica:
     warm: dict[str, str] = field(default_factory=dict)  # internal model -> loading/warm/failed
     fingerprint: str | None = None  # its system_fingerprint, once seen (lets unary splice)
     health: str = "up"  # up, suspect, wedged, restarting (heal.STATES)
+    healing: bool = False  # a verdict or restart is under way (its requests wait for it)
     last_byte: float = 0.0  # monotonic: the last byte from any of its connections
     restarts: dict[str, int] = field(default_factory=dict)  # reason -> restarts run
     budget: RestartBudget = field(default_factory=RestartBudget)
@@ -73,7 +74,7 @@ class Replica:
 
     def returning(self) -> bool:
         """Out now, but being checked or restarted: worth waiting for."""
-        return self.health in ("suspect", "restarting")
+        return self.healing or self.health in ("suspect", "restarting")
 
     def state(self, now: float) -> str:
         if self.health != "up":
@@ -369,12 +370,15 @@ class Scheduler:
 
     # --- self-healing (the healer sets, the relay reads) -------------------------------------
 
-    def set_health(self, r: Replica, health: str) -> None:
+    def set_health(self, r: Replica, health: str, healing: bool | None = None) -> None:
         """A replica's healing state; back `up`, it takes the requests queued for it; out for
-        good (`wedged`), its model's queue gets the 503 when no other replica is left."""
-        if r.health == health:
+        good (`wedged`, not `healing`), its model's queue gets the 503 when no other replica
+        is left."""
+        if healing is None:
+            healing = r.healing
+        if (r.health, r.healing) == (health, healing):
             return
-        r.health = health
+        r.health, r.healing = health, healing
         self.version += 1
         self._pump()
 

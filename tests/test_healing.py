@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import KEY, Behavior, FakeMLX, Gateway, wait_for
+from conftest import KEY, Answer, Behavior, FakeMLX, Gateway, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from maclustr import healer as healer_mod
@@ -186,3 +186,117 @@ def test_json_log_lines_carry_the_fields() -> None:
     obj = json.loads(_JSONFormatter().format(rec))
     assert obj["message"] == "replica 0 is dead" and obj["event"] == "dead"
     assert obj["model"] == ALIAS and obj["replica"] == "0" and obj["command"][0] == "launchctl"
+
+
+# --- from live traffic: stalls, kicks and moves (the relay's part) -----------------------------
+
+
+def routes2(urls: list[str], restart: list[str] | None, *, stall: float = 0.5,
+            generate: float = 0.5) -> str:
+    cmd = f"    restart: {json.dumps(restart)}\n" if restart else ""
+    ups = "".join(f"      - {u}\n" for u in urls)
+    return (f"gateway:\n  generate_timeout: {generate}\nmodels:\n  {ALIAS}:\n"
+            f"    model: /Users/admin/models/internal-id\n    upstreams:\n{ups}"
+            f"    stall_after: {stall}\n    queue_timeout: 30\n{cmd}")
+
+
+def chat(text: str, stream: bool = False) -> dict[str, Any]:
+    return {"model": ALIAS, "stream": stream, "messages": [{"role": "user", "content": text}]}
+
+
+@pytest.fixture
+def quick_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(healer_mod, "TICK", 0.05)
+    monkeypatch.setattr(healer_mod, "BACK_POLL", 0.05)
+
+
+async def test_a_stream_wedged_after_head_and_comments_completes_after_the_restart(
+        make_gateway: Any, fake: FakeMLX, tmp_path: Path, quick_watch: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The server sends the head and two keepalive comments, then nothing: the client's
+    stream goes on, on the same connection, with a whole answer from the restarted server."""
+    cmd, runs = recorder(tmp_path)
+    gw = await make_gateway(routes2([fake.url], cmd))
+    fake.default = Behavior(kind="hang")  # wedged: the probe gets no token either
+    fake.push(Behavior(keepalives=2, stall_after=0))
+
+    async def restart_works() -> None:
+        await wait_for(lambda: runs_of(runs), timeout=20)
+        fake.default = Behavior(events=3)  # what the restarted server does
+
+    with caplog.at_level(logging.INFO, "maclustr.heal"):
+        fixer = asyncio.ensure_future(restart_works())
+        ans = await gw.client.post(CHAT, chat("wedge me", stream=True), timeout=30)
+        await fixer
+    assert ans.status == 200 and ans.complete, ans.body[-300:]
+    body = ans.body.decode()
+    assert body.startswith(": keepalive"), body[:200]
+    data = [x for x in body.split("\n\n") if x.startswith("data:")]
+    assert data[-1] == "data: [DONE]" and len(data) >= 3, body
+    assert "error" not in body
+    assert runs_of(runs) == [[ALIAS, str(fake.port)]]  # exactly once
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "is suspect" in said and "is wedged" in said and "is back" in said, said
+    assert sum(1 for r in fake.requests if r.json and r.json.get("messages", [{}])[-1].get(
+        "content") == "wedge me") == 2  # asked again of the restarted server
+    assert await metric(gw, "maclustr_replica_restarts_total", model=ALIAS, replica="0",
+                        reason="wedged") == 1
+
+
+async def test_two_replicas_one_wedged_the_other_answers_in_time(
+        make_gateway: Any, fake: FakeMLX, fake2: FakeMLX, tmp_path: Path,
+        quick_watch: None) -> None:
+    """Requests caught on the wedged replica are moved and answered by the other within
+    stall_after + generate_timeout + 2 s; later ones go to the other only."""
+    stall, generate = 0.5, 0.5
+    cmd, runs = recorder(tmp_path)
+    gw = await make_gateway(routes2([fake.url, fake2.url], cmd, stall=stall,
+                                    generate=generate))
+    fake.default = Behavior(kind="hang")
+
+    async def timed(i: int) -> tuple[float, Answer]:
+        t0 = time.monotonic()
+        ans = await gw.client.post(CHAT, chat(f"req {i}", stream=bool(i % 2)), timeout=30)
+        return time.monotonic() - t0, ans
+
+    done = await asyncio.gather(*(timed(i) for i in range(6)))
+    on_wedged = [r for r in fake.requests if r.method == "POST" and r.json
+                 and str(r.json.get("messages", [{}])[0].get("content", "")).startswith("req")]
+    assert on_wedged, "no request reached the wedged replica"
+    for took, ans in done:
+        assert ans.status == 200 and ans.complete, ans.body[-300:]
+        assert b"error" not in ans.body
+        assert took < stall + generate + 2, took
+    await wait_for(lambda: runs_of(runs), timeout=10)
+    assert runs_of(runs) == [[ALIAS, str(fake.port)]]
+    before = len(fake.requests)
+    for i in range(3):
+        assert (await gw.client.post(CHAT, chat(f"after {i}"))).status == 200
+    assert not [r for r in fake.requests[before:] if r.method == "POST" and r.json
+                and r.json.get("max_tokens") != 1]  # only probes reach the restarting one
+
+
+async def test_a_dead_thread_404_is_moved_not_blamed_on_the_client(
+        make_gateway: Any, fake: FakeMLX, fake2: FakeMLX, tmp_path: Path,
+        quick_watch: None) -> None:
+    cmd, runs = recorder(tmp_path)
+    gw = await make_gateway(routes2([fake.url, fake2.url], cmd))
+    fake.default = Behavior(kind="error", status=404,
+                            error_body=b'{"error": "generation thread died"}')
+    answers = [await gw.client.post(CHAT, chat(f"d{i}", stream=bool(i % 2))) for i in range(4)]
+    assert [a.status for a in answers] == [200] * 4, [a.body[:200] for a in answers]
+    await wait_for(lambda: runs_of(runs), timeout=10)
+    assert await metric(gw, "maclustr_replica_restarts_total", model=ALIAS, replica="0",
+                        reason="dead") == 1
+
+
+async def test_an_ordinary_404_stays_the_clients_400_and_restarts_nothing(
+        make_gateway: Any, fake: FakeMLX, tmp_path: Path, quick_watch: None) -> None:
+    cmd, runs = recorder(tmp_path)
+    gw = await make_gateway(routes2([fake.url], cmd))
+    fake.push(Behavior(kind="error", status=404,
+                       error_body=b'{"error": "Cannot find an appropriate cached snapshot"}'))
+    ans = await gw.client.post(CHAT, chat("x"))
+    assert ans.status == 400 and ans.json()["error"]["type"] == "invalid_request_error"
+    await asyncio.sleep(0.3)
+    assert not runs_of(runs) and health_of(gw, fake.url) == "up"

@@ -135,7 +135,9 @@ async def test_deep_health_one_down_is_degraded(
     body = ans.json()
     assert body["status"] == "degraded"
     assert body["models"]["maclustr-coder"]["status"] == "up"
-    assert body["models"]["maclustr-fast"]["status"] == "down"
+    # a /health 503 is mlx's dead generation thread: `wedged`, the healer's (issue 27)
+    assert body["models"]["maclustr-fast"]["status"] == (
+        "wedged" if how == "error status" else "down")
     blob = ans.body.decode()
     assert "127.0.0.1" not in blob and "http" not in blob and str(fake2.port) not in blob
 

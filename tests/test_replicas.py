@@ -413,7 +413,8 @@ async def test_mid_stream_deaths_count_toward_ejection(
         assert (await gw.client.post(CHAT, chat(f"after {j}"))).status == 200
     assert posts(fake) == 3
     deep = (await gw.client.get("/health?deep=true")).json()
-    assert [r["status"] for r in deep["models"][ALIAS]["replicas"]] == ["down", "up"]
+    # its /health 503 is mlx's dead generation thread: out as `wedged` (issue 27)
+    assert [r["status"] for r in deep["models"][ALIAS]["replicas"]] == ["wedged", "up"]
 
 
 async def test_first_byte_timeouts_count_toward_ejection(make_gateway: Any, fake: FakeMLX,
@@ -462,7 +463,8 @@ async def test_all_replicas_out_gives_immediate_503(
     retry_after(streamed)
     deep = await gw.client.get("/health?deep=true")
     assert deep.status == 503
-    assert deep.json()["models"][ALIAS]["status"] == "down"
+    # their /health 503 is mlx's dead generation thread: `wedged` (issue 27)
+    assert deep.json()["models"][ALIAS]["status"] == "wedged"
 
 
 # --- deep health and the models list ----------------------------------------------------------
@@ -473,7 +475,8 @@ async def test_deep_health_shows_replica_states_without_addresses(
     fake.health = Behavior(kind="error", status=503)
     gw = await make_gateway(routes([fake.url, fake2.url]))
     before = (await gw.client.get("/health?deep=true")).json()
-    assert [r["status"] for r in before["models"][ALIAS]["replicas"]] == ["down", "up"]
+    # a /health 503 is mlx's dead generation thread: `wedged` (issue 27)
+    assert [r["status"] for r in before["models"][ALIAS]["replicas"]] == ["wedged", "up"]
     fake.health = None
     states: list[str] = []
     for _ in range(40):  # deep results are cached up to 1 s (DeepCache)
