@@ -440,3 +440,20 @@ async def test_without_ledger_token_limits_are_off(make_gateway: Any, fake: Fake
     assert not list(gw.holder.path.parent.glob("*.sqlite3*"))
     off = await gw.client.get("/v1/usage", headers={"Authorization": f"Bearer {OPS}"})
     assert off.status == 404 and "ledger is off" in off.json()["error"]["message"]
+
+
+async def test_tokens_remaining_gauge(make_gateway: Any, fake: FakeMLX) -> None:
+    gw = await team(make_gateway, fake, dedent("""\
+        keys:
+          interns:
+            tokens_per_day: 1000
+          ops:
+            admin: true
+        """))
+    done = await oai(gw, INTERNS).chat.completions.create(model="maclustr-fast", messages=CHAT)
+    assert done.usage is not None
+    text = (await gw.client.get("/metrics", headers={"Authorization": f"Bearer {OPS}"})).body
+    gauges = [ln for ln in text.decode().splitlines()
+              if ln.startswith("maclustr_key_tokens_remaining")]
+    assert gauges == [f'maclustr_key_tokens_remaining{{key="interns"}} '
+                      f'{float(1000 - done.usage.total_tokens)}']
