@@ -478,6 +478,8 @@ SLOW_KINDS: dict[str, tuple[frozenset[str], ...]] = {
     # another Debian program `make test` installs, found with require_command
     "system": tuple(frozenset({"require_command", p})
                     for p in ("nginx", "curl", "rsync", "ssh", "sshd", "chromium")),
+    # `make deploy` run for real through recorder ssh/rsync scripts (make and Python processes)
+    "deploy_recorded": (frozenset({"REC_LOG"}),),
     # schemathesis' CLI fuzzing a gateway process
     "fuzz": (frozenset({"schemathesis"}),),
 }
@@ -490,8 +492,11 @@ def _code_words(code: Any, seen: set[int], glb: dict[str, Any], doc: str | None)
         return set()
     seen.add(id(code))
     words = set(code.co_names) | set(code.co_varnames)
-    for c in code.co_consts:
-        if isinstance(c, str) and c != doc:
+    consts = list(code.co_consts)
+    for c in consts:
+        if isinstance(c, (tuple, frozenset)):
+            consts.extend(c)
+        elif isinstance(c, str) and c != doc:
             words.update(_WORD.findall(c))
         elif hasattr(c, "co_names"):
             words |= _code_words(c, seen, glb, None)

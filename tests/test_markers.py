@@ -3,12 +3,13 @@ so a new test that needs a real part is kept out of the fast loop without anyone
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import importlib
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from conftest import SLOW_KINDS, require_command, slow_kinds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,15 +58,24 @@ def test_every_kind_is_a_declared_marker_and_make_unit_deselects_it() -> None:
         assert kind in unit.split(), kind
 
 
-def test_make_unit_keeps_none_of_the_real_part_suites() -> None:
-    """Collected as `make unit` selects, the suites of real parts leave nothing."""
-    unit = next(ln for ln in (ROOT / "Makefile").read_text().splitlines()
-                if ln.startswith("UNIT_SKIP")).split(":=", 1)[1].strip()
-    suites = ["tests/test_real_upstream.py", "tests/test_browser.py", "tests/test_deploy_ssh.py",
-              "tests/test_replicas_real.py", "tests/test_sharded_real.py",
-              "tests/test_smollm.py"]
-    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist",
-                        "-m", f"not ({unit})", *suites], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert "::" not in r.stdout, r.stdout
-    assert " deselected" in r.stdout, r.stdout + r.stderr
+@pytest.mark.parametrize(("module", "kind"), [
+    ("test_browser", "browser"), ("test_deploy_ssh", "deploy_ssh"),
+    ("test_replicas_real", "real_upstream"), ("test_sharded_real", "real_upstream"),
+])
+def test_every_test_of_a_real_part_suite_is_marked(module: str, kind: str) -> None:
+    mod = importlib.import_module(module)
+    tests = [f for name, f in vars(mod).items() if name.startswith("test_") and callable(f)]
+    assert tests
+    # the module's own fixtures stand for the ones pytest would resolve
+    fixtures = {name: [SimpleNamespace(func=f.__wrapped__)] for name, f in vars(mod).items()
+                if type(f).__name__ == "FixtureFunctionDefinition"}
+    for f in tests:
+        it = item(f, *inspect.signature(f).parameters)
+        it._fixtureinfo = SimpleNamespace(name2fixturedefs=fixtures)
+        assert kind in slow_kinds(it), f.__name__
+
+
+def test_a_recorded_deploy_is_marked() -> None:
+    from test_deploy import test_dry_run_prints_every_command_and_runs_none as t
+
+    assert slow_kinds(item(t, "tmp_path")) == {"deploy_recorded"}
