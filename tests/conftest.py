@@ -478,6 +478,9 @@ SLOW_KINDS: dict[str, tuple[frozenset[str], ...]] = {
     # another Debian program `make test` installs, found with require_command
     "system": tuple(frozenset({"require_command", p})
                     for p in ("nginx", "curl", "rsync", "ssh", "sshd", "chromium")),
+    # another process: `maclustr serve` (gateway_process), the CLI, make, a Python child
+    "process": (frozenset({"gateway_process"}), frozenset({"subprocess"}),
+                frozenset({"create_subprocess_exec"})),
     # `make deploy` run for real through recorder ssh/rsync scripts (make and Python processes)
     "deploy_recorded": (frozenset({"REC_LOG"}),),
     # schemathesis' CLI fuzzing a gateway process

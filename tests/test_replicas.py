@@ -672,19 +672,22 @@ async def test_queued_client_that_disconnects_leaves_the_queue(make_gateway: Any
 
 async def test_openai_sdk_retries_429_and_succeeds(make_gateway: Any, fake: FakeMLX) -> None:
     """max_queue 0: a request finding the only slot busy gets 429 + Retry-After; the SDK's
-    own retry (max_retries=2) honours it and the retried call succeeds."""
-    fake.push(Behavior(header_delay=0.5))
+    own retry (max_retries=3) honours it and the retried call succeeds."""
+    fake.push(Behavior(header_delay=1.0))
     gw = await make_gateway(routes([fake.url], extra="max_concurrency: 1\nmax_queue: 0"))
-    blocker = asyncio.create_task(gw.client.post(CHAT, chat("blocker")))
-    await fake.wait_requests(1)
     statuses: list[int] = []
 
     async def hook(resp: Any) -> None:
         statuses.append(resp.status_code)
 
+    # The SDK is built before the blocker starts, so on a loaded machine its first request
+    # still meets the busy slot; each retry waits Retry-After (1 s) and the blocker's answer
+    # takes 1 s, so one of three retries finds the slot free.
     async with httpx2.AsyncClient(event_hooks={"response": [hook]}) as http:
-        sdk = AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=2,
+        sdk = AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=3,
                           http_client=http, timeout=10)
+        blocker = asyncio.create_task(gw.client.post(CHAT, chat("blocker")))
+        await fake.wait_requests(1)
         out = await sdk.chat.completions.create(
             model=ALIAS, messages=[{"role": "user", "content": "sdk"}], max_tokens=3)
     assert out.choices[0].message.content is not None
