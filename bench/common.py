@@ -50,10 +50,11 @@ class Sizes:
     affinity_convs: int = 3  # (h) conversations, interleaved turn by turn
     affinity_turns: int = 6
     tail_s: float = 10.0  # (t) each wrk run: issue 25's 10 s at 1 and 16 connections
+    wedges: int = 3  # (w) wedges one after another (issue 27)
 
 
 QUICK = Sizes(rounds=1, wrk_s=1.0, seq_s=1.0, paced_streams=16, bursts=4, slow_streams=100,
-              slow_s=3, tail_s=2.0,
+              slow_s=3, tail_s=2.0, wedges=1,
               real_requests=1, real_tokens=64, queue_s=3.0, affinity_convs=2,
               affinity_turns=4)
 

@@ -205,8 +205,26 @@ def build_tables(report: dict[str, Any]) -> str:
                     f"| {fmt(r['decode_tokens_s'], 0)} | {fmt(r['events'], 0)} "
                     f"| {fmt(r['complete'], 0)}/"
                     f"{fmt(r['requests'], 0)} |\n")
-    out += queue_tables(report) + tail_table(report)
+    out += queue_tables(report) + tail_table(report) + heal_table(report)
     return out.lstrip("\n")
+
+
+def heal_table(report: dict[str, Any]) -> str:
+    """(w): wedge to the first answer the restarted replica served (issue 27)."""
+    h = report.get("heal")
+    if not h:
+        return ""
+    if "skipped" in h:
+        return f"\n\n(w) wedge to first answer: {h['skipped']}\n"
+    out = ("\n\n(w) wedge to first answer (issue 27): a real tiny mlx_lm.server under a fake "
+           "launchd, its generation thread killed by a DIE prompt; `restart:` is the job's "
+           "`launchctl kickstart -k`; a client asks every 50 ms\n\n"
+           "| wedge | seconds to the first 200 | the DIE request got | answers before the "
+           "first 200 | gateway CPU s |\n|---|---|---|---|---|\n")
+    for i, r in enumerate(h["runs"], 1):
+        out += (f"| {i} | {fmt(r['recovery_s'], 2)} | {r['wedge_status']} "
+                f"| {r['before_first_200'] or 'none'} | {fmt(r['gateway_cpu_s'], 2)} |\n")
+    return out + f"\nRestarts the gateway ran (kickstarts): {h['kickstarts']}\n"
 
 
 TAIL_LIMIT = 3.0  # issue 25: unary p99.9 through maclustr within 3x Caddy's, same run

@@ -47,6 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ALL_TARGETS, EXTRA_TARGETS, PY, QUEUE_LIMITS, QUICK, RESULTS, WORK, Sizes
+from bench.healing import scenario_w
 from bench.load import med, parse_ms, pct, rotated, run_wrk, stream_load
 from bench.procs import Pinning, mem_kb, settle, try_apt, version_of, wait_http
 from bench.profiling import profile
@@ -78,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"targets (default: %(default)s; also: {','.join(EXTRA_TARGETS)})")
     p.add_argument("--scenarios", default="a,b,c,d,e,f,i",
                    help="(default: %(default)s; also g, h: queueing and cache affinity; "
-                        "t: issue 25's unary tail, 10 s at 1 and 16 connections)")
+                        "t: issue 25's unary tail, 10 s at 1 and 16 connections; "
+                        "w: issue 27's wedge-to-first-answer)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
     p.add_argument("--slow-seconds", type=int, help="(d) duration (default 30, quick 3)")
     p.add_argument("--slow-streams", type=int, help="(d) streams (default 1000, quick 100)")
@@ -365,6 +367,13 @@ def measure(targets: dict[str, Target], ups: Upstreams, scen: set[str], sizes: S
         run_queue(live, sizes, pin, report)
     if "h" in scen:
         run_affinity(live, sizes, pin, report)
+    if "w" in scen:
+        print(f"  (w) {sizes.wedges} wedge(s) of a real tiny mlx_lm.server under a fake launchd "
+              "...", flush=True)
+        try:
+            report["heal"] = scenario_w(sizes, pin)
+        except Exception as e:
+            report["heal"] = {"skipped": f"failed: {e!r}"[:300]}
     for t in live:
         if t.metrics:
             report["metrics_scrape"][t.name] = scrape_metrics(t)
