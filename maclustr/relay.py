@@ -309,7 +309,10 @@ async def _answer_from(ex: Exchange, backends: Backends, route: Route, call: Cal
                 backends.scheduler.declare(slot.replica.url, "dead")
                 raise _Moved
             slot.verdict = resp.status not in (502, 503, 504)  # alive unless it says otherwise
-            raise error
+            try:
+                raise error
+            finally:  # this frame, in the error's traceback, must not name it: a cycle
+                del error
         answer = _answerer(resp, route, call)
         return await answer(ex, backends, resp, route, call, slot.replica, dog)
     finally:
