@@ -193,7 +193,15 @@ _JS = """
         cells.forEach(function(cell){
           var m = models[cell.getAttribute('data-status-for')];
           var s = m && typeof m === 'object' ? m.status : (typeof m === 'string' ? m : null);
-          paint(cell, typeof s === 'string' && s ? s : 'unknown');
+          s = typeof s === 'string' && s ? s : 'unknown';
+          // a replica the healer has out (suspect, wedged, restarting) is named by its index
+          var reps = m && typeof m === 'object' && Array.isArray(m.replicas) ? m.replicas : [];
+          var out = [];
+          reps.forEach(function(r, i){
+            if (r && r.status && r.status !== 'up' && r.status !== s)
+              out.push('replica ' + i + ' ' + r.status);
+          });
+          paint(cell, out.length ? s + ' (' + out.join(', ') + ')' : s);
         });
         if (overall) overall.textContent = 'Cluster: ' + String(h && h.status || 'unknown') +
           ' · checked ' + new Date().toLocaleTimeString();

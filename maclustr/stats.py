@@ -25,6 +25,7 @@ class ModelCounts:
     ttft_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
     in_flight: float = 0.0
     queued: float = 0.0
+    replicas: dict[str, str] = field(default_factory=dict)  # index -> state (self-healing)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Snapshot:
                     snap.model(model).in_flight += value
                 elif name == "maclustr_queue_depth":
                     snap.model(model).queued += value
+                elif name == "maclustr_replica_state" and value == 1:
+                    snap.model(model).replicas[labels.get("replica", "?")] = labels["state"]
         return snap
 
     @classmethod
@@ -85,6 +88,15 @@ class ModelWindow:
     in_flight: float
     queued: float
     errors: float  # in the window
+    replicas: str = ""  # "2 up", "1 up, 1 restarting": replica states now
+
+
+def replica_summary(states: dict[str, str]) -> str:
+    """How many replicas are in each state, up first (e.g. "1 up, 1 wedged")."""
+    counts: dict[str, int] = {}
+    for s in sorted(states.values(), key=lambda s: (s != "up", s)):
+        counts[s] = counts.get(s, 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in counts.items()) or "-"
 
 
 def quantile(q: float, buckets: dict[float, float]) -> float | None:
@@ -129,21 +141,22 @@ def window(old: Snapshot, new: Snapshot, models: Iterable[str] | None = None
             model=name, requests=n, requests_per_min=n * 60.0 / seconds,
             ttft_p50=quantile(0.5, delta), ttft_p95=quantile(0.95, delta),
             tokens_per_s=(b.completion_tokens - base.completion_tokens) / seconds,
-            in_flight=b.in_flight, queued=b.queued, errors=b.errors - base.errors))
+            in_flight=b.in_flight, queued=b.queued, errors=b.errors - base.errors,
+            replicas=replica_summary(b.replicas)))
     return out
 
 
 def format_table(rows: list[ModelWindow], seconds: float) -> str:
     """The `maclustr top` table."""
     head = ("MODEL", "REQ/MIN", "TTFT P50", "TTFT P95", "TOK/S", "IN FLIGHT", "QUEUED",
-            "ERRORS")
+            "ERRORS", "REPLICAS")
     lines = [head]
     for r in rows:
         lines.append((r.model, f"{r.requests_per_min:.1f}", _ms(r.ttft_p50), _ms(r.ttft_p95),
                       f"{r.tokens_per_s:.1f}", f"{r.in_flight:g}", f"{r.queued:g}",
-                      f"{r.errors:g}"))
+                      f"{r.errors:g}", r.replicas or "-"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+    text = "\n".join("  ".join(c.ljust(w) if i in (0, len(head) - 1) else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths, strict=True)))
                      for row in lines)
     return text + f"\n(last {seconds:.0f} s)"

@@ -300,3 +300,25 @@ async def test_an_ordinary_404_stays_the_clients_400_and_restarts_nothing(
     assert ans.status == 400 and ans.json()["error"]["type"] == "invalid_request_error"
     await asyncio.sleep(0.3)
     assert not runs_of(runs) and health_of(gw, fake.url) == "up"
+
+
+def test_top_shows_replica_states() -> None:
+    from maclustr.stats import Snapshot, format_table, window
+
+    text = "\n".join(
+        f'maclustr_replica_state{{model="{ALIAS}",replica="{i}",state="{s}"}} {v}'
+        for i, now in (("0", "restarting"), ("1", "up"))
+        for s, v in (("up", int(now == "up")), ("restarting", int(now == "restarting")),
+                     ("wedged", 0))) + "\n"
+    snap = Snapshot.from_text(text, 1.0)
+    rows = window(Snapshot(0.0), snap)
+    assert rows[0].replicas == "1 up, 1 restarting"
+    table = format_table(rows, 60)
+    assert "REPLICAS" in table.splitlines()[0] and "1 up, 1 restarting" in table
+
+
+async def test_front_page_names_a_replica_the_healer_has_out(make_gateway: Any,
+                                                            fake: FakeMLX) -> None:
+    gw = await make_gateway(routes(fake.url, None))
+    html = (await gw.client.get("/", auth=False)).body.decode()
+    assert "'replica ' + i + ' ' + r.status" in html  # the status cell's script

@@ -72,11 +72,12 @@ async def test_top_reads_a_running_gateway(gateway_process: Any, tmp_path: Path,
     assert "\x1b[" not in text  # not a terminal: frames are plain text
     rows = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.startswith("maclustr-")}
     assert set(rows) == {A, "maclustr-fast"}
-    coder = rows[A]  # MODEL REQ/MIN P50 ms P95 ms TOK/S IN-FLIGHT QUEUED ERRORS
+    coder = rows[A]  # MODEL REQ/MIN P50 ms P95 ms TOK/S IN-FLIGHT QUEUED ERRORS REPLICAS
     assert float(coder[1]) > 0
     assert coder[2] != "-" and coder[3] == "ms"  # streams ran: a p50 time to first token
     assert float(coder[6]) > 0  # tokens/s
-    assert coder[-3:] == ["0", "0", "0"]  # nothing in flight or queued now, no errors
+    assert coder[-5:-2] == ["0", "0", "0"]  # nothing in flight or queued now, no errors
+    assert coder[-2:] == ["1", "up"]  # its one replica's state
     assert rows["maclustr-fast"][1] == "0.0"
 
 
