@@ -6,15 +6,20 @@ prompt holding the DIE marker kills the server's generation thread (404 "generat
 died" from then on, /health 503), as issue 27 saw mlx_lm.server fail. Measured: the time from
 that request to the first answer the restarted replica serves through the gateway, with a
 client asking again every 50 ms (each request may wait in the model's queue while the replica
-restarts), and what the clients got in between.
+restarts), what the clients got in between, and each restart's own time from the gateway's
+log. Two kinds of wedge: `poison`, whose client waits for its answer (the gateway may send the
+same request, marker and all, to the restarted replica), and `one-shot`, whose client leaves
+after half a second (the request is gone; only the restart is measured).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +36,22 @@ RETRY_S = 0.05
 RECOVERY_LIMIT_S = 240.0
 
 
-async def _ask(session: Any, url: str, text: str) -> int:
+async def _ask(session: Any, url: str, text: str, timeout: float = 120) -> int:
     import aiohttp
 
     body = {"model": ALIAS, "max_tokens": 2, "messages": [{"role": "user", "content": text}]}
     try:
         async with session.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"},
-                                timeout=aiohttp.ClientTimeout(total=120)) as r:
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as r:
             await r.read()
             return int(r.status)
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return 0  # no answer at all (reset, timeout)
 
 
-async def one_wedge(url: str) -> dict[str, Any]:
-    """DIE, then ask every RETRY_S until an answer is 200: seconds and what came before."""
+async def one_wedge(url: str, kind: str, given_up: Callable[[], bool]) -> dict[str, Any]:
+    """DIE, then ask every RETRY_S until an answer is 200 (or the gateway gives the replica
+    up): seconds and what came before."""
     import aiohttp
 
     async with aiohttp.ClientSession() as s:
@@ -55,9 +61,10 @@ async def one_wedge(url: str) -> dict[str, Any]:
                 raise RuntimeError("the replica never answered before the wedge")
             await asyncio.sleep(0.5)
         t0 = time.monotonic()
-        wedge_status = await _ask(s, url, f"please {DIE}")
+        wedge_status = await _ask(s, url, f"please {DIE}",
+                                  timeout=120 if kind == "poison" else 0.5)
         seen: dict[str, int] = {}
-        while time.monotonic() - t0 < RECOVERY_LIMIT_S:
+        while time.monotonic() - t0 < RECOVERY_LIMIT_S and not given_up():
             status = await _ask(s, url, "hi")
             if status == 200:
                 return {"recovery_s": time.monotonic() - t0, "wedge_status": wedge_status,
@@ -65,11 +72,19 @@ async def one_wedge(url: str) -> dict[str, Any]:
             seen[str(status)] = seen.get(str(status), 0) + 1
             await asyncio.sleep(RETRY_S)
     return {"recovery_s": float("nan"), "wedge_status": wedge_status, "before_first_200": seen,
-            "error": f"no 200 within {RECOVERY_LIMIT_S:g} s"}
+            "error": "the gateway gave the replica up" if given_up()
+            else f"no 200 within {RECOVERY_LIMIT_S:g} s"}
+
+
+def restarts_logged(log: Path) -> list[float]:
+    """Each restart's seconds, as the gateway logs them ("back after its restart (3.2 s)")."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [float(x) for x in re.findall(r"back after its restart \(([\d.]+) s\)", text)]
 
 
 def scenario_w(sizes: Sizes, pin: Pinning) -> dict[str, Any]:
-    """(w): `sizes.wedges` wedges one after another through one gateway."""
+    """(w): `sizes.wedges` one-shot wedges, then one poison wedge, through one gateway (with
+    restart_limit above them all, so the budget ends no run early)."""
     model = build_tiny_model()
     d = WORK / "heal"
     shutil.rmtree(d, ignore_errors=True)
@@ -85,7 +100,8 @@ def scenario_w(sizes: Sizes, pin: Pinning) -> dict[str, Any]:
         routes.write_text("\n".join([
             "models:", f"  {ALIAS}:", f"    model: {model}", f"    upstream: {up}",
             f"    restart: [{launchd.launchctl}, kickstart, -k, gui/0/{LABEL}]",
-            "gateway:", "  metrics: false", "  usage_db: false"]) + "\n")
+            "gateway:", "  metrics: false", "  usage_db: false",
+            f"  restart_limit: {sizes.wedges + 3}"]) + "\n")
         gport = free_port()
         exe = str(Path(PY).parent / "maclustr")
         gw = spawn("maclustr-heal", [exe, "serve", "--routes", str(routes), "--port",
@@ -93,14 +109,16 @@ def scenario_w(sizes: Sizes, pin: Pinning) -> dict[str, Any]:
                    env={**os.environ, "MACLUSTR_API_KEY": KEY, **launchd.env()})
         wait_http(f"http://127.0.0.1:{gport}/health", gw, 60)
         runs = []
-        for _ in range(sizes.wedges):
-            cpu0 = cpu_seconds([gw.pid])
-            r = asyncio.run(one_wedge(f"http://127.0.0.1:{gport}/v1/chat/completions"))
-            r["gateway_cpu_s"] = cpu_seconds([gw.pid]) - cpu0
+        log = gw.log
+        for kind in ["one-shot"] * sizes.wedges + ["poison"]:
+            cpu0, logged = cpu_seconds([gw.pid]), len(restarts_logged(log))
+            r = asyncio.run(one_wedge(f"http://127.0.0.1:{gport}/v1/chat/completions", kind,
+                                      lambda: "it stays out" in log.read_text(errors="replace")))
+            r.update(kind=kind, gateway_cpu_s=cpu_seconds([gw.pid]) - cpu0,
+                     restarts_s=restarts_logged(log)[logged:])
             runs.append(r)
             print(f"      wedge: {r}", flush=True)
-        return {"runs": runs, "kickstarts": launchd.kickstarts(LABEL),
-                "recovery_s": [r["recovery_s"] for r in runs]}
+        return {"runs": runs, "kickstarts": launchd.kickstarts(LABEL)}
     finally:
         if gw is not None:
             gw.stop()

@@ -218,12 +218,16 @@ def heal_table(report: dict[str, Any]) -> str:
         return f"\n\n(w) wedge to first answer: {h['skipped']}\n"
     out = ("\n\n(w) wedge to first answer (issue 27): a real tiny mlx_lm.server under a fake "
            "launchd, its generation thread killed by a DIE prompt; `restart:` is the job's "
-           "`launchctl kickstart -k`; a client asks every 50 ms\n\n"
+           "`launchctl kickstart -k`; a client asks every 50 ms; one-shot: the DIE request's "
+           "client leaves after 0.5 s, poison: it waits\n\n"
            "| wedge | seconds to the first 200 | the DIE request got | answers before the "
-           "first 200 | gateway CPU s |\n|---|---|---|---|---|\n")
+           "first 200 | restarts (s each) | gateway CPU s |\n|---|---|---|---|---|---|\n")
     for i, r in enumerate(h["runs"], 1):
-        out += (f"| {i} | {fmt(r['recovery_s'], 2)} | {r['wedge_status']} "
-                f"| {r['before_first_200'] or 'none'} | {fmt(r['gateway_cpu_s'], 2)} |\n")
+        out += (f"| {i} {r.get('kind', '')} | {fmt(r['recovery_s'], 2)}"
+                f"{' (' + r['error'] + ')' if r.get('error') else ''} | {r['wedge_status']} "
+                f"| {r['before_first_200'] or 'none'} "
+                f"| {', '.join(fmt(x, 1) for x in r.get('restarts_s', [])) or 'none'} "
+                f"| {fmt(r['gateway_cpu_s'], 2)} |\n")
     return out + f"\nRestarts the gateway ran (kickstarts): {h['kickstarts']}\n"
 
 
