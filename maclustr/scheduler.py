@@ -141,12 +141,20 @@ def _granted(f: asyncio.Future[Replica]) -> bool:
     return f.done() and not f.cancelled() and f.exception() is None
 
 
+_SYSTEM_ROLES = ("system", "developer")
+
+
 def conversation_prefix(payload: dict[str, Any]) -> str | None:
     """A stable hash of what every later turn of a conversation starts with: the system prompt
-    and the first user message (chat), or the prompt's first 512 characters (completions)."""
+    and the first user message (chat), or the prompt's first 512 characters (completions).
+    Only up to the first message that is not a system one: without a system prompt, turn one
+    ([user]) and turn two ([user, assistant, user]) must hash alike."""
     msgs = payload.get("messages")
     if isinstance(msgs, list) and msgs:
-        head: Any = msgs[:2]
+        first = next((i for i, m in enumerate(msgs)
+                      if not isinstance(m, dict) or m.get("role") not in _SYSTEM_ROLES),
+                     len(msgs) - 1)
+        head: Any = msgs[:first + 1]
     elif isinstance(payload.get("prompt"), str):
         head = payload["prompt"][:512]
     else:

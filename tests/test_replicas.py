@@ -699,10 +699,13 @@ async def test_openai_sdk_retries_429_and_succeeds(make_gateway: Any, fake: Fake
 # --- affinity -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("with_system", [True, False])
 async def test_conversation_turns_stick_to_their_replica(
-        make_gateway: Any, fake: FakeMLX, fake2: FakeMLX) -> None:
+        make_gateway: Any, fake: FakeMLX, fake2: FakeMLX, with_system: bool) -> None:
     """Later turns (same system + first user message) land where the first turn was served,
-    while a different conversation lands on the other replica."""
+    while a different conversation lands on the other replica. Without a system prompt too:
+    the first turn ([user]) and the second ([user, assistant, user]) are one conversation (a
+    prefix of the first two messages missed there, so the second turn lost the cache)."""
     gw = await make_gateway(routes([fake.url, fake2.url]))
 
     def turn(conv: str, n: int) -> dict[str, Any]:
@@ -710,9 +713,11 @@ async def test_conversation_turns_stick_to_their_replica(
         for k in range(1, n):
             more += [{"role": "assistant", "content": f"{conv} reply {k}"},
                      {"role": "user", "content": f"{conv} turn {k + 1}"}]
-        return chat(f"{conv} turn 1", system=f"system of {conv}", more=more)
+        return chat(f"{conv} turn 1", system=f"system of {conv}" if with_system else None,
+                    more=more)
 
-    for conv, n in [("A", 1), ("B", 1), ("A", 2), ("A", 3), ("A", 4), ("B", 2), ("B", 3)]:
+    # B's second turn comes third: round-robin alone would send it to A's replica
+    for conv, n in [("A", 1), ("B", 1), ("B", 2), ("A", 2), ("A", 3), ("B", 3), ("A", 4)]:
         assert (await gw.client.post(CHAT, turn(conv, n))).status == 200
     a_side, b_side = (fake, fake2) if contents(fake)[0].startswith("A") else (fake2, fake)
     assert contents(a_side) == ["A turn 1", "A turn 2", "A turn 3", "A turn 4"]
