@@ -33,6 +33,7 @@ log = logging.getLogger("maclustr.heal")
 
 TICK = 1.0  # seconds between looks for stalled replicas
 BACK_POLL = 0.5  # seconds between checks of a restarting replica
+REJOIN_PROBE = 60.0  # seconds between one-token probes of a replica left wedged
 OUTPUT_CAP = 64 * 1024  # bytes of a restart command's output kept (for its tail)
 
 
@@ -227,21 +228,31 @@ class Healer:
 
     async def _rejoin(self, route: Route, r: Replica) -> None:
         """A replica left wedged (no command, or past its budget) rejoins only if someone
-        else brings it back: it is watched, not restarted."""
-        if await self._back(route, r, None):
-            idx = self._name(route, r)
-            note(logging.WARNING, f"replica {idx} of {route.alias} answers again: up",
-                 event="recovered", model=route.alias, replica=idx)
-            self._sched.set_health(r, "up", healing=False)
-
-    async def _back(self, route: Route, r: Replica, within: float | None = -1.0) -> bool:
-        """/health and one token answer again (and the warm-up ran), within `within` s
-        (default: the model's first-byte timeout, a model load; None: however long)."""
+        else brings it back: it is watched, not restarted. /health is asked often; a token
+        when /health has just come back, else every REJOIN_PROBE s (each probe of a hung
+        server holds one of its threads for good)."""
         settings = self._table().settings
-        if within is not None and within < 0:
-            within = route.timeouts.first_byte
-        deadline = None if within is None else time.monotonic() + within
-        while deadline is None or time.monotonic() < deadline:
+        was_ok, probed = False, 0.0
+        while r.url in self._table().upstreams:
+            ok, _ = await ping(self._client, r.url, settings.health_timeout)
+            now = time.monotonic()
+            if ok and (not was_ok or now - probed >= REJOIN_PROBE):
+                probed = now
+                if await generate_one(self._client, route, r.url, settings.generate_timeout):
+                    idx = self._name(route, r)
+                    note(logging.WARNING, f"replica {idx} of {route.alias} answers again: up",
+                         event="recovered", model=route.alias, replica=idx)
+                    self._sched.set_health(r, "up", healing=False)
+                    return
+            was_ok = ok
+            await asyncio.sleep(BACK_POLL)
+
+    async def _back(self, route: Route, r: Replica) -> bool:
+        """/health and one token answer again (and the warm-up ran), within the model's
+        first-byte timeout (a model load)."""
+        settings = self._table().settings
+        deadline = time.monotonic() + route.timeouts.first_byte
+        while time.monotonic() < deadline:
             if r.url not in self._table().upstreams:  # a reload removed it
                 return False
             ok, _ = await ping(self._client, r.url, settings.health_timeout)
