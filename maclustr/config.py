@@ -16,26 +16,18 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .heal import DEFAULT_RESTART_LIMIT, DEFAULT_STALL_AFTER, PLACEHOLDERS, unknown_placeholders
+from .config_keys import KEYS, MLX_DECODE_CONCURRENCY, RING_PORT, default_of, keys_of
+from .heal import PLACEHOLDERS, unknown_placeholders
 from .policy import POLICY_FIELDS, KeyPolicy, Policies
 
-MiB = 1024 * 1024
-
-TOP_KEYS = frozenset({"models", "timeouts", "gateway", "nodes", "keys"})
-MODEL_KEYS = frozenset(
-    {"model", "upstream", "upstreams", "description", "parameters", "timeouts", "api_key_env",
-     "node", "mlx_args", "max_concurrency", "max_queue", "queue_timeout", "warmup",
-     "shards", "backend", "pipeline", "ring_port", "size_gb", "kv_gb", "stall_after", "restart"}
-)
+# The allowed keys of each section, from their one declaration (config_keys.py).
+TOP_KEYS = keys_of("top")
+MODEL_KEYS = keys_of("model")
+TIMEOUT_KEYS = keys_of("timeouts")
+GATEWAY_KEYS = keys_of("gateway")
+NODE_KEYS = keys_of("node")
 SHARD_BACKENDS = ("ring", "jaccl")  # mlx.launch backends a sharded model may use
-RING_PORT = 32323  # mlx.launch's --starting-port default
-MLX_DECODE_CONCURRENCY = 32  # mlx_lm.server's --decode-concurrency default (mlx-lm 0.32)
-TIMEOUT_KEYS = frozenset({"connect", "first_byte", "idle"})
-GATEWAY_KEYS = frozenset(
-    {"max_body_bytes", "shutdown_grace", "cors_origins", "public_url", "health_timeout",
-     "generate_timeout", "probe_generate", "metrics", "metrics_public", "restart_limit",
-     "usage_db", "usage_retention_days"}
-)
+__all__ = ["MLX_DECODE_CONCURRENCY", "RING_PORT"]  # re-exported for cluster/sizing readers
 USAGE_DB = "maclustr-usage.sqlite3"  # the ledger's default file, beside the routes file
 
 
@@ -55,9 +47,9 @@ class Timeouts:
     """Seconds. `first_byte` covers model load plus a whole unary generation, so it is long;
     `idle` is the longest silence allowed once bytes flow (mlx keepalive comments count)."""
 
-    connect: float = 10.0
-    first_byte: float = 600.0
-    idle: float = 300.0
+    connect: float = default_of("timeouts", "connect")
+    first_byte: float = default_of("timeouts", "first_byte")
+    idle: float = default_of("timeouts", "idle")
 
 
 @dataclass(frozen=True)
@@ -75,21 +67,21 @@ class Route:
     mlx_args: tuple[str, ...] = ()
     upstreams: tuple[str, ...] = ()  # every replica, `upstream` first; filled when empty
     max_concurrency: int = MLX_DECODE_CONCURRENCY  # requests in flight per replica
-    max_queue: int = 256  # requests waiting for a slot, per model
-    queue_timeout: float = 60.0  # seconds a request may wait for a slot
-    warmup: bool = False
+    max_queue: int = default_of("model", "max_queue")  # requests waiting for a slot, per model
+    queue_timeout: float = default_of("model", "queue_timeout")  # seconds waiting for a slot
+    warmup: bool = default_of("model", "warmup")
     # A model sharded over several nodes (mlx.launch): node names, rank 0 first; `upstream`
     # is rank 0's HTTP address, the only one the gateway talks to.
     shards: tuple[str, ...] = ()
-    backend: str = "ring"
-    pipeline: bool = False
-    ring_port: int = RING_PORT
+    backend: str = default_of("model", "backend")
+    pipeline: bool = default_of("model", "pipeline")
+    ring_port: int = default_of("model", "ring_port")
     size_gb: float | None = None  # weights on disk, for `maclustr check`'s memory arithmetic
     kv_gb: float | None = None  # KV-cache allowance; default a fraction of size_gb
     # Self-healing (heal.py): seconds without a byte, with requests in flight, before a
     # replica is suspect; and the argv that restarts a replica (placeholders {alias}, {host},
     # {port}, {url}); None: the node's launchd job, when the model is placed on a node.
-    stall_after: float = DEFAULT_STALL_AFTER
+    stall_after: float = default_of("model", "stall_after")
     restart: tuple[str, ...] | None = None
     line: int | None = field(default=None, compare=False)  # of the alias in routes.yaml
 
@@ -106,20 +98,22 @@ class Route:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    max_body_bytes: int = 10 * MiB
-    shutdown_grace: float = 30.0
-    cors_origins: tuple[str, ...] = ()
-    public_url: str | None = None
-    health_timeout: float = 2.0
-    generate_timeout: float = 10.0  # /health?deep=generate: seconds for one token
-    probe_generate: bool = False  # passive-health probe also asks for one token (wedged check)
-    metrics: bool = True  # GET /metrics and the counting behind it (read at start)
-    metrics_public: bool = False  # /metrics without a key (e.g. a Prometheus on a private net)
-    restart_limit: int = DEFAULT_RESTART_LIMIT  # restarts of a replica per hour, then wedged
+    """The `gateway:` section; each field is its key (meanings in config_keys.py)."""
+
+    max_body_bytes: int = default_of("gateway", "max_body_bytes")
+    shutdown_grace: float = default_of("gateway", "shutdown_grace")
+    cors_origins: tuple[str, ...] = default_of("gateway", "cors_origins")
+    public_url: str | None = default_of("gateway", "public_url")
+    health_timeout: float = default_of("gateway", "health_timeout")
+    generate_timeout: float = default_of("gateway", "generate_timeout")
+    probe_generate: bool = default_of("gateway", "probe_generate")
+    metrics: bool = default_of("gateway", "metrics")
+    metrics_public: bool = default_of("gateway", "metrics_public")
+    restart_limit: int = default_of("gateway", "restart_limit")
     # The usage ledger (SQLite): a path (relative: to the routes file's directory), None for
     # the default file, False for none (no recording, no token limits). Read at start.
     usage_db: str | bool | None = None
-    usage_retention_days: int = 400
+    usage_retention_days: int = default_of("gateway", "usage_retention_days")
 
 
 @dataclass(frozen=True)
@@ -264,7 +258,7 @@ class _Parser:
 
     def timeouts(self, node: yaml.Node, base: Timeouts, what: str) -> Timeouts:
         items = self.check_keys(self.mapping(node, what), TIMEOUT_KEYS, what)
-        values = {k: self.number(v, f"{what}.{k}") for k, v in items.items()}
+        values = {k: self.value("seconds", v, f"{what}.{k}") for k, v in items.items()}
         return Timeouts(
             connect=values.get("connect", base.connect),
             first_byte=values.get("first_byte", base.first_byte),
@@ -285,45 +279,44 @@ class _Parser:
             raise self.fail(f"{what} must not have a query or fragment: '{raw}'", node)
         return raw.rstrip("/")
 
+    def upstream_url(self, node: yaml.Node, what: str) -> str:
+        """A model server's base URL: no path, since the gateway sends to /v1/... on it and a
+        path would be dropped silently."""
+        url = self.url(node, what)
+        path = urlsplit(url).path
+        if path not in ("", "/"):
+            raise self.fail(f"{what} must not have a path ('{path}'): give the server's "
+                            f"scheme, host and port only, like http://host:8081", node)
+        return url
+
     def settings(self, node: yaml.Node) -> GatewaySettings:
         items = self.check_keys(self.mapping(node, "gateway"), GATEWAY_KEYS, "gateway")
-        d = GatewaySettings()
-        max_body = d.max_body_bytes
-        if "max_body_bytes" in items:
-            max_body = int(self.number(items["max_body_bytes"], "gateway.max_body_bytes"))
-        cors: tuple[str, ...] = ()
-        if "cors_origins" in items:
-            n = items["cors_origins"]
-            if not isinstance(n, yaml.SequenceNode):
-                raise self.fail("gateway.cors_origins must be a list of origins", n)
-            cors = tuple(self.string(x, "gateway.cors_origins[]") for x in n.value)
-        public_url = None
-        if "public_url" in items:
-            public_url = self.url(items["public_url"], "gateway.public_url")
-        return GatewaySettings(
-            max_body_bytes=max_body,
-            shutdown_grace=self.number(items["shutdown_grace"], "gateway.shutdown_grace")
-            if "shutdown_grace" in items else d.shutdown_grace,
-            cors_origins=cors,
-            public_url=public_url,
-            health_timeout=self.number(items["health_timeout"], "gateway.health_timeout")
-            if "health_timeout" in items else d.health_timeout,
-            generate_timeout=self.number(items["generate_timeout"], "gateway.generate_timeout")
-            if "generate_timeout" in items else d.generate_timeout,
-            probe_generate=self.boolean(items["probe_generate"], "gateway.probe_generate")
-            if "probe_generate" in items else d.probe_generate,
-            metrics=self.boolean(items["metrics"], "gateway.metrics")
-            if "metrics" in items else d.metrics,
-            metrics_public=self.boolean(items["metrics_public"], "gateway.metrics_public")
-            if "metrics_public" in items else d.metrics_public,
-            restart_limit=self.integer(items["restart_limit"], "gateway.restart_limit",
-                                       minimum=0)
-            if "restart_limit" in items else d.restart_limit,
-            usage_db=self.usage_db(items["usage_db"]) if "usage_db" in items else d.usage_db,
-            usage_retention_days=self.integer(items["usage_retention_days"],
-                                              "gateway.usage_retention_days")
-            if "usage_retention_days" in items else d.usage_retention_days,
-        )
+        values: dict[str, Any] = {}
+        for name, n in items.items():
+            kind = next(k.kind for k in KEYS if k.where == "gateway" and k.name == name)
+            values[name] = self.usage_db(n) if name == "usage_db" \
+                else self.value(kind, n, f"gateway.{name}")
+        return GatewaySettings(**values)
+
+    def value(self, kind: str, node: yaml.Node, what: str) -> Any:
+        """A plain key's value by its declared kind (config_keys.KINDS)."""
+        if kind == "seconds" or kind == "number":
+            return self.number(node, what)
+        if kind == "bytes":
+            return int(self.number(node, what))
+        if kind in ("count", "count0"):
+            return self.integer(node, what, minimum=1 if kind == "count" else 0)
+        if kind == "flag":
+            return self.boolean(node, what)
+        if kind == "url":
+            return self.url(node, what)
+        if kind == "text":
+            return self.string(node, what)
+        if kind == "texts":
+            if not isinstance(node, yaml.SequenceNode):
+                raise self.fail(f"{what} must be a list of strings", node)
+            return tuple(self.string(x, f"{what}[]") for x in node.value)
+        raise AssertionError(f"{what}: kind {kind!r} is parsed by hand")
 
     def usage_db(self, node: yaml.Node) -> str | bool:
         """`false` (no ledger) or a file path."""
@@ -375,8 +368,7 @@ class _Parser:
             if isinstance(v, yaml.ScalarNode):
                 out.append(Node(name=name, ssh=self.string(v, what)))
                 continue
-            items = self.mapping(v, what)
-            d = {k: n for k, _, n in items}
+            d = self.check_keys(self.mapping(v, what), NODE_KEYS, what)
             if "ssh" not in d:
                 raise self.fail(f"{what}: missing required key 'ssh'", knode)
             known = {"ssh", "host", "venv", "log_dir"}
@@ -432,23 +424,24 @@ class _Parser:
             raise self.fail(f"{what}: missing required key 'upstream' (or a list 'upstreams', "
                             "not both)", knode)
         if "upstream" in items:
-            upstreams: tuple[str, ...] = (self.url(items["upstream"], f"{what}.upstream"),)
+            upstreams: tuple[str, ...] = (self.upstream_url(items["upstream"],
+                                                            f"{what}.upstream"),)
         else:
             n = items["upstreams"]
             if not isinstance(n, yaml.SequenceNode) or not n.value:
                 raise self.fail(f"{what}.upstreams must be a non-empty list of URLs", n)
-            upstreams = tuple(self.url(x, f"{what}.upstreams[]") for x in n.value)
+            upstreams = tuple(self.upstream_url(x, f"{what}.upstreams[]") for x in n.value)
             if len(set(upstreams)) != len(upstreams):
                 raise self.fail(f"{what}.upstreams lists a URL twice", n)
         decode = _flag_value(mlx_args_of(self, items, what), "--decode-concurrency")
         shards = self.shards(items, what, node_names or set())
         backend = self.string(items["backend"], f"{what}.backend") if "backend" in items \
-            else "ring"
+            else Route.backend
         if backend not in SHARD_BACKENDS:
             raise self.fail(f"{what}.backend must be one of {', '.join(SHARD_BACKENDS)}, got "
                             f"'{backend}'", items["backend"])
         ring_port = self.integer(items["ring_port"], f"{what}.ring_port", minimum=1024) \
-            if "ring_port" in items else RING_PORT
+            if "ring_port" in items else Route.ring_port
         if ring_port > 65535:
             raise self.fail(f"{what}.ring_port must be a port number", items["ring_port"])
         return Route(

@@ -10,6 +10,8 @@ import pytest
 
 from maclustr.config import ConfigError, GatewaySettings, Timeouts, load_routes, parse_routes
 
+ROOT = Path(__file__).resolve().parent.parent
+
 SHIPPED = Path(__file__).resolve().parent.parent / "routes.yaml"
 
 
@@ -447,3 +449,67 @@ def test_source_name_is_used_in_errors() -> None:
     with pytest.raises(ConfigError) as info:
         parse_routes("models: {}\n", "/etc/maclustr/routes.yaml")
     assert str(info.value).startswith("/etc/maclustr/routes.yaml:1: ")
+
+
+# --- every key declared once (maclustr/config_keys.py) -------------------------------------
+
+
+def test_readme_routes_table_is_the_declared_keys() -> None:
+    """README's routes.yaml table is exactly config_keys' rendering, so no key (ring_port was
+    missing) goes undocumented; `python -m maclustr.config_keys` prints the table to paste."""
+    from maclustr.config_keys import readme_table
+
+    readme = (ROOT / "README.md").read_text()
+    head = "| key | where | type | default | meaning |"
+    assert head in readme
+    start = readme.index(head)
+    shown = readme[start:readme.index("\n\n", start) + 1]
+    assert shown == readme_table(), "README's routes.yaml table is stale:\n" + readme_table()
+
+
+def test_declared_defaults_are_the_parsed_defaults() -> None:
+    from dataclasses import fields
+
+    from maclustr.config import GatewaySettings, Route, Timeouts
+    from maclustr.config_keys import KEYS, keys_of
+    from maclustr.policy import POLICY_FIELDS
+
+    for cls, where in ((GatewaySettings, "gateway"), (Timeouts, "timeouts")):
+        assert {f.name for f in fields(cls)} == keys_of(where)
+    table = parse_routes("models:\n  a:\n    model: m\n    upstream: http://h:1\n")
+    objects = {"gateway": table.settings, "timeouts": table.routes[0].timeouts,
+               "model": table.routes[0]}
+    for k in KEYS:
+        if k.where in objects and not k.derived:
+            got = getattr(objects[k.where], k.name)
+            assert got == k.default, (k.where, k.name, got)
+    assert keys_of("keys") == set(POLICY_FIELDS)
+    assert {f.name for f in fields(Route)} >= keys_of("model")  # each model key is a field
+
+
+@pytest.mark.parametrize(("node_yaml", "key"), [
+    ("    ssh: admin@studio-1.local\n    memroy_gb: 96\n", "memroy_gb"),
+    ("    ssh: admin@studio-1.local\n    gatway: true\n", "gatway"),
+])
+def test_a_misspelt_node_key_is_an_error_with_its_line(node_yaml: str, key: str) -> None:
+    text = ("nodes:\n  studio-1:\n" + node_yaml +
+            "models:\n  a:\n    model: m\n    upstream: http://studio-1.local:8081\n")
+    with pytest.raises(ConfigError) as e:
+        parse_routes(text, "routes.yaml")
+    assert e.value.line == 4
+    assert f"nodes.studio-1: unknown key '{key}'" in str(e.value)
+    assert str(e.value).startswith("routes.yaml:4: ")
+
+
+@pytest.mark.parametrize("url", ["http://h:8081/v1", "http://h:8081/mlx/", "https://h/x"])
+def test_an_upstream_with_a_path_is_an_error_with_its_line(url: str) -> None:
+    for body in (f"    upstream: {url}\n", f"    upstreams:\n      - http://g:1\n      - {url}\n"):
+        with pytest.raises(ConfigError) as e:
+            parse_routes("models:\n  a:\n    model: m\n" + body, "routes.yaml")
+        assert "must not have a path" in str(e.value)
+        assert e.value.line == 4 + body.count("\n") - 1
+
+
+def test_an_upstream_with_only_a_slash_is_still_fine() -> None:
+    table = parse_routes("models:\n  a:\n    model: m\n    upstream: http://h:8081/\n")
+    assert table.routes[0].upstream == "http://h:8081"
