@@ -15,20 +15,26 @@ import contextlib
 import getpass
 import json
 import os
+import plistlib
+import shutil
 import signal
 import site
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import KEY as KEY_GW  # what conftest.gateway_process gives its gateways
 from conftest import free_port, make_tiny_model, require_command
 
-from maclustr.harness.wedge import FAKE_LAUNCHCTL
+from maclustr.harness.mlx_server import wait_healthy
+from maclustr.harness.wedge import FAKE_LAUNCHCTL, HANG, mlx_job
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-ssh-deploy-test-0123456789"
@@ -201,3 +207,58 @@ def test_make_deploy_over_real_ssh_starts_a_serving_gateway_and_is_idempotent(
     assert "pip install" not in out  # the code did not change either
     assert node.pid("io.maclustr.gateway") == gw_pid
     assert get(gw + "/health")[0] == 200
+
+
+def test_a_hung_model_server_is_restarted_by_the_default_kickstart_over_ssh(
+        node: Node, tmp_path: Path, gateway_process: Any) -> None:
+    """Issue 27 with no `restart:` key: the model is placed on a node of `nodes:` that is not
+    the gateway's, so the gateway runs `ssh <node> 'launchctl kickstart -k
+    gui/$(id -u)/io.maclustr.mlx.<alias>'`; the node's launchd (the fake, behind the real
+    sshd) kills and relaunches the hung real mlx_lm.server, and the stream sent after the
+    hang completes."""
+    alias = "maclustr-fast"
+    label = f"io.maclustr.mlx.{alias}"
+    model = make_tiny_model(tmp_path / "tiny-heal", seed=8)
+    port = free_port()
+    plist = node.home / f"{label}.plist"
+    plist.write_bytes(plistlib.dumps(mlx_job(label, model, port, node.home)))
+    r = subprocess.run([*node.ssh.split(), node.target, f"launchctl bootstrap gui/0 {plist}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    upstream = f"http://127.0.0.1:{port}"
+    wait_healthy(upstream, timeout=90)
+    # The gateway's `ssh` reaches the node with its key and port, as ~/.ssh/config would.
+    bin_dir = tmp_path / "gateway-bin"
+    bin_dir.mkdir()
+    real_ssh, *options = node.ssh.split()
+    wrapper = bin_dir / "ssh"
+    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which(real_ssh)} {' '.join(options)} "
+                       '"$@"\n')
+    wrapper.chmod(0o755)
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        "gateway:\n  generate_timeout: 3\n"
+        "nodes:\n  gw: {ssh: admin@gateway.invalid, gateway: true}\n"
+        f"  box: {{ssh: {node.target}, home: {node.home}}}\n"
+        f"models:\n  {alias}:\n    model: {json.dumps(str(model))}\n"
+        f"    upstream: {upstream}\n    stall_after: 2\n    queue_timeout: 120\n")
+    gp = gateway_process(routes, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    headers = {"Authorization": f"Bearer {KEY_GW}", "Content-Type": "application/json"}
+
+    def chat(text: str, stream: bool, timeout: float) -> tuple[int, bytes]:
+        req = urllib.request.Request(
+            gp.url + "/v1/chat/completions", headers=headers, data=json.dumps(
+                {"model": alias, "stream": stream, "max_tokens": 3,
+                 "messages": [{"role": "user", "content": text}]}).encode())
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+
+    assert chat("hi", False, 60)[0] == 200
+    with pytest.raises((TimeoutError, urllib.error.URLError)):
+        chat(f"{HANG} now", False, 1.5)  # hangs the generation thread; its client gives up
+    status, body = chat("after the hang", True, 120)
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]"), body[-300:]
+    kicks = [c for c in node.calls() if c[:1] == ["kickstart"]]
+    assert kicks == [["kickstart", "-k", f"gui/{os.getuid()}/{label}"]], node.calls()
+    said = gp.output()
+    assert f"ssh {node.target} 'launchctl kickstart -k gui/$(id -u)/{label}'" in said, said
