@@ -487,13 +487,10 @@ async def relay_stream(ex: Exchange, backends: Backends, resp: Response, route: 
     reading from the upstream then pauses until it resumes (below CLIENT_LOW_WATER), so memory
     per stream stays bounded and TCP flow control reaches the model server."""
     o = ex.outcome
-    rewriter: SSERewriter | ChatEventRewriter
     if call.moved is not None:  # the client has the head already: go on after it
         (rewriter, chunked), call.moved = call.moved, None
     else:
-        rewriter = (SSERewriter(route.alias, route.model, strip_usage=not call.usage,
-                                fingerprint=replica.fingerprint)
-                    if call.dialect is None else ChatEventRewriter(call.dialect.new_stream()))
+        rewriter = _rewriter(route, call, replica)
         chunked = await ex.start_stream({**SSE_HEADERS, "X-Request-Id": call.rid})
     failure: GatewayError | None = None
     try:
@@ -508,11 +505,7 @@ async def relay_stream(ex: Exchange, backends: Backends, resp: Response, route: 
             elif not rewriter.done:
                 failure = UpstreamFailed(route.alias, "stopped in the middle of the response")
         except asyncio.CancelledError:
-            if dog.fired and dog.phase == WEDGED and o.first_at is None \
-                    and not _client_gone(ex):  # only the head and comments went out
-                call.moved = (rewriter, chunked)
-                raise _Moved from None
-            failure = _cancelled(ex, backends, route, dog, pump)
+            failure = _cancelled(ex, backends, route, call, dog, pump)
             if failure is None:
                 raise
         except OSError:
@@ -613,12 +606,24 @@ async def _pumped(ex: Exchange, resp: Response, pump: _Pump, dog: Watchdog) -> b
     return True
 
 
-def _cancelled(ex: Exchange, backends: Backends, route: Route, dog: Watchdog, pump: _Pump
-               ) -> GatewayError | None:
-    """A cancelled stream: our watchdog's (an idle upstream: the failure to report), or a
-    shutdown's (the client gets ShuttingDown in-band; the cancellation goes on: None), or
-    the client's (it is gone: None)."""
+def _rewriter(route: Route, call: Call, replica: Replica) -> SSERewriter | ChatEventRewriter:
+    """The OpenAI passthrough, or the client's dialect."""
+    if call.dialect is None:
+        return SSERewriter(route.alias, route.model, strip_usage=not call.usage,
+                           fingerprint=replica.fingerprint)
+    return ChatEventRewriter(call.dialect.new_stream())
+
+
+def _cancelled(ex: Exchange, backends: Backends, route: Route, call: Call, dog: Watchdog,
+               pump: _Pump) -> GatewayError | None:
+    """A cancelled stream: our watchdog's (a replica declared wedged while only the head
+    and comments went out: the stream moves, raising _Moved; else an idle upstream: the
+    failure to report), or a shutdown's (the client gets ShuttingDown in-band; the
+    cancellation goes on: None), or the client's (it is gone: None)."""
     if dog.fired:
+        if dog.phase == WEDGED and ex.outcome.first_at is None and not _client_gone(ex):
+            call.moved = (pump.rewriter, pump.chunked)
+            raise _Moved from None
         dog.absorb()
         return UpstreamTimeout(route.alias, dog.phase)
     if backends.shutting_down.is_set() and not _client_gone(ex):
