@@ -342,6 +342,10 @@ def render_page(table: RouteTable, base_url: str,
         endpoint("GET", "/v1/models", "The model aliases, OpenAI list format, with "
                  "<code>description</code> and <code>parameters</code>."),
         endpoint("GET", "/v1/models/{alias}", "One model card."),
+        *([endpoint("GET", "/v1/usage", "Requests and tokens per key, model and UTC day "
+                    "from the usage ledger (<code>?since=7d&amp;by=key,model</code>); an "
+                    "<code>admin: true</code> key when routes.yaml has <code>keys:</code>.")]
+          if table.settings.usage_db is not False else []),
         endpoint("GET", "/health", "Gateway status and configured models; add "
                  "<code>?deep=true</code> to check every model server (per alias "
                  "<code>up</code>/<code>down</code>, overall 200 or 503); "
