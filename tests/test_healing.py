@@ -322,3 +322,22 @@ async def test_front_page_names_a_replica_the_healer_has_out(make_gateway: Any,
     gw = await make_gateway(routes(fake.url, None))
     html = (await gw.client.get("/", auth=False)).body.decode()
     assert "'replica ' + i + ' ' + r.status" in html  # the status cell's script
+
+
+async def test_a_replica_delivering_bytes_is_never_suspect(
+        make_gateway: Any, fake: FakeMLX, tmp_path: Path, quick_watch: None) -> None:
+    """A long prefill (keepalive comments 0.2 s apart, 1.6 s in all) and a request that
+    hangs beside it on the same replica: while any connection delivers bytes, no probe and no
+    restart, whatever stall_after (0.5 s) says of the silent one alone."""
+    cmd, runs = recorder(tmp_path)
+    gw = await make_gateway(routes2([fake.url], cmd))
+    fake.push(Behavior(keepalives=8, keepalive_delay=0.2, events=2))
+    slow = asyncio.ensure_future(gw.client.post(CHAT, chat("slow", stream=True)))
+    await fake.wait_requests(1)
+    fake.push(Behavior(kind="hang"))
+    hung = asyncio.ensure_future(gw.client.post(CHAT, chat("hung"), timeout=30))
+    ans = await slow
+    assert ans.status == 200 and ans.complete and b"[DONE]" in ans.body
+    assert not runs_of(runs) and not [r for r in fake.requests if r.json
+                                      and r.json.get("max_tokens") == 1]  # no probe yet
+    hung.cancel()
