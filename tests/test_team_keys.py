@@ -16,10 +16,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
-from conftest import ROOT, Behavior, FakeMLX, Gateway, dedent, routes_yaml, sdk_http_client
+from conftest import (
+    ROOT,
+    Behavior,
+    FakeMLX,
+    Gateway,
+    dedent,
+    routes_yaml,
+    sdk_http_client,
+    wait_for,
+)
 
 from maclustr.app import UPSTREAM, USAGE
 from maclustr.usage_db import INSERT, connect
@@ -465,3 +475,56 @@ async def test_tokens_remaining_gauge(make_gateway: Any, fake: FakeMLX) -> None:
               if ln.startswith("maclustr_key_tokens_remaining")]
     assert gauges == [f'maclustr_key_tokens_remaining{{key="interns"}} '
                       f'{float(1000 - done.usage.total_tokens)}']
+
+
+async def test_refusals_and_limited_answers_leave_no_cyclic_garbage(
+        gateway_process: Any, fake: FakeMLX, tmp_path: Path) -> None:
+    """Issue 25's rule for team keys: a 403 or 429 raised on admission, and the answers of a
+    limited key, leave nothing for the cyclic collector (see test_collector.py)."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(routes_yaml({"maclustr-fast": fake.url, "maclustr-coder": fake.url},
+                                  extra=dedent("""\
+        keys:
+          interns:
+            models: [maclustr-fast]
+            tokens_per_day: 100000000
+            max_in_flight: 4
+          ci:
+            requests_per_minute: 1
+        """)))
+    pauses = tmp_path / "pauses.jsonl"
+    gp = gateway_process(routes, "--reload-interval", "0",
+                         env={"MACLUSTR_PAUSES": str(pauses),
+                              "MACLUSTR_API_KEY": f"{KEYS[0]},ci:sk-ci-0003"})
+    await wait_for(lambda: pauses.exists(), 10)
+
+    def body(model: str, stream: bool = False) -> dict[str, Any]:
+        return {"model": model, "messages": CHAT, "stream": stream}
+
+    async with aiohttp.ClientSession() as s:
+        chat = gp.url + "/v1/chat/completions"
+
+        async def one(key: str, b: dict[str, Any]) -> int:
+            async with s.post(chat, json=b, headers={"Authorization": f"Bearer {key}"}) as r:
+                await r.read()
+                return r.status
+
+        assert await one("sk-ci-0003", body("maclustr-fast")) == 200  # warm-up; ci's 1/min
+        assert await one(INTERNS, body("maclustr-fast")) == 200
+        proc = gp.proc
+        proc.send_signal(signal.SIGUSR1)
+        await wait_for(lambda: len(pauses.read_text().splitlines()) >= 2, 10)
+        seen: dict[int, int] = {}
+        for _ in range(30):
+            for key, b in ((INTERNS, body("maclustr-coder")),  # 403
+                           ("sk-ci-0003", body("maclustr-fast")),  # 429
+                           (INTERNS, body("maclustr-fast")),
+                           (INTERNS, body("maclustr-fast", True))):
+                status = await one(key, b)
+                seen[status] = seen.get(status, 0) + 1
+    assert seen == {403: 30, 429: 30, 200: 60}
+    proc.send_signal(signal.SIGUSR1)
+    await wait_for(lambda: len(pauses.read_text().splitlines()) >= 3, 10)
+    after = json.loads(pauses.read_text().splitlines()[2])
+    freed = after["gc"]["collected"] + after["forced_collected"]
+    assert freed <= 12, f"{freed} objects in reference cycles after 120 requests: {after}"
