@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,55 @@ def test_a_wedged_real_server_is_restarted_and_answers_through_the_same_gateway(
     report = s.deep()
     assert report["models"][ALIAS]["replicas"][0]["status"] == "wedged", report
     assert any(e.get("action") == "limit" and e["level"] == "error" for e in s.events())
+
+
+def test_two_real_replicas_one_hung_every_client_answered_in_time(
+        tiny: Path, tmp_path: Path, gateway_process: Any) -> None:
+    """One of two real replicas hangs: the requests caught on it are moved to the other, and
+    no client waits longer than stall_after + generate_timeout + 2 s; it is restarted once."""
+    launchd = FakeLaunchd(tmp_path / "launchd")
+    ports = [free_port(), free_port()]
+    try:
+        for p in ports:
+            launchd.bootstrap(mlx_job(f"{LABEL}-{p}", tiny, p, tmp_path))
+        for p in ports:
+            wait_healthy(f"http://127.0.0.1:{p}", timeout=90)
+        routes = tmp_path / "routes.yaml"
+        restart = [str(launchd.launchctl), "kickstart", "-k",
+                   "gui/0/io.maclustr.mlx.{alias}-{port}"]
+        ups = "".join(f"      - http://127.0.0.1:{p}\n" for p in ports)
+        routes.write_text(
+            f"gateway:\n  generate_timeout: {GENERATE}\n"
+            f"models:\n  {ALIAS}:\n    model: {json.dumps(str(tiny))}\n"
+            f"    upstreams:\n{ups}    stall_after: {STALL}\n    queue_timeout: 120\n"
+            f"    restart: {json.dumps(restart)}\n")
+        s = Setup(gateway_process(routes, env=launchd.env()), launchd, tiny)
+        for i in range(4):  # both replicas load the model
+            assert s.post(f"warm {i}", stream=False)[0] == 200
+        hung = ports[0]
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{hung}/v1/chat/completions", data=json.dumps(
+                {"model": str(tiny), "max_tokens": 2,
+                 "messages": [{"role": "user", "content": HANG}]}).encode(),
+            headers={"Content-Type": "application/json"})
+        with pytest.raises((TimeoutError, urllib.error.URLError)):
+            urllib.request.urlopen(req, timeout=1.5)
+
+        def timed(i: int) -> tuple[float, int, bytes]:
+            t0 = time.monotonic()
+            status, body = s.post(f"client {i}", stream=bool(i % 2))
+            return time.monotonic() - t0, status, body
+
+        with ThreadPoolExecutor(6) as pool:
+            done = list(pool.map(timed, range(6)))
+        print("two replicas, one hung: client waits", [round(t, 1) for t, _, _ in done])
+        for took, status, body in done:
+            assert status == 200 and b"error" not in body, body[:300]
+            assert took < STALL + GENERATE + 2, took
+        deadline = time.monotonic() + 60
+        while launchd.kickstarts(f"{LABEL}-{hung}") < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert launchd.kickstarts(f"{LABEL}-{hung}") == 1
+        assert launchd.kickstarts(f"{LABEL}-{ports[1]}") == 0
+    finally:
+        launchd.stop_all()
