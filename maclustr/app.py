@@ -25,6 +25,7 @@ from .auth import KeyRing, bearer_token
 from .body import ask_for_usage, check_content_type, parse_request, upstream_body, wants_stream
 from .config import Route, RouteTable, usage_db_path
 from .dialect import Dialect
+from .endpoints import ENDPOINTS, aiohttp_path, served
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -441,13 +442,15 @@ async def count_tokens(app: web.Application, ex: Exchange) -> Answer | None:
 
 
 # The POST endpoints, served by the front (and by aiohttp on handed-over connections).
-POST_ROUTES: dict[str, PostHandler] = {
-    "/v1/chat/completions": completions_handler("/v1/chat/completions"),
-    "/v1/completions": completions_handler("/v1/completions"),
-    "/v1/messages": messages,
-    "/v1/messages/count_tokens": count_tokens,
-    "/v1/responses": responses_api,
+POST_HANDLERS: dict[str, PostHandler] = {  # by endpoints.Endpoint.operation
+    "createChatCompletion": completions_handler("/v1/chat/completions"),
+    "createCompletion": completions_handler("/v1/completions"),
+    "createMessage": messages,
+    "countMessageTokens": count_tokens,
+    "createResponse": responses_api,
 }
+POST_ROUTES: dict[str, PostHandler] = {
+    e.path: POST_HANDLERS[e.operation] for e in ENDPOINTS if e.method == "POST"}
 
 
 def _model_card(request: web.Request, alias: str) -> dict[str, Any]:
@@ -579,8 +582,6 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text",
             lambda: keys.names,
             lambda name: app[USAGE].tokens_left_today(holder.current, name)
             if USAGE in app else None))
-        app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry),
-                           allow_head=False)
         app[LAST_MINUTE] = LastMinute(metrics)
         app.cleanup_ctx.append(_sample_last_minute)
     app[STARTED] = int(time.time())
@@ -590,14 +591,16 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text",
     app.on_response_prepare.append(stamp)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_key_usage)
-    for path, post in POST_ROUTES.items():
-        app.router.add_post(path, on_aiohttp(post))
-    app.router.add_get("/v1/models", list_models, allow_head=False)
-    app.router.add_get("/v1/models/{model:.+}", get_model, allow_head=False)
-    app.router.add_get("/health", get_health)
-    app.router.add_get("/", front_page)
-    app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_get("/v1/usage", get_usage, allow_head=False)
+    gets: dict[str, Handler] = {
+        "listModels": list_models, "getModel": get_model, "usage": get_usage,
+        "health": get_health, "page": front_page, "openapi": openapi_json}
+    if METRICS in app:
+        gets["metrics"] = make_aiohttp_handler(app[METRICS].registry)
+    for e in served(METRICS in app):
+        if e.method == "POST":
+            app.router.add_post(e.path, on_aiohttp(POST_ROUTES[e.path]))
+        else:
+            app.router.add_get(aiohttp_path(e.path), gets[e.operation], allow_head=e.head)
     return app
 
 

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .config import RouteTable
+from .endpoints import API_PATHS
 from .heal import REASONS, STATES
 from .outcome import Outcome
 from .scheduler import Scheduler
@@ -37,8 +38,7 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 
 # The request paths counted in maclustr_requests_total (the model-serving API). Other paths
 # (/health, /metrics, the page) are not model traffic.
-API_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages",
-                           "/v1/responses"})
+API_ENDPOINTS = API_PATHS  # the inference endpoints (endpoints.py)
 
 
 class SchedulerGauges(Collector):  # type: ignore[misc, unused-ignore]  # Any when untyped

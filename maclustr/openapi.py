@@ -8,10 +8,12 @@ what the gateway guarantees: the error envelope, the list shapes, the health ans
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from . import __version__
 from .config import RouteTable
+from .endpoints import served
 from .errors import error_table
 
 _ERR = {"$ref": "#/components/schemas/Error"}
@@ -60,11 +62,8 @@ _MESSAGES_ERRORS = {
 }
 
 
-def _messages_op(op_id: str, summary: str, request: str, ok: dict[str, Any]
-                 ) -> dict[str, Any]:
+def _messages_op(request: str, ok: dict[str, Any]) -> dict[str, Any]:
     return {
-        "summary": summary,
-        "operationId": op_id,
         "tags": ["inference"],
         "security": [{"bearer": []}, {"apiKey": []}],
         "requestBody": {"required": True, "content": {"application/json": {
@@ -73,10 +72,8 @@ def _messages_op(op_id: str, summary: str, request: str, ok: dict[str, Any]
     }
 
 
-def _completion_op(kind: str, summary: str, ref: str) -> dict[str, Any]:
+def _completion_op(ref: str) -> dict[str, Any]:
     return {
-        "summary": summary,
-        "operationId": f"create{kind}",
         "tags": ["inference"],
         "security": [{"bearer": []}],
         "requestBody": {
@@ -300,120 +297,7 @@ def openapi_document(table: RouteTable) -> dict[str, Any]:
         },
         "tags": [{"name": "inference"}, {"name": "models"}, {"name": "meta"}],
         "security": [],
-        "paths": {
-            "/v1/chat/completions": {"post": _completion_op(
-                "ChatCompletion", "Chat completion (unary or streamed)",
-                "ChatCompletionRequest")},
-            "/v1/completions": {"post": _completion_op(
-                "Completion", "Text completion (unary or streamed)", "CompletionRequest")},
-            "/v1/messages": {"post": _messages_op(
-                "createMessage", "Anthropic Messages API (Claude Code): unary or streamed",
-                "MessagesRequest", {
-                    "description": "The Message: JSON, or Server-Sent Events when "
-                                   "`\"stream\": true` (`event:` message_start, "
-                                   "content_block_start/delta/stop, ping, message_delta, "
-                                   "message_stop; `error` if it fails mid-way).",
-                    "content": {
-                        "application/json": {"schema": {
-                            "$ref": "#/components/schemas/Message"}},
-                        "text/event-stream": {"schema": {
-                            "$ref": "#/components/schemas/Event"}}}})},
-            "/v1/messages/count_tokens": {"post": _messages_op(
-                "countMessageTokens", "Anthropic token count (an estimate: ~4 bytes a token)",
-                "MessagesRequest", {
-                    "description": "The estimated prompt size.",
-                    "content": {"application/json": {"schema": {
-                        "$ref": "#/components/schemas/TokenCount"}}}})},
-            "/v1/models": {"get": {
-                "summary": "List the model aliases",
-                "operationId": "listModels",
-                "tags": ["models"],
-                "security": [{"bearer": []}],
-                "responses": {
-                    "200": {"description": "The aliases.", "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/ModelList"}}}},
-                    **_AUTH_ERRORS,
-                },
-            }},
-            "/v1/models/{model}": {"get": {
-                "summary": "One model card",
-                "operationId": "getModel",
-                "tags": ["models"],
-                "security": [{"bearer": []}],
-                "parameters": [model_param],
-                "responses": {
-                    "200": {"description": "The model.", "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/Model"}}}},
-                    **_AUTH_ERRORS,
-                    **_errors("model_not_found", "not_found"),
-                },
-            }},
-            "/v1/usage": {"get": {
-                "summary": "Requests and tokens per key, model and UTC day, from the usage "
-                           "ledger (admin keys; `maclustr usage --format json` prints the "
-                           "same rows)",
-                "operationId": "usage",
-                "tags": ["meta"],
-                "security": [{"bearer": []}],
-                "parameters": [
-                    {"name": "since", "in": "query", "required": False,
-                     "schema": {"type": "string"},
-                     "description": "YYYY-MM-DD (UTC) or a number of days like 7d."},
-                    {"name": "by", "in": "query", "required": False,
-                     "schema": {"type": "string", "default": "key,model,day"},
-                     "description": "Comma list of key, model, day."}],
-                "responses": {
-                    "200": {"description": "One object per group: its `by` fields, requests, "
-                                           "prompt_tokens, completion_tokens, total_tokens.",
-                            "content": {"application/json": {"schema": {
-                                "type": "object",
-                                "properties": {"object": {"const": "list"},
-                                               "data": {"type": "array",
-                                                        "items": {"type": "object"}}}}}}},
-                    **_AUTH_ERRORS,
-                    **_errors("admin_only", "invalid_request", "not_found"),
-                },
-            }},
-            "/health": {"get": {
-                "summary": "Gateway health; deep=true checks every model server, deep=generate "
-                           "(with a key) also asks each for one token",
-                "operationId": "health",
-                "tags": ["meta"],
-                "parameters": [{"name": "deep", "in": "query", "required": False,
-                                "schema": {"type": "string", "enum": ["true", "false", "1",
-                                                                      "0", "yes", "no",
-                                                                      "generate"]},
-                                "description": "Ping each model server; per-alias status. "
-                                               "`generate` also asks each replica for one "
-                                               "token (`wedged` when none comes) and needs "
-                                               "a key. Without a key, replicas show state "
-                                               "and latency, not load."}],
-                "responses": {
-                    "200": {"description": "Healthy (all models up when deep).",
-                            "content": {"application/json": {
-                                "schema": {"$ref": "#/components/schemas/Health"}}}},
-                    "503": {"description": "Deep check: some or all models are down.",
-                            "content": {"application/json": {
-                                "schema": {"$ref": "#/components/schemas/Health"}}}},
-                    **_AUTH_ERRORS,
-                },
-            }},
-            "/": {"get": {
-                "summary": "This API's documentation page with live model status",
-                "operationId": "page",
-                "tags": ["meta"],
-                "responses": {"200": {"description": "HTML page.",
-                                      "content": {"text/html": {"schema": {"type": "string"}}}}},
-            }},
-            "/openapi.json": {"get": {
-                "summary": "This document",
-                "operationId": "openapi",
-                "tags": ["meta"],
-                "responses": {"200": {"description": "OpenAPI 3.1 document.",
-                                      "content": {"application/json": {
-                                          "schema": {"type": "object"}}}}},
-            }},
-        },
+        "paths": _paths(table, model_param),
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "A key from MACLUSTR_API_KEY."},
@@ -424,18 +308,182 @@ def openapi_document(table: RouteTable) -> dict[str, Any]:
             "schemas": _schemas(aliases),
         },
     }
-    if table.settings.metrics:
-        responses: dict[str, Any] = {
-            "200": {"description": "Requests, latency, tokens per key, queue and replica "
-                                   "state; see the README's Monitoring section.",
-                    "content": {"text/plain": {"schema": {"type": "string"}}}}}
-        op: dict[str, Any] = {"summary": "Prometheus metrics (text exposition format)",
-                              "operationId": "metrics", "tags": ["meta"],
-                              "responses": responses}
-        if not table.settings.metrics_public:
-            op["security"] = [{"bearer": []}]
-            responses.update(_AUTH_ERRORS)
-        doc["paths"]["/metrics"] = {"get": op}
     if table.settings.public_url:
         doc["servers"] = [{"url": table.settings.public_url}]
     return doc
+
+
+# --- one operation per endpoint (endpoints.py), by its `operation` ---------------------------
+
+
+def _paths(table: RouteTable, model_param: dict[str, Any]) -> dict[str, Any]:
+    """Every endpoint the gateway serves for this table, each from its one declaration."""
+    paths: dict[str, Any] = {}
+    for e in served(table.settings.metrics):
+        op = {"summary": e.summary, "operationId": e.operation,
+              **OPERATIONS[e.operation](table, model_param)}
+        paths.setdefault(e.path, {})[e.method.lower()] = op
+    return paths
+
+
+Operation = Callable[[RouteTable, dict[str, Any]], dict[str, Any]]
+
+
+def _chat_completion(table: RouteTable, _: dict[str, Any]) -> dict[str, Any]:
+    return _completion_op("ChatCompletionRequest")
+
+
+def _completion(table: RouteTable, _: dict[str, Any]) -> dict[str, Any]:
+    return _completion_op("CompletionRequest")
+
+
+def _response(table: RouteTable, _: dict[str, Any]) -> dict[str, Any]:
+    """Responses API: OpenAI's envelope for errors, the Response object or its events."""
+    model = {"type": "string", "enum": list(table.aliases)}
+    return {
+        "tags": ["inference"],
+        "security": [{"bearer": []}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["model"],
+            "description": "OpenAI's Responses API, stateless: `input` is a string or the "
+                           "whole conversation's items; `store`/`previous_response_id` "
+                           "are refused (nothing is stored).",
+            "properties": {"model": model,
+                           "input": {"type": ["string", "array"]},
+                           "instructions": {"type": "string"},
+                           "stream": {"type": "boolean"},
+                           "max_output_tokens": {"type": "integer", "minimum": 1},
+                           "tools": {"type": "array", "items": {"type": "object"}}}}}}},
+        "responses": {
+            "200": {"description": "The Response: JSON, or Server-Sent Events when "
+                                   "`\"stream\": true` (`response.created` ... "
+                                   "`response.completed`).",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {
+                                    "$ref": "#/components/schemas/Event"}}}},
+            **_COMPLETION_ERRORS,
+        },
+    }
+
+
+def _message(table: RouteTable, _: dict[str, Any]) -> dict[str, Any]:
+    return _messages_op("MessagesRequest", {
+        "description": "The Message: JSON, or Server-Sent Events when `\"stream\": true` "
+                       "(`event:` message_start, content_block_start/delta/stop, ping, "
+                       "message_delta, message_stop; `error` if it fails mid-way).",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/Message"}},
+            "text/event-stream": {"schema": {"$ref": "#/components/schemas/Event"}}}})
+
+
+def _count_tokens(table: RouteTable, _: dict[str, Any]) -> dict[str, Any]:
+    return _messages_op("MessagesRequest", {
+        "description": "The estimated prompt size.",
+        "content": {"application/json": {"schema": {
+            "$ref": "#/components/schemas/TokenCount"}}}})
+
+
+def _list_models(table: RouteTable, _: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tags": ["models"],
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": {"description": "The aliases.", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ModelList"}}}},
+            **_AUTH_ERRORS,
+        },
+    }
+
+
+def _get_model(table: RouteTable, model_param: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tags": ["models"],
+        "security": [{"bearer": []}],
+        "parameters": [model_param],
+        "responses": {
+            "200": {"description": "The model.", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Model"}}}},
+            **_AUTH_ERRORS,
+            **_errors("model_not_found", "not_found"),
+        },
+    }
+
+
+def _usage(table: RouteTable, _: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "description": "`maclustr usage --format json` prints the same rows.",
+        "tags": ["meta"],
+        "security": [{"bearer": []}],
+        "parameters": [
+            {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "YYYY-MM-DD (UTC) or a number of days like 7d."},
+            {"name": "by", "in": "query", "required": False,
+             "schema": {"type": "string", "default": "key,model,day"},
+             "description": "Comma list of key, model, day."}],
+        "responses": {
+            "200": {"description": "One object per group: its `by` fields, requests, "
+                                   "prompt_tokens, completion_tokens, total_tokens.",
+                    "content": {"application/json": {"schema": {
+                        "type": "object",
+                        "properties": {"object": {"const": "list"},
+                                       "data": {"type": "array",
+                                                "items": {"type": "object"}}}}}}},
+            **_AUTH_ERRORS,
+            **_errors("admin_only", "invalid_request", "not_found"),
+        },
+    }
+
+
+def _health(table: RouteTable, _: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tags": ["meta"],
+        "parameters": [{"name": "deep", "in": "query", "required": False,
+                        "schema": {"type": "string", "enum": ["true", "false", "1", "0",
+                                                              "yes", "no", "generate"]},
+                        "description": "Ping each model server; per-alias status. "
+                                       "`generate` also asks each replica for one token "
+                                       "(`wedged` when none comes) and needs a key. Without "
+                                       "a key, replicas show state and latency, not load."}],
+        "responses": {
+            "200": {"description": "Healthy (all models up when deep).",
+                    "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Health"}}}},
+            "503": {"description": "Deep check: some or all models are down.",
+                    "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Health"}}}},
+            **_AUTH_ERRORS,
+        },
+    }
+
+
+def _page(table: RouteTable, _: dict[str, Any]) -> dict[str, Any]:
+    return {"tags": ["meta"],
+            "responses": {"200": {"description": "HTML page.", "content": {
+                "text/html": {"schema": {"type": "string"}}}}}}
+
+
+def _openapi(table: RouteTable, _: dict[str, Any]) -> dict[str, Any]:
+    return {"tags": ["meta"],
+            "responses": {"200": {"description": "OpenAPI 3.1 document.", "content": {
+                "application/json": {"schema": {"type": "object"}}}}}}
+
+
+def _metrics(table: RouteTable, _: dict[str, Any]) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "200": {"description": "Requests, latency, tokens per key, queue and replica state; "
+                               "see the README's Monitoring section.",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}}
+    op: dict[str, Any] = {"tags": ["meta"], "responses": responses}
+    if not table.settings.metrics_public:
+        op["security"] = [{"bearer": []}]
+        responses.update(_AUTH_ERRORS)
+    return op
+
+
+OPERATIONS: dict[str, Operation] = {
+    "createChatCompletion": _chat_completion, "createCompletion": _completion,
+    "createResponse": _response, "createMessage": _message,
+    "countMessageTokens": _count_tokens, "listModels": _list_models, "getModel": _get_model,
+    "usage": _usage, "health": _health, "page": _page, "openapi": _openapi,
+    "metrics": _metrics,
+}

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from html import escape
 
 from .config import Route, RouteTable
+from .endpoints import NONE, Endpoint, served
 from .errors import error_table
 from .stats import ModelWindow
 
@@ -315,47 +316,16 @@ def render_page(table: RouteTable, base_url: str,
         for r in table.routes
     )
 
-    def endpoint(method: str, path: str, what: str, auth: bool = True,
-                 lock: str = "Bearer") -> str:
-        lock = lock if auth else "no auth"
-        return (f'<div class="endpoint"><span class="method {method.lower()}">{method}</span>'
-                f"<code>{e(base)}{e(path)}</code><span class=\"chip\">{lock}</span>"
-                f'<span class="what">{what}</span></div>')
+    def endpoint(ep: Endpoint) -> str:
+        lock = "no auth" if ep.auth == NONE or (
+            ep.operation == "metrics" and table.settings.metrics_public) else ep.auth
+        return (f'<div class="endpoint"><span class="method {ep.method.lower()}">{ep.method}'
+                f"</span><code>{e(base)}{e(ep.path)}</code><span class=\"chip\">{lock}</span>"
+                f'<span class="what">{literal_html(ep.summary)}.</span></div>')
 
-    endpoints = "".join([
-        endpoint("POST", "/v1/chat/completions",
-                 "Chat completions, unary JSON or streamed (<code>\"stream\": true</code>, "
-                 "Server-Sent Events ending with <code>data: [DONE]</code>). The full OpenAI "
-                 "parameter set passes through: temperature, top_p, top_k, stop, seed, "
-                 "max_tokens, penalties, logit_bias, tools, response_format, stream_options."),
-        endpoint("POST", "/v1/completions", "Text completions (<code>prompt</code>), unary or "
-                 "streamed."),
-        endpoint("POST", "/v1/responses", "OpenAI's Responses API, for Codex CLI and "
-                 "<code>client.responses</code>: stateless (send the whole conversation in "
-                 "<code>input</code>), unary or streamed, function tools included."),
-        endpoint("POST", "/v1/messages", "Anthropic's Messages API, for Claude Code "
-                 "(<code>ANTHROPIC_BASE_URL</code> = this host, <code>ANTHROPIC_MODEL</code> = "
-                 "an alias) and the <code>anthropic</code> SDKs: unary or streamed, tools "
-                 "included.", lock="x-api-key or Bearer"),
-        endpoint("POST", "/v1/messages/count_tokens", "Anthropic's token count: an estimate "
-                 "(about 4 bytes of text per token).", lock="x-api-key or Bearer"),
-        endpoint("GET", "/v1/models", "The model aliases, OpenAI list format, with "
-                 "<code>description</code> and <code>parameters</code>."),
-        endpoint("GET", "/v1/models/{alias}", "One model card."),
-        *([endpoint("GET", "/v1/usage", "Requests and tokens per key, model and UTC day "
-                    "from the usage ledger (<code>?since=7d&amp;by=key,model</code>); an "
-                    "<code>admin: true</code> key when routes.yaml has <code>keys:</code>.")]
-          if table.settings.usage_db is not False else []),
-        endpoint("GET", "/health", "Gateway status and configured models; add "
-                 "<code>?deep=true</code> to check every model server (per alias "
-                 "<code>up</code>/<code>down</code>, overall 200 or 503); "
-                 "<code>?deep=generate</code> (with a key) also asks each for one token.",
-                 auth=False),
-        endpoint("GET", "/openapi.json", "This API as an OpenAPI 3.1 document.", auth=False),
-        *([endpoint("GET", "/metrics", "Prometheus metrics: requests, latency, tokens per "
-                    "key, queue and replica state.", auth=not table.settings.metrics_public)]
-          if table.settings.metrics else []),
-    ])
+    # /v1/usage answers 404 while the ledger is off, so the page leaves it out then
+    endpoints = "".join(endpoint(ep) for ep in served(table.settings.metrics)
+                        if ep.operation != "usage" or table.settings.usage_db is not False)
 
     err_rows = "".join(f"<tr><td><b>{r.status}</b></td><td><code>{r.code}</code></td>"
                        f"<td>{literal_html(r.meaning)}</td></tr>" for r in error_table())

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import RouteTable
+from .endpoints import API_PATHS
 from .errors import AdminOnly, ModelNotAllowed, QuotaExceeded, RateLimited
 from .ledger import row_of
 from .outcome import Outcome
@@ -25,8 +26,7 @@ from .usage_db import Writer, connect, open_readonly, recent
 log = logging.getLogger("maclustr.usage")
 
 # The model-serving endpoints a ledger row is written for (what maclustr_requests_total counts).
-MODEL_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages",
-                             "/v1/responses"})
+MODEL_ENDPOINTS = API_PATHS
 
 
 def policy_of(table: RouteTable, key: str) -> KeyPolicy:

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 from conftest import KEY, FakeMLX, internal_strings, routes_yaml
 from openapi_spec_validator import validate
 
-from maclustr.config import load_routes
+from maclustr.config import load_routes, parse_routes
 from maclustr.openapi import openapi_document
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,3 +124,55 @@ async def test_schemathesis_invalid_requests_never_get_a_server_error(
     # Negative mode also mangles the Authorization header, so the GETs only ever see 401 and
     # schemathesis prints a warning instead of "No issues found"; failures are what count.
     assert "FAILURES" not in out and " passed" in out, out[-3000:]
+
+
+# --- every endpoint declared once (maclustr/endpoints.py) ----------------------------------
+
+
+def _router_paths(app: Any) -> set[tuple[str, str]]:
+    """(method, path) the aiohttp router serves, HEAD aside, in OpenAPI's spelling."""
+    out = set()
+    for route in app.router.routes():
+        if route.method != "HEAD":
+            out.add((route.method.lower(), route.resource.canonical))
+    return out
+
+
+@pytest.mark.parametrize("metrics", [True, False])
+def test_openapi_paths_are_the_routers_paths(tmp_path: Path, metrics: bool) -> None:
+    from maclustr.app import make_app
+    from maclustr.auth import KeyRing
+    from maclustr.reload import RoutesHolder
+
+    text = routes_yaml({"a": "http://h:1"}) + f"gateway:\n  metrics: {str(metrics).lower()}\n"
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    table = parse_routes(text, str(path))
+    app = make_app(RoutesHolder(path, table), KeyRing((KEY,)))
+    doc = openapi_document(table)
+    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    assert documented == _router_paths(app)
+    assert ("post", "/v1/responses") in documented
+    assert (("get", "/metrics") in documented) is metrics
+
+
+def test_readme_endpoint_table_lists_every_endpoint() -> None:
+    from maclustr.endpoints import ENDPOINTS
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| endpoint | auth | what |")
+    table = readme[start:readme.index("\n\n", start)]
+    missing = [f"{e.method} {e.path}" for e in ENDPOINTS if f"`{e.method} {e.path}" not in table]
+    assert not missing, f"README's endpoint table lacks {missing}"
+
+
+def test_front_page_lists_every_served_endpoint(tmp_path: Path) -> None:
+    from maclustr.endpoints import served
+    from maclustr.page import render_page
+
+    table = parse_routes(routes_yaml({"a": "http://h:1"}))
+    html = render_page(table, "http://gw")
+    for e in served(True):
+        assert f'{e.method}</span><code>http://gw{e.path}</code>' in html, e.path
+    assert "http://gw/v1/usage" not in render_page(
+        parse_routes(routes_yaml({"a": "http://h:1"}, "gateway:\n  usage_db: false")), "http://gw")
