@@ -51,7 +51,14 @@ from .relay import Backends, Call, relay
 from .reload import RoutesHolder
 from .scheduler import Scheduler, conversation_prefix
 from .upstream import Client
-from .usage import MODEL_ENDPOINTS, KeyUsage, check_access, policy_of, require_admin
+from .usage import (
+    MODEL_ENDPOINTS,
+    KeyUsage,
+    allowed_aliases,
+    check_access,
+    policy_of,
+    require_admin,
+)
 from .usage_db import report_rows
 from .warmup import Warmer, generate_one
 
@@ -358,7 +365,7 @@ def _route_for(app: web.Application, ex: Exchange, table: RouteTable, payload: d
     its list, 429 past its rates or quota; `admit` False: access only (nothing counted)."""
     route = table.resolve(payload["model"])
     if route is None:
-        raise ModelNotFound(payload["model"], table.aliases)
+        raise ModelNotFound(payload["model"], allowed_aliases(table, ex.key))
     usage = app.get(USAGE)
     if admit and usage is not None:
         usage.admit(table, ex.key, route.alias)
@@ -466,10 +473,8 @@ def _model_card(request: web.Request, alias: str) -> dict[str, Any]:
 async def list_models(request: web.Request) -> web.Response:
     """The aliases the key may use (`keys:`), every alias without that section."""
     table = request.app[ROUTES].current
-    policy = policy_of(table, request[EXCHANGE].key)
-    return json_response({"object": "list",
-                          "data": [_model_card(request, a) for a in table.aliases
-                                   if policy.allows(a)]})
+    return json_response({"object": "list", "data": [
+        _model_card(request, a) for a in allowed_aliases(table, request[EXCHANGE].key)]})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -477,7 +482,7 @@ async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     route = table.resolve(name)
     if route is None:
-        raise ModelNotFound(name, table.aliases)
+        raise ModelNotFound(name, allowed_aliases(table, request[EXCHANGE].key))
     check_access(table, request[EXCHANGE].key, route.alias)
     return json_response(_model_card(request, route.alias))
 

@@ -33,6 +33,12 @@ def policy_of(table: RouteTable, key: str) -> KeyPolicy:
     return ADMIN if table.keys is None else table.keys.of(key)
 
 
+def allowed_aliases(table: RouteTable, key: str) -> tuple[str, ...]:
+    """What /v1/models lists for the key, and what a 404 offers it instead."""
+    p = policy_of(table, key)
+    return tuple(a for a in table.aliases if p.allows(a))
+
+
 def check_access(table: RouteTable, key: str, alias: str) -> None:
     """403 model_not_allowed for an alias outside the key's `models`."""
     if table.keys is not None and not table.keys.of(key).allows(alias):

@@ -89,6 +89,9 @@ async def test_model_outside_the_list_is_403_and_never_sent(make_gateway: Any,
     with pytest.raises(openai.PermissionDeniedError):
         await interns.models.retrieve("maclustr-coder")
     assert [m.id async for m in interns.models.list()] == ["maclustr-fast"]
+    with pytest.raises(openai.NotFoundError) as nf:  # the 404 offers only its aliases
+        await interns.chat.completions.create(model="maclustr-nope", messages=CHAT)
+    assert nf.value.message.endswith("Available models: maclustr-fast")
     ops = oai(gw, OPS)
     assert [m.id async for m in ops.models.list()] == ["maclustr-coder", "maclustr-fast"]
     assert fake.requests == []
