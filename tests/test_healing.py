@@ -341,3 +341,20 @@ async def test_a_replica_delivering_bytes_is_never_suspect(
     assert not runs_of(runs) and not [r for r in fake.requests if r.json
                                       and r.json.get("max_tokens") == 1]  # no probe yet
     hung.cancel()
+
+
+async def test_a_restarted_warmup_model_rejoins_warm(
+        make_gateway: Any, fake: FakeMLX, tmp_path: Path, fast_back: None) -> None:
+    cmd, runs = recorder(tmp_path)
+    gw = await make_gateway(routes(fake.url, cmd).replace(
+        "    restart:", "    warmup: true\n    restart:"))
+    rep = gw.app[UPSTREAM].scheduler.replica(fake.url)
+    model = gw.holder.current.routes[0].model
+    await wait_for(lambda: rep.warm.get(model) == "warm", timeout=10)
+    fake.health = Behavior(kind="error", status=503)
+    await deep(gw)
+    await wait_for(lambda: runs_of(runs), timeout=10)
+    rep.warm[model] = "cold"  # what a restarted server is
+    fake.health = None
+    await wait_for(lambda: health_of(gw, fake.url) == "up", timeout=10)
+    assert rep.warm.get(model) == "warm"  # warmed before it rejoined
