@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from conftest import KEY, KEY2, Answer, Gateway, routes_yaml
 from fake_mlx import FakeMLX
-from real_mlx import free_port
+
+from maclustr.harness import free_port
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "maclustr-coder", "messages": [{"role": "user", "content": "hi"}]}

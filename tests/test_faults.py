@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import AUTH, Answer, Behavior, FakeMLX, Gateway, wait_for
-from real_mlx import free_port
+
+from maclustr.harness import free_port
 
 CHAT = "/v1/chat/completions"
 GOOD = "maclustr-fast"  # alias that always stays on the healthy fake

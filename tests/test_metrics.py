@@ -29,9 +29,9 @@ from conftest import (
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from real_mlx import free_port
 
 from maclustr import __version__
+from maclustr.harness import free_port
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

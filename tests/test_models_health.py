@@ -10,7 +10,8 @@ import openai
 import pytest
 from conftest import KEY, Answer, Gateway, routes_yaml
 from fake_mlx import Behavior, FakeMLX
-from real_mlx import free_port
+
+from maclustr.harness import free_port
 
 CODER_ID = "/Users/admin/models/internal-maclustr-coder-id"
 HF_ID = "mlx-community/Qwen3-Coder-30B-A3B-Instruct-4bit"

@@ -23,11 +23,11 @@ import httpx2
 import pytest
 from conftest import KEY, KEY2, Answer, Behavior, FakeMLX, Gateway, wait_for
 from openai import AsyncOpenAI
-from real_mlx import free_port
 
 from maclustr import health
 from maclustr import scheduler as sched_mod
 from maclustr.app import UPSTREAM
+from maclustr.harness import free_port
 
 CHAT = "/v1/chat/completions"
 ALIAS = "maclustr-coder"

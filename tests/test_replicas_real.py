@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 from conftest import RealMLX
-from real_mlx import free_port, start_mlx_server, stop, wait_healthy
 
 from maclustr.app import UPSTREAM
+from maclustr.harness import free_port, start_mlx_server, stop, wait_healthy
 
 pytestmark = pytest.mark.real_upstream
 

@@ -12,9 +12,9 @@ import pytest
 from conftest import FakeMLX, routes_yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from real_mlx import free_port
 
 from maclustr import upstream
+from maclustr.harness import free_port
 from maclustr.upstream import Client, UpstreamError, _Dechunker
 
 
