@@ -63,12 +63,15 @@ class ChatEventRewriter(EventFramer):
     Same interface as SSERewriter (`feed`, `done`), plus `fail` for the relay's in-band
     error."""
 
-    __slots__ = ("done", "stream")
+    __slots__ = ("data_seen", "done", "stream")
 
     def __init__(self, stream: ChatStream, max_event: int = 8 * 1024 * 1024) -> None:
         super().__init__(max_event)
         self.stream = stream
         self.done = False
+        # an upstream `data:` event reached the dialect: the client may have content (before
+        # it, only the dialect's preamble and keep-alives: a stream the relay may move)
+        self.data_seen = False
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -99,6 +102,7 @@ class ChatEventRewriter(EventFramer):
             keepalive = any(line.startswith(b":") and line[1:].strip().startswith(b"keepalive")
                             for line in lines)
             return self.stream.keepalive() if keepalive else []
+        self.data_seen = True
         if payload.strip() == b"[DONE]":
             self.done = True
             return self.stream.finish()

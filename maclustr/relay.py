@@ -614,6 +614,17 @@ def _rewriter(route: Route, call: Call, replica: Replica) -> SSERewriter | ChatE
     return ChatEventRewriter(call.dialect.new_stream())
 
 
+def _movable(ex: Exchange, rewriter: SSERewriter | ChatEventRewriter) -> bool:
+    """The client got the head and nothing with content (OpenAI: `: keepalive` comments; a
+    dialect: its preamble and keep-alive events), and no event is half read: the stream can
+    go on from another upstream, on the same connection."""
+    if _client_gone(ex) or rewriter.pending:
+        return False
+    if isinstance(rewriter, SSERewriter):
+        return ex.outcome.first_at is None
+    return not rewriter.data_seen
+
+
 def _cancelled(ex: Exchange, backends: Backends, route: Route, call: Call, dog: Watchdog,
                pump: _Pump) -> GatewayError | None:
     """A cancelled stream: our watchdog's (a replica declared wedged while only the head
@@ -621,7 +632,7 @@ def _cancelled(ex: Exchange, backends: Backends, route: Route, call: Call, dog: 
     failure to report), or a shutdown's (the client gets ShuttingDown in-band; the
     cancellation goes on: None), or the client's (it is gone: None)."""
     if dog.fired:
-        if dog.phase == WEDGED and ex.outcome.first_at is None and not _client_gone(ex):
+        if dog.phase == WEDGED and _movable(ex, pump.rewriter):
             call.moved = (pump.rewriter, pump.chunked)
             raise _Moved from None
         dog.absorb()

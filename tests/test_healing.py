@@ -358,3 +358,29 @@ async def test_a_restarted_warmup_model_rejoins_warm(
     fake.health = None
     await wait_for(lambda: health_of(gw, fake.url) == "up", timeout=10)
     assert rep.warm.get(model) == "warm"  # warmed before it rejoined
+
+
+async def test_an_anthropic_stream_wedged_after_its_pings_completes_after_the_restart(
+        make_gateway: Any, fake: FakeMLX, tmp_path: Path, quick_watch: None) -> None:
+    """Claude Code's dialect: the client got message_start and pings (mlx's keepalives),
+    no content; the stream goes on from the restarted server with one message_start."""
+    cmd, runs = recorder(tmp_path)
+    gw = await make_gateway(routes2([fake.url], cmd))
+    fake.default = Behavior(kind="hang")
+    fake.push(Behavior(keepalives=2, stall_after=0))
+
+    async def restart_works() -> None:
+        await wait_for(lambda: runs_of(runs), timeout=20)
+        fake.default = Behavior(events=3)
+
+    fixer = asyncio.ensure_future(restart_works())
+    ans = await gw.client.post("/v1/messages", {
+        "model": ALIAS, "max_tokens": 20, "stream": True,
+        "messages": [{"role": "user", "content": "wedge me"}]}, timeout=30)
+    await fixer
+    assert ans.status == 200 and ans.complete, ans.body[-300:]
+    names = [e.split(b"\n", 1)[0] for e in ans.body.split(b"\n\n") if e.startswith(b"event:")]
+    assert names.count(b"event: message_start") == 1, names
+    assert b"event: ping" in names and names[-1] == b"event: message_stop", names
+    assert b"event: error" not in names
+    assert len(runs_of(runs)) == 1
