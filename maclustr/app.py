@@ -254,10 +254,6 @@ class AiohttpExchange:
     def transport(self) -> asyncio.Transport | None:
         return self.request.transport
 
-    @property
-    def writing_paused(self) -> bool:
-        return self.request.protocol.writing_paused
-
     async def drain(self) -> None:
         await self.request.writer.drain()  # aiohttp's protocol waits for its resume_writing
 

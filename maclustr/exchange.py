@@ -51,14 +51,9 @@ class Exchange(Protocol):
         """The client's socket, for the stream relay's writes; None once it is gone."""
         ...
 
-    @property
-    def writing_paused(self) -> bool:
-        """The client's transport called pause_writing (its buffer is over the high-water
-        mark) and has not resumed: stop writing until `drain()` returns."""
-        ...
-
     async def drain(self) -> None:
-        """Until the client's transport resumes writing (resume_writing), or is gone."""
+        """Until the client's transport resumes writing (resume_writing: its buffer fell
+        below the low-water mark), or is gone."""
         ...
 
     @property

@@ -161,10 +161,6 @@ class FrontExchange:
     def transport(self) -> asyncio.Transport | None:
         return self._conn.transport
 
-    @property
-    def writing_paused(self) -> bool:
-        return self._conn.writing_paused
-
     async def drain(self) -> None:
         await self._conn.drain()
 

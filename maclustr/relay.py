@@ -532,8 +532,8 @@ class _Pump:
     upstream's bytes), `full` (the client's transport paused writing), the client gone, or
     the rewriter done."""
 
-    __slots__ = ("alias", "bad", "chunked", "ex", "full", "outcome", "resp", "rewriter",
-                 "touch", "transport")
+    __slots__ = ("alias", "bad", "buffered", "chunked", "ex", "full", "outcome", "resp",
+                 "rewriter", "touch", "transport")
 
     def __init__(self, ex: Exchange, resp: Response, rewriter: SSERewriter | ChatEventRewriter,
                  chunked: bool, dog: Watchdog, alias: str) -> None:
@@ -542,6 +542,7 @@ class _Pump:
             raise ConnectionResetError("client gone")
         transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
         self.transport = transport
+        self.buffered = transport.get_write_buffer_size
         self.ex = ex
         self.outcome = ex.outcome
         self.resp: Response | None = resp
@@ -572,7 +573,10 @@ class _Pump:
             o.bytes_out += len(chunk)
             if o.first_at is None and chunk.find(b"data:") >= 0:  # not a `: keepalive` comment
                 o.first_event()
-            if self.ex.writing_paused:
+            # past the mark the transport's pause_writing fires at (set above; its
+            # resume_writing ends the wait: Exchange.drain): a C call per write, where the
+            # exchange's flag would be a Python property per event
+            if self.buffered() > CLIENT_HIGH_WATER:
                 self.full = True
                 self._stop()
         if self.rewriter.done and self.resp is not None:
