@@ -1,30 +1,31 @@
 """The usage ledger's file: SQLite (stdlib sqlite3, WAL), written by one thread off the event
 loop, read back at start and for reports.
 
-The event loop only appends a row tuple to a queue (`Writer.add`); the writer thread writes
-whatever has queued at least once a second in one transaction, prunes rows older than the
-retention once a day, and writes the rest at shutdown (`close`). A disk error (a full disk, a
-read-only or corrupt file) is logged, and the request that made the row goes on: the ledger
-is a record, never a reason to fail a request.
+The event loop only appends a row tuple to a deque (`Writer.add`, no thread wakeup); the
+writer thread writes whatever has queued once a second in one transaction, prunes rows older
+than the retention once a day, and writes the rest at shutdown (`close`). A disk error (a
+full disk, a read-only or corrupt file) is logged, and the request that made the row goes on:
+the ledger is a record, never a reason to fail a request.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from .ledger import COLUMNS, NOT_ADMITTED, Row
 from .policy import DAY, WINDOW
 
 log = logging.getLogger("maclustr.usage")
+T = TypeVar("T")
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS usage (time REAL NOT NULL, key TEXT NOT NULL, "
@@ -102,7 +103,10 @@ def recent(db: sqlite3.Connection, now: float) -> dict[str, Recent]:
 
 
 class Writer:
-    """The thread that owns the ledger's write connection. `add` is all the loop pays."""
+    """The thread that owns the ledger's write connection. `add` is all the loop pays: a
+    deque append, no wakeup (a queue put per row woke the thread per request, a futex call
+    and a GIL handoff each); the thread looks once per INTERVAL, or at once for a flush or
+    the stop."""
 
     def __init__(self, path: Path, retention_days: int,
                  clock: Callable[[], float] = time.time, logged: str | None = None) -> None:
@@ -110,7 +114,10 @@ class Writer:
         self.path = path
         self.retention = retention_days * DAY
         self._clock = clock
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._rows: deque[Row] = deque()
+        self._flushes: deque[threading.Event] = deque()  # flush() calls waiting
+        self._wake = threading.Event()
+        self._stop = False
         self._failing = logged  # the error being logged once, until it clears
         self.written = 0
         self.lost = 0
@@ -118,24 +125,31 @@ class Writer:
         self._thread.start()
 
     def add(self, row: Row) -> None:
-        self._queue.put(row)
+        self._rows.append(row)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every row added before this call is written (or given up on)."""
         done = threading.Event()
-        self._queue.put(done)
+        self._flushes.append(done)
+        self._wake.set()
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued and stop the thread."""
-        self._queue.put(None)
+        self._stop = True
+        self._wake.set()
         self._thread.join(timeout)
 
     def _run(self) -> None:
         db = self._open()
         pruned = 0.0
         while True:
-            rows, flushed, stop = self._batch()
+            self._wake.wait(INTERVAL)
+            self._wake.clear()
+            stop = self._stop
+            # the flush requests before the rows: every row added before a request is taken
+            flushed = _take(self._flushes)
+            rows = _take(self._rows)
             if db is None and rows:
                 db = self._open()
             if rows:
@@ -143,31 +157,12 @@ class Writer:
             if db is not None and self._clock() - pruned >= PRUNE_EVERY:
                 pruned = self._clock()
                 self._prune(db)
-            if flushed is not None:
-                flushed.set()
+            for done in flushed:
+                done.set()
             if stop:
                 if db is not None:
                     db.close()
                 return
-
-    def _batch(self) -> tuple[list[Row], threading.Event | None, bool]:
-        """What queued in the next INTERVAL (written then, however busy), up to a flush
-        request (the queue is FIFO: every row added before it is in the batch) or the stop."""
-        rows: list[Row] = []
-        deadline = time.monotonic() + INTERVAL
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return rows, None, False
-            try:
-                item = self._queue.get(timeout=left)
-            except queue.Empty:
-                return rows, None, False
-            if item is None:
-                return rows, None, True
-            if isinstance(item, threading.Event):
-                return rows, item, False
-            rows.append(item)
 
     def _open(self) -> sqlite3.Connection | None:
         try:
@@ -213,3 +208,11 @@ class Writer:
             self._failing = why
             log.error("usage ledger %s: %s; requests go on, their usage is not recorded",
                       self.path.name, why)
+
+
+def _take(items: deque[T]) -> list[T]:
+    """Everything appended so far (popleft is atomic: the loop may append meanwhile)."""
+    out: list[T] = []
+    while items:
+        out.append(items.popleft())
+    return out
