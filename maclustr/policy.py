@@ -132,6 +132,9 @@ class KeyWindow:
             self.day_tokens += tokens
         self.tokens.append((at, tokens))
         self.minute_tokens += tokens
+        edge = at - WINDOW  # bounded here too: a key without limits is never checked (expire)
+        while self.tokens[0][0] <= edge:
+            self.minute_tokens -= self.tokens.popleft()[1]
         if len(self.tokens) > 1 and self.tokens[-2][0] > at:  # a restore out of order
             self.tokens = deque(sorted(self.tokens))
 

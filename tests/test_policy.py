@@ -189,3 +189,14 @@ def test_check_validates_keys(tmp_path: Path) -> None:
     assert r.stderr.strip() == (f"maclustr check: {good}:6: warning: keys.typo matches no key "
                                 "of MACLUSTR_API_KEY")
     assert "sk-1" not in r.stderr + r.stdout
+
+
+def test_a_key_never_checked_keeps_only_its_minute() -> None:
+    """With the ledger on, every key's tokens are spent, also a key without limits (never
+    checked, so never expired): its window holds the last minute, not a row per request."""
+    lim = Limiter()
+    for i in range(1000):
+        lim.spend("k", 3, T0 + i)
+    w = lim.window("k")
+    assert len(w.tokens) == 60 and w.minute_tokens == 180
+    assert w.day_tokens == 3000  # the day still counts all (T0 is 01:00 UTC)
