@@ -118,7 +118,7 @@ class Healer:
                         and stalled(r.in_flight, r.last_byte, now, route.stall_after)):
                     self._spawn(url, self._suspect(route, r, now))
 
-    def declare(self, url: str, reason: str) -> None:
+    def declare(self, url: str, reason: str, charge: bool = True) -> None:
         """A replica is dead (`reason` "dead": mlx said its generation thread died) or wedged
         (a failed probe): take it out and restart it, unless that is under way already."""
         table = self._table()
@@ -135,7 +135,7 @@ class Healer:
         # out at once, so a request moved off it cannot land on it again; while its fate is
         # decided its model's requests wait
         self._sched.set_health(r, "wedged", healing=True)
-        self._spawn(url, self._verdict(route, r, reason))
+        self._spawn(url, self._verdict(route, r, reason, charge))
 
     def _spawn(self, url: str, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -169,7 +169,8 @@ class Healer:
             return
         await self._verdict(route, r, "wedged")
 
-    async def _verdict(self, route: Route, r: Replica, reason: str) -> None:
+    async def _verdict(self, route: Route, r: Replica, reason: str,
+                       charge: bool = True) -> None:
         """Out of rotation, its requests in flight kicked, then restarted if it may be."""
         idx = self._name(route, r)
         self._sched.set_health(r, "wedged", healing=True)
@@ -187,7 +188,7 @@ class Healer:
             await self._rejoin(route, r)
             return
         r.budget.limit = table.settings.restart_limit
-        if not r.budget.allows(now):
+        if charge and not r.budget.allows(now):
             note(logging.ERROR, f"replica {idx} of {route.alias} is {reason}: {what}; "
                  f"restarted {r.budget.used(now)} time(s) this hour (restart_limit "
                  f"{r.budget.limit}), it stays out",
@@ -197,14 +198,15 @@ class Healer:
             return
         note(logging.WARNING, f"replica {idx} of {route.alias} is {reason}: {what}; "
              f"restarting it: {describe(argv, self._secrets())}", event=reason,
-             model=route.alias, replica=idx, action="restart",
+             model=route.alias, replica=idx, action="restart", charged=charge,
              command=[mask(a, self._secrets()) for a in argv])
-        await self._restart(route, r, reason, argv)
+        await self._restart(route, r, reason, argv, charge)
 
     async def _restart(self, route: Route, r: Replica, reason: str,
-                       argv: Sequence[str]) -> None:
+                       argv: Sequence[str], charge: bool = True) -> None:
         idx = self._name(route, r)
-        r.budget.spend(time.monotonic())
+        if charge:  # not for a death a known poison request caused
+            r.budget.spend(time.monotonic())
         r.restarts[reason] = r.restarts.get(reason, 0) + 1
         self._sched.set_health(r, "restarting")
         started = time.monotonic()

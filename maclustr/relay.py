@@ -181,10 +181,11 @@ class Slot:
     replica holding it, whether it is held (not between giving a failed replica's slot back
     and getting the next), and the replicas tried so far, this one included."""
 
-    __slots__ = ("dog", "held", "replica", "tried", "verdict")
+    __slots__ = ("dog", "held", "moved", "replica", "tried", "verdict")
 
     def __init__(self, replica: Replica, dog: Watchdog) -> None:
         self.dog = dog
+        self.moved = False  # off a replica found dead or wedged (at most once)
         self.verdict: bool | None = None  # an error answer's word on the replica
         self.replica = replica
         self.held = True
@@ -279,8 +280,15 @@ async def relay(ex: Exchange, backends: Backends, route: Route, call: Call) -> A
 
 async def _move(ex: Exchange, slot: Slot, sched: Scheduler, route: Route, call: Call) -> None:
     """Take a slot elsewhere for a moved request; a stream already started that finds none
-    ends in-band, as any started stream's failure does."""
+    ends in-band, as any started stream's failure does. Moved once already, the request is
+    the likely cause (a prompt that kills or hangs the server): it gets an error instead of
+    taking the restarted server down again."""
     try:
+        if slot.moved:
+            log.warning("%s a server of %s failed again on a request moved off a failed one: "
+                        "answered as a failure, not moved again", call.rid, route.alias)
+            raise UpstreamFailed(route.alias, "failed on this request twice; not retried")
+        slot.moved = True
         await slot.move(sched, route, call, ex.outcome)
     except GatewayError as e:
         if call.moved is not None:
@@ -306,7 +314,9 @@ async def _answer_from(ex: Exchange, backends: Backends, route: Route, call: Cal
         if resp.status >= 400:
             error = await _upstream_error(resp, route, call.rid, dog)
             if error is None:  # the generation thread died: the healer restarts it
-                backends.scheduler.declare(slot.replica.url, "dead")
+                # dying again on a request already moved for a death: this request is the
+                # likely cause, so this restart is not charged to the hourly budget
+                backends.scheduler.declare(slot.replica.url, "dead", charge=not slot.moved)
                 raise _Moved
             slot.verdict = resp.status not in (502, 503, 504)  # alive unless it says otherwise
             try:

@@ -186,7 +186,7 @@ class Scheduler:
         self._holders: dict[asyncio.Task[Any], str] = {}  # request task -> its key
 
         # the healer's `declare(url, reason)`: a replica found dead or wedged (None: no healer)
-        self.on_verdict: Callable[[str, str], None] | None = None
+        self.on_verdict: Callable[[str, str, bool], None] | None = None
 
     def set_policies(self, policies: Policies | None) -> None:
         """The live `keys:` section (each routes reload)."""
@@ -390,11 +390,12 @@ class Scheduler:
         self.version += 1
         self._pump()
 
-    def declare(self, url: str, reason: str) -> None:
+    def declare(self, url: str, reason: str, charge: bool = True) -> None:
         """Report a replica found dead (mlx's 404 "generation thread died", /health 503) or
-        wedged, for the healer to take out and restart."""
+        wedged, for the healer to take out and restart (`charge`: the restart counts against
+        gateway.restart_limit; not when a known poison request caused it)."""
         if self.on_verdict is not None:
-            self.on_verdict(url, reason)
+            self.on_verdict(url, reason, charge)
 
     def kick(self, r: Replica) -> None:
         """Interrupt every request in flight on `r` (declared wedged)."""

@@ -189,3 +189,22 @@ def test_two_real_replicas_one_hung_every_client_answered_in_time(
         assert launchd.kickstarts(f"{LABEL}-{ports[1]}") == 0
     finally:
         launchd.stop_all()
+
+
+def test_a_poison_request_gets_one_error_and_does_not_spend_the_restart_budget(
+        setup: Setup) -> None:
+    """A request whose own prompt kills the generation thread: moved once onto the
+    restarted server, it kills it again; it is then answered a failure (not moved again, not
+    blamed on the client), that second restart is not charged to restart_limit, and the
+    model keeps serving."""
+    s = setup
+    assert s.post("hello", stream=False)[0] == 200
+    status, body = s.post(f"{DIE} poison", stream=False, timeout=120)
+    assert status == 502 and b"upstream_unavailable" in body, body[:300]
+    complete_stream(*s.post("an ordinary request", stream=True))
+    assert s.restarts() == 2  # its first death, and the second one (dead again: restarted)
+    charged = [e.get("charged") for e in s.events() if e.get("action") == "restart"]
+    assert charged == [True, False], s.events()
+    wedge(s, "die")  # one more ordinary death is still within restart_limit (2)
+    complete_stream(*s.post("after one more wedge", stream=True))
+    assert s.restarts() == 3
