@@ -326,8 +326,8 @@ async def test_codex_retries_a_failed_stream_and_completes(codex_gw: Gateway, fa
 
 
 def readme_config_toml(gw: Gateway) -> str:
-    """The README's config.toml example, its base_url pointed at the test gateway."""
-    readme = (ROOT / "README.md").read_text()
+    """docs/agents.md's config.toml example, its base_url pointed at the test gateway."""
+    readme = (ROOT / "docs" / "agents.md").read_text()
     block = next(b.split("```", 1)[0] for b in readme.split("```toml\n")[1:]
                  if "[model_providers.maclustr]" in b)
     assert 'base_url = "http://localhost:9000/v1"' in block

@@ -198,8 +198,7 @@ def test_a_kv_allowance_and_a_raised_gpu_limit_can_be_given(
 
 def test_the_readme_example_is_what_check_says(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## A model bigger than one Mac", 1)[1]
+    section = (ROOT / "docs" / "sharding.md").read_text()
     example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     code, _, err = run(tmp_path, example, "check", capsys=capsys)
     assert code == 1 and "each needs 72.6 GB (132 GB weights + 13.2 GB KV cache" in err, err
