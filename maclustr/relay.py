@@ -251,7 +251,8 @@ async def relay(ex: Exchange, backends: Backends, route: Route, call: Call) -> A
     o = ex.outcome
     o.phase = "queue"  # take a slot
     queued = time.perf_counter()
-    replica = sched.free_slot(route, call.prefix) or await _acquire(sched, route, call, o)
+    replica = (sched.free_slot(route, call.prefix, key=call.key)
+               or await _acquire(sched, route, call, o))
     o.queue_wait = time.perf_counter() - queued
     o.phase = "upstream"
     dog = Watchdog(route.timeouts.connect, "connect")

@@ -251,15 +251,23 @@ class Scheduler:
 
     # --- slots ------------------------------------------------------------------------------
 
-    def free_slot(self, route: Route, prefix: str | None,
-                  exclude: tuple[str, ...] = ()) -> Replica | None:
+    def free_slot(self, route: Route, prefix: str | None, exclude: tuple[str, ...] = (),
+                  key: str | None = None) -> Replica | None:
         """A slot now, when nobody is queued for the model (no jumping the queue) and a
         replica has one: the common case, without the cost of a coroutine. None: `acquire`
-        (always while a key has max_in_flight: only `acquire` knows the key)."""
+        (also while some key has max_in_flight, unless `key` is given and below its own)."""
         q = self._queues.get(route.alias)
-        if (q is not None and q.size) or self._key_limits:
+        if q is not None and q.size:
             return None
-        return self.take(route, prefix, exclude)
+        if not self._key_limits:
+            return self.take(route, prefix, exclude)
+        if key is None or exclude or not self._ready_key(key):
+            return None
+        r = self.take(route, prefix, exclude)
+        if r is not None:  # counted as _pump counts a granted waiter
+            self._holders[asyncio.current_task()] = key  # type: ignore[index]
+            self._key_flight[key] = self._key_flight.get(key, 0) + 1
+        return r
 
     async def acquire(self, route: Route, key: str, prefix: str | None,
                       exclude: tuple[str, ...] = ()) -> Replica:
@@ -354,10 +362,14 @@ class Scheduler:
                 w.future.set_result(r)
 
     def _ready(self, w: _Waiter) -> bool:
-        if w.task is None or w.future.done() or self._policies is None:
+        return w.task is None or w.future.done() or self._ready_key(w.key)
+
+    def _ready_key(self, key: str) -> bool:
+        """The key is below its max_in_flight (or has none)."""
+        if self._policies is None:
             return True
-        limit = self._policies.of(w.key).max_in_flight
-        return limit is None or self._key_flight.get(w.key, 0) < limit
+        limit = self._policies.of(key).max_in_flight
+        return limit is None or self._key_flight.get(key, 0) < limit
 
     def leave(self, task: asyncio.Task[Any] | None) -> None:
         """A request ended (its Outcome reported): the slot its key held is free for the

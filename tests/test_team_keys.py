@@ -32,6 +32,9 @@ from conftest import (
 )
 
 from maclustr.app import UPSTREAM, USAGE
+from maclustr.config import Route
+from maclustr.policy import KeyPolicy, Policies
+from maclustr.scheduler import Scheduler
 from maclustr.usage_db import INSERT, connect
 
 INTERNS = "sk-interns-0001"
@@ -415,6 +418,29 @@ async def test_max_in_flight_at_the_upstream(make_gateway: Any, fake: FakeMLX) -
     assert gw.app[UPSTREAM].scheduler.key_in_flight("ci") == 0
     assert pipe.server is not None
     pipe.server.close()
+
+
+async def test_free_slot_knows_the_key_while_a_key_has_max_in_flight() -> None:
+    """relay passes the key: a key below its max_in_flight (or without one) takes a free slot
+    at once, counted; one at its limit, or no key said, goes through `acquire`'s queue."""
+    async def probe(url: str) -> bool:
+        return True
+
+    s = Scheduler(probe)
+    s.set_policies(Policies({"ci": KeyPolicy(max_in_flight=1)}))
+    route = Route("m", "internal-m", "http://a", upstreams=("http://a",), max_concurrency=8)
+
+    async def request(key: str) -> tuple[bool, asyncio.Task[Any] | None]:  # a request's task
+        return s.free_slot(route, None, key=key) is not None, asyncio.current_task()
+
+    assert s.free_slot(route, None) is None
+    ops, ops_task = await asyncio.create_task(request("ops"))
+    ci, ci_task = await asyncio.create_task(request("ci"))
+    assert ops and ci and s.key_in_flight("ci") == 1
+    assert not (await asyncio.create_task(request("ci")))[0]  # at its limit
+    s.leave(ci_task)
+    s.leave(ops_task)
+    assert s.key_in_flight("ci") == 0 and s.key_in_flight("ops") == 0
 
 
 async def test_policies_reload_live(make_gateway: Any, fake: FakeMLX) -> None:
