@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
-import contextlib
 import gc
 import json
 import logging
@@ -23,7 +21,9 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .auth import KeyConfigError, KeyRing, parse_keys
 from .config import ConfigError, RouteTable, load_routes
+from .logs import configure_logging
 from .policy import DEFAULT
+from .top import run_top
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -213,7 +213,6 @@ def run_usage(args: argparse.Namespace) -> int:
 def run_hostfile(path: str, alias: str) -> int:
     """Print the hostfile `mlx.launch --hostfile` reads for a sharded model (deploy ships
     exactly this next to rank 0's plist)."""
-    import json
 
     from .cluster import hostfile, plan_cluster
 
@@ -231,55 +230,6 @@ def run_hostfile(path: str, alias: str) -> int:
         print(f"maclustr hostfile: {where(path, e.line)}: {e.message}", file=sys.stderr)
         return 1
     print(json.dumps(hosts, indent=2))
-    return 0
-
-
-def run_top(args: argparse.Namespace) -> int:
-    """Scrape /metrics every `interval` seconds and print each window's figures per model;
-    on a terminal the table is redrawn in place."""
-    import urllib.error
-    import urllib.request
-
-    from .stats import Snapshot, format_table, window
-
-    key = args.key
-    if key is None:
-        try:
-            keys = parse_keys(os.environ.get("MACLUSTR_API_KEY"))
-        except KeyConfigError:
-            keys = ()
-        key = keys[0][1] if keys else None
-    url = args.url.rstrip("/") + "/metrics"
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-
-    def scrape() -> Snapshot:
-        req = urllib.request.Request(url, headers=headers)
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return Snapshot.from_text(r.read().decode(), time.monotonic())
-
-    frames = 1 if args.once else args.iterations
-    interval = max(args.interval, 0.1)
-    tty = sys.stdout.isatty()
-    try:
-        prev = scrape()
-        shown = 0
-        while not frames or shown < frames:
-            time.sleep(interval)
-            cur = scrape()
-            table = format_table(window(prev, cur), cur.at - prev.at)
-            print(("\x1b[H\x1b[2J" if tty else "") + f"maclustr top  {args.url}\n{table}",
-                  flush=True)
-            prev = cur
-            shown += 1
-    except urllib.error.HTTPError as e:
-        hint = " (pass --key, or set MACLUSTR_API_KEY)" if e.code == 401 else ""
-        print(f"maclustr top: {url} answered {e.code}{hint}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"maclustr top: cannot read {url}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
@@ -318,109 +268,6 @@ def format_table(table: RouteTable) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
         for row in rows
     ).rstrip()
-
-
-class _Formatter(logging.Formatter):
-    """The stdlib format with the timestamp string cached per second (strftime per record
-    showed up in the per-request profile)."""
-
-    _second = -1
-    _stamp = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return self.stamp(record.created)
-
-    def stamp(self, created: float) -> str:
-        second = int(created)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return self._stamp
-
-
-class _BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to a buffered stderr. INFO lines (the access log, one per request) are flushed
-    by `flush_soon` within 100 ms instead of one write syscall each; warnings and errors
-    are flushed at once."""
-
-    def __init__(self) -> None:
-        super().__init__(open(sys.stderr.fileno(), "w", buffering=1 << 16, closefd=False,  # noqa: SIM115
-                              encoding="utf-8", errors="replace"))
-        self._pending = False
-
-    def flush(self) -> None:
-        pass  # see flush_now / flush_soon
-
-    def flush_now(self) -> None:
-        self._pending = False
-        with contextlib.suppress(OSError, ValueError):
-            self.stream.flush()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        super().emit(record)
-        if record.levelno >= logging.WARNING:
-            self.flush_now()
-        else:
-            self.flush_soon()
-
-    def access_writer(self) -> Callable[[str], None]:
-        """The access log's own path into this stream: the line a record of
-        `maclustr.access` at INFO would print, without building the record."""
-        stream = self.stream
-        formatter = self.formatter
-
-        def write(line: str) -> None:
-            if isinstance(formatter, _Formatter):
-                line = f"{formatter.stamp(time.time())} INFO maclustr.access {line}"
-            stream.write(line + "\n")
-            self.flush_soon()
-
-        return write
-
-    def flush_soon(self) -> None:
-        if not self._pending:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush_now()
-                return
-            self._pending = True
-            loop.call_later(0.1, self.flush_now)
-
-
-class _JSONFormatter(logging.Formatter):
-    """`--log-format json`: every line one JSON object. Access-log records already are one
-    (`outcome.access_line`); other records become {time, level, logger, message}."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.name == "maclustr.access":
-            return record.getMessage()
-        obj = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-               + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(),
-               "logger": record.name, "message": record.getMessage()}
-        fields = getattr(record, "fields", None)  # structured extras (healer.note)
-        if isinstance(fields, dict):
-            obj.update({k: v for k, v in fields.items() if k not in obj})
-        if record.exc_info:
-            obj["exception"] = self.formatException(record.exc_info)
-        return json.dumps(obj)
-
-
-def configure_logging(level: str, log_format: str = "text") -> _BufferedHandler:
-    # The access log writes a record per request: skip what no line shows (the caller's
-    # file and line, found by walking the stack; thread and process ids): 2 µs a request.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    handler = _BufferedHandler()
-    handler.setFormatter(_JSONFormatter() if log_format == "json" else
-                         _Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    atexit.register(handler.flush_now)
-    return handler
 
 
 def run_serve(args: argparse.Namespace) -> int:

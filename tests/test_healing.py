@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from maclustr import healer as healer_mod
 from maclustr.app import UPSTREAM
-from maclustr.cli import _JSONFormatter
 from maclustr.healer import run_command
+from maclustr.logs import JSONFormatter
 
 CHAT = "/v1/chat/completions"
 ALIAS = "maclustr-coder"
@@ -183,7 +183,7 @@ def test_json_log_lines_carry_the_fields() -> None:
                             None, None)
     rec.fields = {"event": "dead", "model": ALIAS, "replica": "0",
                   "command": ["launchctl", "kickstart", "-k", "gui/501/io.maclustr.mlx.x"]}
-    obj = json.loads(_JSONFormatter().format(rec))
+    obj = json.loads(JSONFormatter().format(rec))
     assert obj["message"] == "replica 0 is dead" and obj["event"] == "dead"
     assert obj["model"] == ALIAS and obj["replica"] == "0" and obj["command"][0] == "launchctl"
 
