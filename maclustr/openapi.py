@@ -95,29 +95,16 @@ def _completion_op(ref: str) -> dict[str, Any]:
 
 
 def _schemas(aliases: list[str]) -> dict[str, Any]:
+    """components.schemas, group by group (the order is the document's)."""
     model = {"type": "string", "enum": aliases,
              "description": "A public model alias (see GET /v1/models)."}
-    message = {
-        "type": "object",
-        "required": ["role", "content"],
-        "properties": {
-            "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
-            "content": {"type": "string"},
-        },
-    }
-    text_blocks = {"type": "array", "items": {
-        "type": "object", "required": ["type", "text"],
-        "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}
-    common = {
-        "model": model,
-        "stream": {"type": "boolean"},
-        "max_tokens": {"type": "integer", "minimum": 1},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "stop": {"anyOf": [{"type": "string"},
-                          {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
-        "seed": {"type": "integer"},
-    }
+    return {**_error_schemas(), **_anthropic_request(model),
+            **_anthropic_answers(model), **_event_schema(),
+            **_openai_schemas(model), **_model_schemas(model), **_health_schema(model)}
+
+
+def _error_schemas() -> dict[str, Any]:
+    """The two error envelopes: OpenAI's, and Anthropic's for /v1/messages."""
     return {
         "Error": {
             "type": "object",
@@ -142,6 +129,15 @@ def _schemas(aliases: list[str]) -> dict[str, Any]:
                 "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
             }},
         },
+    }
+
+
+def _anthropic_request(model: dict[str, Any]) -> dict[str, Any]:
+    """Anthropic's Messages API request (count_tokens takes the same)."""
+    text_blocks = {"type": "array", "items": {
+        "type": "object", "required": ["type", "text"],
+        "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}
+    return {
         "MessagesRequest": {
             "type": "object",
             "required": ["model", "messages"],
@@ -171,6 +167,12 @@ def _schemas(aliases: list[str]) -> dict[str, Any]:
                                    "input_schema": {"type": "object"}}}},
             },
         },
+    }
+
+
+def _anthropic_answers(model: dict[str, Any]) -> dict[str, Any]:
+    """What /v1/messages and /v1/messages/count_tokens answer."""
+    return {
         "Message": {
             "type": "object",
             "required": ["id", "type", "role", "model", "content", "stop_reason", "usage"],
@@ -194,6 +196,12 @@ def _schemas(aliases: list[str]) -> dict[str, Any]:
             "required": ["input_tokens"],
             "properties": {"input_tokens": {"type": "integer", "minimum": 1}},
         },
+    }
+
+
+def _event_schema() -> dict[str, Any]:
+    """One event of any stream."""
+    return {
         "Event": {
             "type": "object",
             "description": "One Server-Sent Event: `data` is a JSON chunk whose `model` is the "
@@ -202,6 +210,30 @@ def _schemas(aliases: list[str]) -> dict[str, Any]:
             "properties": {"data": {"type": "string"}, "event": {"type": "string"},
                            "id": {"type": "string"}},
         },
+    }
+
+
+def _openai_schemas(model: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's chat and text completions: the two requests and their one answer."""
+    message = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
+            "content": {"type": "string"},
+        },
+    }
+    common = {
+        "model": model,
+        "stream": {"type": "boolean"},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "stop": {"anyOf": [{"type": "string"},
+                          {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+        "seed": {"type": "integer"},
+    }
+    return {
         "ChatCompletionRequest": {
             "type": "object",
             "required": ["model", "messages"],
@@ -230,6 +262,12 @@ def _schemas(aliases: list[str]) -> dict[str, Any]:
                 "usage": {"type": "object"},
             },
         },
+    }
+
+
+def _model_schemas(model: dict[str, Any]) -> dict[str, Any]:
+    """/v1/models: one model, the list."""
+    return {
         "Model": {
             "type": "object",
             "required": ["id", "object", "created", "owned_by"],
@@ -249,6 +287,12 @@ def _schemas(aliases: list[str]) -> dict[str, Any]:
                            "data": {"type": "array",
                                     "items": {"$ref": "#/components/schemas/Model"}}},
         },
+    }
+
+
+def _health_schema(model: dict[str, Any]) -> dict[str, Any]:
+    """/health: a list of aliases, or with ?deep=true each model's state."""
+    return {
         "Health": {
             "type": "object",
             "required": ["status", "models"],
