@@ -33,10 +33,24 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="maclustr", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"maclustr {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    """Parse the command line, then run the one command it names."""
+    args = parser().parse_args(argv)
+    return COMMANDS[args.command](args)
 
+
+def parser() -> argparse.ArgumentParser:
+    """`maclustr` and its commands, each added by its own function below."""
+    p = argparse.ArgumentParser(prog="maclustr", description=__doc__)
+    p.add_argument("--version", action="version", version=f"maclustr {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_serve_command, _check_command, _plists_command, _hostfile_command,
+                _top_command, _usage_command):
+        add(sub)
+    return p
+
+
+def _serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`maclustr serve`: run the gateway."""
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--routes", default="routes.yaml", help="routes file (default: %(default)s)")
     serve.add_argument("--host", default="127.0.0.1",
@@ -56,20 +70,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="seconds between checks of the routes file (0 disables polling; "
                             "SIGHUP always reloads)")
 
+
+def _check_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`maclustr check`: validate a routes file."""
     check = sub.add_parser("check", help="validate a routes file and print its alias table")
     check.add_argument("--routes", default="routes.yaml", help="routes file (default: %(default)s)")
 
+
+def _plists_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`maclustr plists`: one node's launchd plists."""
     plists = sub.add_parser("plists", help="render the launchd plists of one node")
     plists.add_argument("--node", required=True, help="node name from routes.yaml's nodes:")
     plists.add_argument("--out", required=True, help="directory to write <label>.plist into")
     plists.add_argument("--routes", default="routes.yaml",
                         help="routes file (default: %(default)s)")
 
+
+def _hostfile_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`maclustr hostfile`: a sharded model's MLX hostfile."""
     hostfile = sub.add_parser("hostfile", help="print the MLX hostfile (JSON) of a sharded model")
     hostfile.add_argument("--model", required=True, help="alias of a model with shards:")
     hostfile.add_argument("--routes", default="routes.yaml",
                           help="routes file (default: %(default)s)")
 
+
+def _top_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`maclustr top`: live figures from a gateway's /metrics."""
     top = sub.add_parser("top", help="per-model requests/min, time to first token, tokens/s, "
                          "in flight, queued and errors from a gateway's /metrics, refreshed "
                          "in place")
@@ -85,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="print this many frames, then exit (default: until Ctrl-C)")
     top.add_argument("--once", action="store_true", help="one frame (= --iterations 1)")
 
+
+def _usage_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`maclustr usage`: the usage ledger's sums."""
     usage = sub.add_parser("usage", help="requests and tokens per key, model and day, from the "
                            "usage ledger")
     where_db = usage.add_mutually_exclusive_group()
@@ -97,19 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     usage.add_argument("--by", default="key,model,day",
                        help="comma list of key, model, day (default: %(default)s)")
     usage.add_argument("--format", choices=["table", "json", "csv"], default="table")
-
-    args = parser.parse_args(argv)
-    if args.command == "usage":
-        return run_usage(args)
-    if args.command == "top":
-        return run_top(args)
-    if args.command == "check":
-        return run_check(args.routes)
-    if args.command == "plists":
-        return run_plists(args.routes, args.node, args.out)
-    if args.command == "hostfile":
-        return run_hostfile(args.routes, args.model)
-    return run_serve(args)
 
 
 def where(path: str, line: int | None) -> str:
@@ -382,3 +398,13 @@ async def drain(app: web.Application, site: web.BaseSite, grace: float) -> None:
         if pending:
             log.info("grace period over: ending %d requests", len(pending))
             await asyncio.wait(pending, timeout=5)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": run_serve,
+    "check": lambda a: run_check(a.routes),
+    "plists": lambda a: run_plists(a.routes, a.node, a.out),
+    "hostfile": lambda a: run_hostfile(a.routes, a.model),
+    "top": run_top,
+    "usage": run_usage,
+}
