@@ -99,11 +99,12 @@ class Watchdog:
     the check also counts a shrinking client write buffer as progress.
     """
 
-    __slots__ = ("_handle", "_loop", "_seen", "_task", "fired", "last", "limit", "on", "phase",
-                 "progress")
+    __slots__ = ("_handle", "_loop", "_seen", "_task", "clock", "fired", "last", "limit", "on",
+                 "phase", "progress")
 
     def __init__(self, limit: float, phase: str) -> None:
         self._loop = loop = asyncio.get_running_loop()
+        self.clock = loop.time  # what `last` is on (a stream's pump stamps it itself)
         task = asyncio.current_task(loop)  # with the loop: one getpid() syscall, not two
         assert task is not None
         self._task = task
@@ -506,7 +507,7 @@ async def relay_stream(ex: Exchange, backends: Backends, resp: Response, route: 
     failure: GatewayError | None = None
     try:
         o.phase = "response"
-        pump = _Pump(ex, resp, rewriter, chunked, dog, route.alias)
+        pump = _Pump(ex, resp, rewriter, chunked, dog, replica, route.alias)
         try:
             resp.pump(pump.feed)
             while await _pumped(ex, resp, pump, dog):
@@ -543,11 +544,11 @@ class _Pump:
     upstream's bytes), `full` (the client's transport paused writing), the client gone, or
     the rewriter done."""
 
-    __slots__ = ("alias", "bad", "buffered", "chunked", "ex", "full", "outcome", "resp",
-                 "rewriter", "touch", "transport")
+    __slots__ = ("alias", "bad", "buffered", "chunked", "clock", "dog", "ex", "full", "outcome",
+                 "replica", "resp", "rewriter", "transport")
 
     def __init__(self, ex: Exchange, resp: Response, rewriter: SSERewriter | ChatEventRewriter,
-                 chunked: bool, dog: Watchdog, alias: str) -> None:
+                 chunked: bool, dog: Watchdog, replica: Replica, alias: str) -> None:
         transport = ex.transport
         if transport is None:
             raise ConnectionResetError("client gone")
@@ -559,13 +560,15 @@ class _Pump:
         self.resp: Response | None = resp
         self.rewriter = rewriter
         self.chunked = chunked
-        self.touch = dog.byte  # every read is the upstream's byte
+        self.dog = dog  # every read is the upstream's byte: Watchdog.byte, inlined in feed
+        self.replica = replica
+        self.clock = dog.clock
         self.alias = alias
         self.bad = False
         self.full = False
 
     def feed(self, data: bytes) -> None:
-        self.touch()
+        self.dog.last = self.replica.last_byte = self.clock()  # one clock read, both stamps
         try:
             chunk = self.rewriter.feed(data)
         except Exception as e:  # runs inside data_received: never let it escape
