@@ -322,7 +322,7 @@ def run_serve(args: argparse.Namespace) -> int:
     ring = KeyRing(keys)
     log.info("keys loaded: %s", ", ".join(ring.names))
     try:
-        asyncio.run(_serve(args, table, ring, handler.access_writer()))
+        asyncio.run(_run_gateway(args, table, ring, handler.access_writer()))
     except OSError as e:
         print(f"maclustr serve: cannot listen on {args.host}:{args.port}: {e.strerror}",
               file=sys.stderr)
@@ -330,7 +330,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(args: argparse.Namespace, table: RouteTable, keys: KeyRing,
+async def _run_gateway(args: argparse.Namespace, table: RouteTable, keys: KeyRing,
                  access_writer: Callable[[str], None]) -> None:
     from aiohttp import web
 

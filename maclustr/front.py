@@ -286,9 +286,9 @@ class FrontProtocol(asyncio.Protocol):
             return  # the body is still arriving
         body = bytes(buf[start:start + head.length])
         del buf[:start + head.length]
-        self._task = self._loop.create_task(self._serve(FrontExchange(self, head, body)))
+        self._task = self._loop.create_task(self._run_exchange(FrontExchange(self, head, body)))
 
-    async def _serve(self, ex: FrontExchange) -> None:
+    async def _run_exchange(self, ex: FrontExchange) -> None:
         try:
             answer = await self._server.dispatch(ex)
         except asyncio.CancelledError:

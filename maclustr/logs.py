@@ -21,9 +21,9 @@ class TextFormatter(logging.Formatter):
     _stamp = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return self.stamp(record.created)
+        return self.clock_text(record.created)
 
-    def stamp(self, created: float) -> str:
+    def clock_text(self, created: float) -> str:
         second = int(created)
         if second != self._second:
             self._second = second
@@ -64,7 +64,7 @@ class BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
         def write(line: str) -> None:
             if isinstance(formatter, TextFormatter):
-                line = f"{formatter.stamp(time.time())} INFO maclustr.access {line}"
+                line = f"{formatter.clock_text(time.time())} INFO maclustr.access {line}"
             stream.write(line + "\n")
             self.flush_soon()
 
