@@ -276,13 +276,59 @@ def render_page(table: RouteTable, base_url: str,
     `load`: per alias, the last minute's figures (the same counters as /metrics); None when
     metrics are off."""
     base = base_url.rstrip("/")
-    ids = _Ids()
-    aliases = table.aliases
-    first = aliases[0]
-    fast = next((a for a in aliases if "fast" in a), aliases[-1])
-    ex = _examples(base, first, fast)
-    e = escape
+    ids = _Ids()  # numbers the copy buttons in page order: call the sections in that order
+    sections = [
+        _header(table, base),
+        _quick_start(table, base, ids),
+        _models(table, load),
+        _overview(base),
+        _auth(ids),
+        _endpoints(table, base, ids),
+        _errors(table, ids),
+        _troubleshooting(),
+        f"<footer>{PRODUCT} · OpenAI-compatible · {escape(base)}</footer>",
+    ]
+    body = "\n\n".join(sections)
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>{PRODUCT}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<main>
+{body}
+</main>
+<script>{_JS}</script>
+</body>
+</html>
+"""
 
+
+def _header(table: RouteTable, base: str) -> str:
+    n = len(table.aliases)
+    models_word = "model" if n == 1 else "models"
+    return f"""<header>
+<div class="kicker">Private AI cloud · MacLustr cluster</div>
+<h1>{PRODUCT}</h1>
+<p>One clean, OpenAI-compatible endpoint that routes to {n} local MLX {models_word}.
+Bring your favourite OpenAI client — just change the base URL.</p>
+<div class="endpoint"><span class="method">POST</span>
+<code id="base-chat">{escape(base)}/v1/chat/completions</code></div>
+<div class="chips"><span class="chip">OpenAI-compatible</span>
+<span class="chip">Streaming (SSE)</span><span class="chip">Bearer auth</span>
+<span class="chip">{n} routed {models_word}</span><span class="chip">100% local</span></div>
+</header>"""
+
+
+def _quick_start(table: RouteTable, base: str, ids: _Ids) -> str:
+    """The first request in curl, Python and JavaScript, one tab each."""
+    aliases = table.aliases
+    fast = next((a for a in aliases if "fast" in a), aliases[-1])
+    ex = _examples(base, aliases[0], fast)
     tabs = []
     panels = []
     for i, (key, label) in enumerate((("curl", "curl"), ("python", "Python"),
@@ -294,6 +340,16 @@ def render_page(table: RouteTable, base_url: str,
         panels.append(f'<div class="panel" role="tabpanel" id="panel-{key}" '
                       f'aria-labelledby="tab-{key}"{"" if on else " hidden"}>'
                       f"{ids.block(ex[key], label)}</div>")
+    return f"""<h2 id="quick-start">Quick start</h2>
+<p>Send your first request in seconds. Set <code>MACLUSTR_API_KEY</code> to the key you were
+given.</p>
+<div class="tabs" role="tablist">{"".join(tabs)}</div>
+{"".join(panels)}"""
+
+
+def _models(table: RouteTable, load: Mapping[str, ModelWindow] | None) -> str:
+    """The alias table; the page's script fills in each status."""
+    e = escape
 
     def last_minute(alias: str) -> str:
         w = load.get(alias) if load is not None else None
@@ -315,103 +371,75 @@ def render_page(table: RouteTable, base_url: str,
         f'<span class="dot"></span>checking…</span>{last_minute(r.alias)}</td></tr>'
         for r in table.routes
     )
-
-    def endpoint(ep: Endpoint) -> str:
-        lock = "no auth" if ep.auth == NONE or (
-            ep.operation == "metrics" and table.settings.metrics_public) else ep.auth
-        return (f'<div class="endpoint"><span class="method {ep.method.lower()}">{ep.method}'
-                f"</span><code>{e(base)}{e(ep.path)}</code><span class=\"chip\">{lock}</span>"
-                f'<span class="what">{literal_html(ep.summary)}.</span></div>')
-
-    # /v1/usage answers 404 while the ledger is off, so the page leaves it out then
-    endpoints = "".join(endpoint(ep) for ep in served(table.settings.metrics)
-                        if ep.operation != "usage" or table.settings.usage_db is not False)
-
-    err_rows = "".join(f"<tr><td><b>{r.status}</b></td><td><code>{r.code}</code></td>"
-                       f"<td>{literal_html(r.meaning)}</td></tr>" for r in error_table())
-    trouble_rows = "".join(f"<tr><td><b>{s}</b></td><td>{f}</td></tr>" for s, f in TROUBLE)
-    envelope = ('{\n  "error": {\n    "message": "Model \'foo\' not found. Available models: '
-                f'{aliases[0]}, ...",\n    "type": "invalid_request_error",\n'
-                '    "code": "model_not_found",\n    "param": "model"\n  }\n}')
-    n = len(aliases)
-    models_word = "model" if n == 1 else "models"
-
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<title>{PRODUCT}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<main>
-<header>
-<div class="kicker">Private AI cloud · MacLustr cluster</div>
-<h1>{PRODUCT}</h1>
-<p>One clean, OpenAI-compatible endpoint that routes to {n} local MLX {models_word}.
-Bring your favourite OpenAI client — just change the base URL.</p>
-<div class="endpoint"><span class="method">POST</span>
-<code id="base-chat">{e(base)}/v1/chat/completions</code></div>
-<div class="chips"><span class="chip">OpenAI-compatible</span>
-<span class="chip">Streaming (SSE)</span><span class="chip">Bearer auth</span>
-<span class="chip">{n} routed {models_word}</span><span class="chip">100% local</span></div>
-</header>
-
-<h2 id="quick-start">Quick start</h2>
-<p>Send your first request in seconds. Set <code>MACLUSTR_API_KEY</code> to the key you were
-given.</p>
-<div class="tabs" role="tablist">{"".join(tabs)}</div>
-{"".join(panels)}
-
-<h2 id="models">Models</h2>
+    return f"""<h2 id="models">Models</h2>
 <p>Use these public aliases in the <code>model</code> field; responses report the alias.
 The status column refreshes every few seconds from <code>/health?deep=true</code>.</p>
 <div class="table"><table id="model-table">
 <thead><tr><th>Alias</th><th>Purpose</th><th>Parameters</th><th>Status</th></tr></thead>
 <tbody>{rows}</tbody></table></div>
-<p class="muted" id="overall">Cluster: checking…</p>
+<p class="muted" id="overall">Cluster: checking…</p>"""
 
-<h2 id="overview">Overview</h2>
+
+def _overview(base: str) -> str:
+    return f"""<h2 id="overview">Overview</h2>
 <div class="kv">
-<div><b>Base URL</b><span id="base-url">{e(base)}</span></div>
+<div><b>Base URL</b><span id="base-url">{escape(base)}</span></div>
 <div><b>Protocol</b>OpenAI <code>/v1</code> API</div>
 <div><b>Auth</b>Bearer token</div>
 <div><b>Transport</b>JSON · SSE streaming</div>
 </div>
 <p>Requests are authenticated, routed by the <code>model</code> field to the right MLX server,
-and answered in the standard OpenAI format — streaming or not.</p>
+and answered in the standard OpenAI format — streaming or not.</p>"""
 
-<h2 id="auth">Authentication</h2>
+
+def _auth(ids: _Ids) -> str:
+    return f"""<h2 id="auth">Authentication</h2>
 <p>All <code>/v1</code> routes need a bearer token:</p>
 {ids.block("Authorization: Bearer $MACLUSTR_API_KEY", "header")}
-<p class="muted">Requests without a valid key get <code>401</code> with a JSON error.</p>
+<p class="muted">Requests without a valid key get <code>401</code> with a JSON error.</p>"""
 
-<h2 id="endpoints">Endpoints</h2>
+
+def _endpoints(table: RouteTable, base: str, ids: _Ids) -> str:
+    """Every endpoint this gateway serves (endpoints.ENDPOINTS), then two ready commands."""
+    def endpoint(ep: Endpoint) -> str:
+        lock = "no auth" if ep.auth == NONE or (
+            ep.operation == "metrics" and table.settings.metrics_public) else ep.auth
+        return (f'<div class="endpoint"><span class="method {ep.method.lower()}">{ep.method}'
+                f"</span><code>{escape(base)}{escape(ep.path)}</code>"
+                f"<span class=\"chip\">{lock}</span>"
+                f'<span class="what">{literal_html(ep.summary)}.</span></div>')
+
+    # /v1/usage answers 404 while the ledger is off, so the page leaves it out then
+    endpoints = "".join(endpoint(ep) for ep in served(table.settings.metrics)
+                        if ep.operation != "usage" or table.settings.usage_db is not False)
+    return f"""<h2 id="endpoints">Endpoints</h2>
 {endpoints}
 <h3>List models</h3>
 {ids.block(f'curl {base}/v1/models -H "Authorization: Bearer $MACLUSTR_API_KEY"', "models")}
 <h3>Health check</h3>
-{ids.block(f'curl "{base}/health?deep=true"', "health")}
+{ids.block(f'curl "{base}/health?deep=true"', "health")}"""
 
-<h2 id="errors">Errors</h2>
+
+def _errors(table: RouteTable, ids: _Ids) -> str:
+    """The envelope and the error table (errors.py)."""
+    envelope = ('{\n  "error": {\n    "message": "Model \'foo\' not found. Available models: '
+                f'{table.aliases[0]}, ...",\n    "type": "invalid_request_error",\n'
+                '    "code": "model_not_found",\n    "param": "model"\n  }\n}')
+    err_rows = "".join(f"<tr><td><b>{r.status}</b></td><td><code>{r.code}</code></td>"
+                       f"<td>{literal_html(r.meaning)}</td></tr>" for r in error_table())
+    return f"""<h2 id="errors">Errors</h2>
 <p>Errors use the OpenAI envelope; messages name public aliases only.</p>
 {ids.block(envelope, "error example")}
 <div class="table"><table>
 <thead><tr><th>Status</th><th>Code</th><th>Meaning</th></tr></thead>
 <tbody>{err_rows}</tbody></table></div>
 <p class="muted">Once a stream has started, a failure ends it with one final
-<code>data: {{"error": {{…}}}}</code> event, which the OpenAI SDKs raise as an error.</p>
+<code>data: {{"error": {{…}}}}</code> event, which the OpenAI SDKs raise as an error.</p>"""
 
-<h2 id="troubleshooting">Troubleshooting</h2>
+
+def _troubleshooting() -> str:
+    trouble_rows = "".join(f"<tr><td><b>{s}</b></td><td>{f}</td></tr>" for s, f in TROUBLE)
+    return f"""<h2 id="troubleshooting">Troubleshooting</h2>
 <div class="table"><table>
 <thead><tr><th>Symptom</th><th>Fix</th></tr></thead>
-<tbody>{trouble_rows}</tbody></table></div>
-
-<footer>{PRODUCT} · OpenAI-compatible · {e(base)}</footer>
-</main>
-<script>{_JS}</script>
-</body>
-</html>
-"""
+<tbody>{trouble_rows}</tbody></table></div>"""
