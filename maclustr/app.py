@@ -311,7 +311,7 @@ def on_aiohttp(handler: PostHandler) -> Handler:
     return handle
 
 
-async def stamp(request: web.Request, resp: web.StreamResponse) -> None:
+async def add_response_headers(request: web.Request, resp: web.StreamResponse) -> None:
     """on_response_prepare: request id and CORS on every answer aiohttp sends, including a
     stream the relay prepares itself (a middleware sees it only after its headers are sent),
     and `Server: maclustr` over aiohttp's default (its name and version, e.g. on /metrics)."""
@@ -550,7 +550,7 @@ def make_front(app: web.Application, fallback: Callable[[], asyncio.Protocol]) -
         post = POST_ROUTES[ex.path]
         return await serve(app, ex, ex.path, lambda: post(app, ex))
 
-    def stamp(ex: FrontExchange, headers: dict[str, str]) -> dict[str, str]:
+    def response_headers(ex: FrontExchange, headers: dict[str, str]) -> dict[str, str]:
         out = {**headers, "X-Request-Id": ex.rid} if ex.rid != "-" else dict(headers)
         limits = rate_headers(app, ex)
         if limits:
@@ -560,7 +560,7 @@ def make_front(app: web.Application, fallback: Callable[[], asyncio.Protocol]) -
             out.update(cors(ex.header("Origin"), origins))
         return out
 
-    return FrontServer(frozenset(POST_ROUTES), dispatch, fallback, stamp,
+    return FrontServer(frozenset(POST_ROUTES), dispatch, fallback, response_headers,
                        lambda: app[ROUTES].current.settings.max_body_bytes)
 
 
@@ -589,7 +589,7 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text",
     app[SHUTTING_DOWN] = asyncio.Event()
     app[IN_FLIGHT] = set()
     app[DEEP_HEALTH] = health.DeepCache()
-    app.on_response_prepare.append(stamp)
+    app.on_response_prepare.append(add_response_headers)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_key_usage)
     gets: dict[str, Handler] = {

@@ -177,8 +177,8 @@ class FrontExchange:
         framing = "Transfer-Encoding: chunked\r\n" if self.chunked else ""
         if not self.head.keep_alive:
             framing += "Connection: close\r\n"
-        self._conn.write(response_head(self.head.version, 200, self._conn.stamp(self, headers),
-                                       framing))
+        self._conn.write(response_head(self.head.version, 200,
+                                       self._conn.response_headers(self, headers), framing))
         return self.chunked
 
     async def end_stream(self) -> None:
@@ -259,8 +259,8 @@ class FrontProtocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def stamp(self, ex: FrontExchange, headers: dict[str, str]) -> dict[str, str]:
-        return self._server.stamp(ex, headers)
+    def response_headers(self, ex: FrontExchange, headers: dict[str, str]) -> dict[str, str]:
+        return self._server.response_headers(ex, headers)
 
     def _next(self) -> None:
         """Start serving the next complete request in the buffer, or hand the connection
@@ -317,7 +317,7 @@ class FrontProtocol(asyncio.Protocol):
         if not ex.head.keep_alive:
             framing += "Connection: close\r\n"
         self.write(response_head(ex.head.version, answer.status,
-                                 self.stamp(ex, answer.headers), framing) + answer.body)
+                                 self.response_headers(ex, answer.headers), framing) + answer.body)
 
     def _refuse(self, err: GatewayError) -> None:
         """A head no parser should read (aiohttp would fail on it too): our envelope from
@@ -358,18 +358,18 @@ class FrontServer:
     """The protocol factory for the listening socket: a FrontProtocol per connection.
 
     `dispatch` serves one request (the app's error funnel and POST handlers); `fallback`
-    makes aiohttp's protocol for a handed-over connection; `stamp` adds the request id and
-    CORS headers every answer carries; `max_body` reads the live table's body limit."""
+    makes aiohttp's protocol for a handed-over connection; `response_headers` adds the request
+    id and CORS headers every answer carries; `max_body` reads the live table's body limit."""
 
     def __init__(self, paths: frozenset[str], dispatch: Dispatch,
                  fallback: Callable[[], asyncio.Protocol],
-                 stamp: Callable[[FrontExchange, dict[str, str]], dict[str, str]],
+                 response_headers: Callable[[FrontExchange, dict[str, str]], dict[str, str]],
                  max_body: Callable[[], int]) -> None:
         self.loop = asyncio.get_running_loop()
         self.paths = paths
         self.dispatch = dispatch
         self.fallback = fallback
-        self.stamp = stamp
+        self.response_headers = response_headers
         self.max_body = max_body
         self.connections: set[FrontProtocol] = set()
         self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)

@@ -18,7 +18,7 @@ class TextFormatter(logging.Formatter):
     showed up in the per-request profile)."""
 
     _second = -1
-    _stamp = ""
+    _clock_text = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return self.clock_text(record.created)
@@ -27,8 +27,8 @@ class TextFormatter(logging.Formatter):
         second = int(created)
         if second != self._second:
             self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return self._stamp
+            self._clock_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return self._clock_text
 
 
 class BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]

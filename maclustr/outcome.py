@@ -99,10 +99,10 @@ def _ms(seconds: float | None) -> float | None:
 
 def access_record(o: Outcome, now: float | None = None) -> dict[str, Any]:
     """The access log's JSON object (one per request)."""
-    stamp = time.time() if now is None else now
+    when = time.time() if now is None else now
     return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp))
-        + f".{int(stamp % 1 * 1000):03d}Z",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+        + f".{int(when % 1 * 1000):03d}Z",
         "request_id": o.rid, "key": o.key, "model": o.model, "method": o.method,
         "endpoint": o.endpoint, "stream": o.stream, "status": o.status,
         "replica": o.replica, "ttft_ms": _ms(o.ttft), "duration_ms": _ms(o.duration),

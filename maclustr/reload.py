@@ -24,7 +24,7 @@ class RoutesHolder:
     def __init__(self, path: str | Path, table: RouteTable) -> None:
         self.path = Path(path)
         self.current = table
-        self._stamp = self._stat()
+        self._signature = self._stat()
         self.listeners: list[Callable[[RouteTable], None]] = []  # called after each swap
         self.results: list[Callable[[bool], None]] = []  # called after each attempt (ok?)
 
@@ -37,7 +37,7 @@ class RoutesHolder:
 
     def reload(self) -> bool:
         """Load and swap; False (old table kept) when the file is invalid."""
-        self._stamp = self._stat()
+        self._signature = self._stat()
         try:
             table = load_routes(self.path)
         except ConfigError as e:
@@ -58,7 +58,7 @@ class RoutesHolder:
         return True
 
     def changed(self) -> bool:
-        return self._stat() != self._stamp
+        return self._stat() != self._signature
 
     async def watch(self, interval: float = 1.0) -> None:
         """Poll until cancelled."""

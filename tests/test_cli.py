@@ -199,6 +199,6 @@ def test_access_writer_prints_the_line_logging_would(capfd: pytest.CaptureFixtur
     if log_format == "json":
         assert got == [line, line]
     else:
-        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
-        assert all(re.fullmatch(stamp + "INFO maclustr.access " + re.escape(line), g)
+        clock = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+        assert all(re.fullmatch(clock + "INFO maclustr.access " + re.escape(line), g)
                    for g in got), got
