@@ -66,7 +66,7 @@ log = logging.getLogger("maclustr.access")
 
 ROUTES = web.AppKey("routes", RoutesHolder)
 KEYS = web.AppKey("keys", KeyRing)
-UPSTREAM = web.AppKey("upstream", Backends)
+BACKENDS = web.AppKey("backends", Backends)
 STARTED = web.AppKey("started", int)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 IN_FLIGHT = web.AppKey("in_flight", set)  # handler tasks, for the shutdown grace
@@ -137,7 +137,7 @@ def report(app: web.Application, o: Outcome) -> None:
     usage = app.get(USAGE)
     if usage is not None:
         usage.observe(o)
-    up = app.get(UPSTREAM)
+    up = app.get(BACKENDS)
     if up is not None:
         up.scheduler.leave(asyncio.current_task())  # its key's max_in_flight slot
     if log.isEnabledFor(logging.INFO):
@@ -390,7 +390,7 @@ def completions_handler(path: str) -> PostHandler:
         usage = ask_for_usage(payload)
         call = Call(path=path, stream=o.stream, rid=ex.rid, key=ex.key, prefix=prefix,
                     usage=usage, body=upstream_body(payload, route.model))
-        return await relay(ex, app[UPSTREAM], route, call)
+        return await relay(ex, app[BACKENDS], route, call)
 
     return handle
 
@@ -405,7 +405,7 @@ async def relay_chat(app: web.Application, ex: Exchange, route: Route, chat: dic
     prefix = conversation_prefix(chat) if len(route.upstreams) > 1 else None
     call = Call(path="/v1/chat/completions", stream=stream, rid=ex.rid, key=ex.key,
                 prefix=prefix, body=jsonfast.dumps(chat), dialect=dialect)
-    return await relay(ex, app[UPSTREAM], route, call)
+    return await relay(ex, app[BACKENDS], route, call)
 
 
 async def messages(app: web.Application, ex: Exchange) -> Answer | None:
@@ -463,7 +463,7 @@ def _model_card(request: web.Request, alias: str) -> dict[str, Any]:
     return {"id": route.alias, "object": "model", "created": request.app[STARTED],
             "owned_by": "maclustr", "description": route.description,
             "parameters": route.parameters,
-            "status": health.passive_status(table, request.app[UPSTREAM].scheduler, alias)}
+            "status": health.passive_status(table, request.app[BACKENDS].scheduler, alias)}
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -486,7 +486,7 @@ async def get_model(request: web.Request) -> web.Response:
 async def get_health(request: web.Request) -> web.Response:
     table = request.app[ROUTES].current
     deep = request.query.get("deep", "").lower()
-    up = request.app[UPSTREAM]
+    up = request.app[BACKENDS]
     generate = deep == "generate"
     if not generate and deep not in ("1", "true", "yes"):
         return json_response(health.shallow(table))
@@ -577,7 +577,7 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text",
     if holder.current.settings.metrics:
         metrics = app[METRICS] = Metrics(
             lambda: holder.current,
-            lambda: app[UPSTREAM].scheduler if UPSTREAM in app else None)
+            lambda: app[BACKENDS].scheduler if BACKENDS in app else None)
         holder.results.append(metrics.reloaded)
         metrics.registry.register(KeyGauges(
             lambda: keys.names,
@@ -590,7 +590,7 @@ def make_app(holder: RoutesHolder, keys: KeyRing, log_format: str = "text",
     app[IN_FLIGHT] = set()
     app[DEEP_HEALTH] = health.DeepCache()
     app.on_response_prepare.append(add_response_headers)
-    app.cleanup_ctx.append(_upstream_client)
+    app.cleanup_ctx.append(_backends)
     app.cleanup_ctx.append(_key_usage)
     gets: dict[str, Handler] = {
         "listModels": list_models, "getModel": get_model, "usage": get_usage,
@@ -648,7 +648,7 @@ def _secrets(holder: RoutesHolder) -> Callable[[], list[str]]:
     return read
 
 
-async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
+async def _backends(app: web.Application) -> AsyncIterator[None]:
     """The upstream client, scheduler and warmer: created at start, closed at cleanup."""
     client = Client()
     holder = app[ROUTES]
@@ -677,7 +677,7 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     warmer = Warmer(client, scheduler)
     healer = Healer(client, scheduler, lambda: holder.current, warmer, _secrets(holder))
     healer.start()
-    app[UPSTREAM] = Backends(client=client, scheduler=scheduler,
+    app[BACKENDS] = Backends(client=client, scheduler=scheduler,
                              shutting_down=app[SHUTTING_DOWN])
 
     def keep_routed(table: RouteTable) -> None:

@@ -17,7 +17,7 @@ from conftest import KEY, Answer, Behavior, FakeMLX, Gateway, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from maclustr import healer as healer_mod
-from maclustr.app import UPSTREAM
+from maclustr.app import BACKENDS
 from maclustr.healer import run_command
 from maclustr.logs import JSONFormatter
 
@@ -44,7 +44,7 @@ def runs_of(path: Path) -> list[list[str]]:
 
 
 def health_of(gw: Gateway, url: str) -> str:
-    return str(gw.app[UPSTREAM].scheduler.replica(url).health)
+    return str(gw.app[BACKENDS].scheduler.replica(url).health)
 
 
 async def deep(gw: Gateway) -> dict[str, Any]:
@@ -348,7 +348,7 @@ async def test_a_restarted_warmup_model_rejoins_warm(
     cmd, runs = recorder(tmp_path)
     gw = await make_gateway(routes(fake.url, cmd).replace(
         "    restart:", "    warmup: true\n    restart:"))
-    rep = gw.app[UPSTREAM].scheduler.replica(fake.url)
+    rep = gw.app[BACKENDS].scheduler.replica(fake.url)
     model = gw.holder.current.routes[0].model
     await wait_for(lambda: rep.warm.get(model) == "warm", timeout=10)
     fake.health = Behavior(kind="error", status=503)

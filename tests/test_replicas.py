@@ -26,7 +26,7 @@ from openai import AsyncOpenAI
 
 from maclustr import health
 from maclustr import scheduler as sched_mod
-from maclustr.app import UPSTREAM
+from maclustr.app import BACKENDS
 from maclustr.harness import free_port
 
 CHAT = "/v1/chat/completions"
@@ -75,7 +75,7 @@ def warmups(fake: FakeMLX) -> int:
 
 def queued(gw: Gateway, alias: str = ALIAS) -> int:
     """Requests waiting in the model's queue (no wire signal says 'queued')."""
-    q = gw.app[UPSTREAM].scheduler._queues.get(alias)
+    q = gw.app[BACKENDS].scheduler._queues.get(alias)
     return q.size if q is not None else 0
 
 
@@ -118,7 +118,7 @@ async def make_gateway(make_gateway: Any) -> AsyncIterator[Any]:
 
     yield make
     for gw in made:
-        sched = gw.app[UPSTREAM].scheduler
+        sched = gw.app[BACKENDS].scheduler
         await wait_for(lambda s=sched: all(r.in_flight == 0 for r in s.replicas.values()),
                        timeout=3)
         assert all(q.size == 0 for q in sched._queues.values())
@@ -238,7 +238,7 @@ async def test_generate_probe_keeps_a_wedged_replica_out(
     monkeypatch.setattr(sched_mod, "COOLDOWN", 0.2)
     gw = await make_gateway(routes([fake.url, fake2.url],
                                    top="gateway: {probe_generate: true, generate_timeout: 0.3}"))
-    rep = gw.app[UPSTREAM].scheduler.replica(fake.url)
+    rep = gw.app[BACKENDS].scheduler.replica(fake.url)
     fake.default = Behavior(kind="error", status=503, error_body=b'{"error": "wedged"}')
     for i in range(12):  # until fake has failed three times in a row (ties alternate)
         assert (await gw.client.post(CHAT, chat(f"x{i}"))).status == 200  # fake2 serves
@@ -312,7 +312,7 @@ async def test_three_failures_eject_then_immediate_503_then_return_after_probe(
     await revived.start("127.0.0.1", port)
     try:
         await wait_for(lambda: any(r.path == "/health" for r in revived.requests), timeout=3)
-        await wait_for(lambda: not gw.app[UPSTREAM].scheduler.all_down(
+        await wait_for(lambda: not gw.app[BACKENDS].scheduler.all_down(
             gw.holder.current.routes[0]), timeout=3)
         ans = await gw.client.post(CHAT, chat("back"))
         assert ans.status == 200
@@ -338,7 +338,7 @@ async def test_failing_probe_keeps_replica_out(make_gateway: Any, fake: FakeMLX,
     assert "still out" not in contents(fake)
     fake.health = None
     route = gw.holder.current.routes[0]
-    await wait_for(lambda: not gw.app[UPSTREAM].scheduler.all_down(route), timeout=3)
+    await wait_for(lambda: not gw.app[BACKENDS].scheduler.all_down(route), timeout=3)
     assert (await gw.client.post(CHAT, chat("ok again"))).status == 200
 
 
@@ -351,7 +351,7 @@ async def test_a_replica_a_reload_removed_is_no_longer_probed(
     gw = await make_gateway(routes([f"http://127.0.0.1:{port}"]))
     for _ in range(3):
         assert (await gw.client.post(CHAT, chat("x"))).status == 502
-    sched = gw.app[UPSTREAM].scheduler
+    sched = gw.app[BACKENDS].scheduler
     assert sched._tasks, "the replica should be out and probed"
     gw.holder.path.write_text(routes([fake.url]))
     assert gw.holder.reload() is True
@@ -387,7 +387,7 @@ async def test_a_probe_that_raises_logs_one_line_and_probing_goes_on(
     with caplog.at_level(logging.INFO, logger="maclustr.scheduler"):
         for _ in range(3):
             assert (await gw.client.post(CHAT, chat("x"))).status == 502
-        await wait_for(lambda: not gw.app[UPSTREAM].scheduler.all_down(route), timeout=3)
+        await wait_for(lambda: not gw.app[BACKENDS].scheduler.all_down(route), timeout=3)
     said = [r for r in caplog.records if r.name == "maclustr.scheduler"
             and "probe raised" in r.getMessage() and r.levelno >= logging.WARNING]
     assert len(said) == 1 and said[0].exc_info is None, [r.getMessage() for r in said]
@@ -812,7 +812,7 @@ async def test_model_with_every_replica_loading_reports_loading(
     await fake.wait_requests(1)
     ans = await gw.client.get("/health?deep=true")
     assert ans.json()["models"][ALIAS]["status"] == "loading"
-    await wait_for(lambda: gw.app[UPSTREAM].scheduler.replica(fake.url).warm.get(MODEL)
+    await wait_for(lambda: gw.app[BACKENDS].scheduler.replica(fake.url).warm.get(MODEL)
                    == "warm", timeout=6)
     ans = await gw.client.get("/health?deep=true")
     assert ans.status == 200 and ans.json()["models"][ALIAS]["status"] == "up"

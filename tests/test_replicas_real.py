@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from conftest import RealMLX
 
-from maclustr.app import UPSTREAM
+from maclustr.app import BACKENDS
 from maclustr.harness import free_port, start_mlx_server, stop, wait_healthy
 
 pytestmark = pytest.mark.real_upstream
@@ -51,7 +51,7 @@ async def test_two_real_replicas_one_killed_every_request_succeeds(
     text = (f"models:\n  {ALIAS}:\n    model: {json.dumps(model)}\n    upstreams:\n"
             f"      - {real_mlx.url}\n      - {url2}\n")
     gw = await make_gateway(text)
-    sched = gw.app[UPSTREAM].scheduler
+    sched = gw.app[BACKENDS].scheduler
     answers = []
     for i in range(20):
         if i == 8:  # both replicas have served by now: kill the second one

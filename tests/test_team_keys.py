@@ -31,7 +31,7 @@ from conftest import (
     wait_for,
 )
 
-from maclustr.app import UPSTREAM, USAGE
+from maclustr.app import BACKENDS, USAGE
 from maclustr.config import Route
 from maclustr.policy import KeyPolicy, Policies
 from maclustr.scheduler import Scheduler
@@ -415,7 +415,7 @@ async def test_max_in_flight_at_the_upstream(make_gateway: Any, fake: FakeMLX) -
     assert pipe.peak["ci"] == 2  # never more, and the limit was used
     assert max(served) < max(ci_done)  # ops was served while ci's requests waited
     assert pipe.peak["ops"] >= 2  # on the slots ci could not take
-    assert gw.app[UPSTREAM].scheduler.key_in_flight("ci") == 0
+    assert gw.app[BACKENDS].scheduler.key_in_flight("ci") == 0
     assert pipe.server is not None
     pipe.server.close()
 
