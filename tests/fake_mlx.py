@@ -61,6 +61,17 @@ _MAX_HEAD = 64 * 1024
 _IDLE_TIMEOUT = 60.0
 
 
+def abort(transport: asyncio.WriteTransport) -> None:
+    """Drop a server-side connection now, unless it is already gone. Python 3.11's selector
+    transport cannot take abort() after its own close() flushed the buffer and dropped the
+    connection (its _write_ready calls connection_lost directly and leaves _conn_lost at 0):
+    _force_close then calls self._loop.call_soon on a None loop, an AttributeError. Closing
+    with nothing buffered means lost, or about to be: there is nothing left to abort."""
+    if transport.is_closing() and transport.get_write_buffer_size() == 0:
+        return
+    transport.abort()
+
+
 @dataclass
 class Recorded:
     """One request the fake received, as parsed off the wire.
@@ -272,7 +283,7 @@ class FakeMLX:
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns):
-            conn.writer.transport.abort()
+            abort(conn.writer.transport)
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from fake_mlx import SERVER_HEADER, SYSTEM_FINGERPRINT, Behavior, FakeMLX
+from fake_mlx import SERVER_HEADER, SYSTEM_FINGERPRINT, Behavior, FakeMLX, abort
 
 CHAT = {"model": "/srv/models/m-fast", "messages": [{"role": "user", "content": "hi"}]}
 T = aiohttp.ClientTimeout(total=5)
@@ -260,3 +260,27 @@ async def test_by_model_echo_and_raw(fake: FakeMLX) -> None:
             assert (await r.json())["model"] == "/srv/models/m"
         async with s.post(fake.url + "/v1/chat/completions", json=CHAT) as r:
             assert await r.read() == b"garbage"
+
+
+async def test_abort_after_a_close_that_flushed_and_dropped_the_connection() -> None:
+    """The teardown's abort of a connection the handler closed with bytes still buffered,
+    which the peer then read to the end: on Python 3.11 a bare transport.abort() there is an
+    AttributeError inside asyncio (seen once in test_slow_client_that_reads_again...)."""
+    closed: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x" * (8 * 1024 * 1024))  # more than the kernel takes at once
+        writer.close()  # with bytes buffered: the transport drops itself once they are sent
+        closed.append(writer)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                   server.sockets[0].getsockname()[1])
+    got = 0
+    while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+        got += len(chunk)
+    assert got == 8 * 1024 * 1024
+    await asyncio.sleep(0.05)  # the server side's connection_lost has run
+    abort(closed[0].transport)  # no AttributeError
+    writer.close()
+    server.close()

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import AUTH, Answer, Behavior, FakeMLX, Gateway, wait_for
+from fake_mlx import abort
 
 from maclustr.harness import free_port
 
@@ -381,7 +382,7 @@ class FloodUpstream:
         assert self.server is not None
         self.server.close()
         for w in list(self._writers):
-            w.transport.abort()
+            abort(w.transport)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -401,6 +402,7 @@ class FloodUpstream:
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._writers.discard(writer)  # closing itself now: flushes, then drops
             writer.close()
 
 
