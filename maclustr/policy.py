@@ -97,6 +97,13 @@ def _wait(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
 
+# Tokens that end within this many seconds of a window entry's start join that entry: at
+# thousands of requests a second, an entry per request kept ~240k tuples alive per key, and
+# every full collection walked them (5 -> 13 ms as the minute filled). The cost: a bucket's
+# tokens leave the window up to this much early.
+TOKEN_BUCKET = 1.0
+
+
 class KeyWindow:
     """One key's recent requests and tokens. Entries older than the window are dropped as
     time goes; the day's tokens restart at each UTC midnight."""
@@ -130,7 +137,11 @@ class KeyWindow:
             self.day, self.day_tokens = utc_day(at), 0
         if utc_day(at) == self.day:
             self.day_tokens += tokens
-        self.tokens.append((at, tokens))
+        last = self.tokens[-1] if self.tokens else None
+        if last is not None and 0 <= at - last[0] < TOKEN_BUCKET:
+            self.tokens[-1] = (last[0], last[1] + tokens)  # one entry per bucket, not per request
+        else:
+            self.tokens.append((at, tokens))
         self.minute_tokens += tokens
         edge = at - WINDOW  # bounded here too: a key without limits is never checked (expire)
         while self.tokens[0][0] <= edge:

@@ -10,7 +10,7 @@ import pytest
 from test_cli import run as run_cli
 
 from maclustr.config import ConfigError, parse_routes, usage_db_path
-from maclustr.policy import DAY, KeyPolicy, Limiter, Policies, Verdict
+from maclustr.policy import DAY, WINDOW, KeyPolicy, KeyWindow, Limiter, Policies, Verdict
 
 ROUTES = """\
 models:
@@ -200,3 +200,18 @@ def test_a_key_never_checked_keeps_only_its_minute() -> None:
     w = lim.window("k")
     assert len(w.tokens) == 60 and w.minute_tokens == 180
     assert w.day_tokens == 3000  # the day still counts all (T0 is 01:00 UTC)
+
+
+def test_token_window_keeps_an_entry_per_bucket_not_per_request() -> None:
+    """At thousands of requests a second an entry per request kept ~240k tuples alive per
+    key for the collector to walk; tokens ending within a bucket share one entry."""
+    w = KeyWindow()
+    t0 = 1_800_000_000.0
+    for i in range(10_000):  # 10 s of 1,000 requests a second
+        w.spend(3, t0 + i / 1000)
+    assert len(w.tokens) <= 11
+    assert w.minute_tokens == 30_000
+    w.expire(t0 + 10 + WINDOW)  # all but the last bucket's start have left
+    assert w.minute_tokens <= 3_000
+    w.expire(t0 + 11 + WINDOW)
+    assert w.minute_tokens == 0
