@@ -406,6 +406,20 @@ class FloodUpstream:
             writer.close()
 
 
+async def until_writes_stop(flood: FloodUpstream) -> None:
+    """Backpressure has reached the upstream once its byte count holds still for 0.5 s."""
+    last = [-1, time.monotonic()]
+
+    def settled() -> bool:
+        now = time.monotonic()
+        if flood.written != last[0]:
+            last[0], last[1] = flood.written, now
+            return False
+        return now - last[1] > 0.5
+
+    await wait_for(settled, timeout=20, interval=0.05)
+
+
 async def test_slow_client_backpressure_reaches_the_upstream(make_gateway: Any,
                                                              fake: FakeMLX) -> None:
     """A client that stops reading must stall the upstream instead of the gateway buffering
@@ -421,16 +435,7 @@ async def test_slow_client_backpressure_reaches_the_upstream(make_gateway: Any,
             first = await resp.content.readany()
             assert first.startswith(b"data: ")
             # Now the client stops reading. Wait until the upstream's writes stop advancing.
-            last = [-1, time.monotonic()]
-
-            def settled() -> bool:
-                now = time.monotonic()
-                if flood.written != last[0]:
-                    last[0], last[1] = flood.written, now
-                    return False
-                return now - last[1] > 0.5
-
-            await wait_for(settled, timeout=20, interval=0.05)
+            await until_writes_stop(flood)
             assert not flood.finished
             assert flood.written < 96 * 1024 * 1024, flood.written
             resp.close()
@@ -460,16 +465,7 @@ async def test_slow_client_that_reads_again_gets_the_whole_stream(make_gateway: 
                                 read_bufsize=2**16)
             assert resp.status == 200
             got = len(await resp.content.readany())
-            last = [-1, time.monotonic()]
-
-            def settled() -> bool:
-                now = time.monotonic()
-                if flood.written != last[0]:
-                    last[0], last[1] = flood.written, now
-                    return False
-                return now - last[1] > 0.5
-
-            await wait_for(settled, timeout=20, interval=0.05)
+            await until_writes_stop(flood)
             assert not flood.finished  # stalled by the client, not done
             tail = b""
             while chunk := await asyncio.wait_for(resp.content.readany(), 20):
