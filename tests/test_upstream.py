@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -79,7 +80,7 @@ class Server:
 
     async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.connections += 1
-        try:
+        with self.hung_up(w):
             while True:
                 self.requests.append(await read_request(r))
                 w.write(self.reply)
@@ -87,6 +88,12 @@ class Server:
                 if self.close_idle:
                     await asyncio.sleep(0.05)  # idle, then gone: a stale pooled connection
                     break
+
+    @contextlib.contextmanager
+    def hung_up(self, w: asyncio.StreamWriter) -> Iterator[None]:
+        """A peer hanging up ends the connection quietly; every end is counted and closed."""
+        try:
+            yield
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -629,7 +636,7 @@ class Scripted(Server):
     async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         reply = self.replies[min(self.connections, len(self.replies) - 1)]
         self.connections += 1
-        try:
+        with self.hung_up(w):
             while reply is not None:
                 self.requests.append(await read_request(r))
                 w.write(reply)
@@ -641,11 +648,6 @@ class Scripted(Server):
                     self.wrote_after.set()
                 if reply.startswith(b"HTTP/1.0"):
                     break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.closed += 1
-            w.close()
 
 
 async def scripted(serve: list[Server], replies: list[bytes | None], after: bytes = b""
