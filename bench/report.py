@@ -24,6 +24,11 @@ def ratio(v: float, d: float) -> str:
     return f" ({v / d:.2f}×)"
 
 
+def skipped_row(name: str, reason: str, columns: int) -> str:
+    """A target that was not measured keeps its row: name, reason, the other cells blank."""
+    return f"| {name} | {reason} |" + " |" * (columns - 2) + "\n"
+
+
 RSS_LIMIT_MB = 150.0
 TOKENS_FLOOR = 0.97
 BURST_TTFB_LIMIT_MS = 1.0
@@ -185,7 +190,7 @@ def build_tables(report: dict[str, Any]) -> str:
                 "| errors |\n|---|---|---|---|---|---|---|\n")
         for name, r in report["slow"].items():
             if "skipped" in r:
-                out += f"| {name} | {r['skipped']} | | | | | |\n"
+                out += skipped_row(name, r["skipped"], 7)
                 continue
             out += (f"| {name} | {r['complete']}/{r['streams']} | {fmt(r['wall_s'])} "
                     f"| {fmt(r['cpu_s'], 2)} | {fmt(r['rss_before_mb'])} → "
@@ -198,7 +203,7 @@ def build_tables(report: dict[str, Any]) -> str:
         rd = report["real"].get("direct", {})
         for name, r in report["real"].items():
             if "skipped" in r:
-                out += f"| {name} | {r['skipped']} | | | | |\n"
+                out += skipped_row(name, r["skipped"], 6)
                 continue
             out += (f"| {name} | {fmt(r['ttfb_ms'], 2)} | {fmt(r['tokens_s'], 0)}"
                     f"{ratio(r['tokens_s'], rd.get('tokens_s', math.nan))} "
@@ -290,7 +295,7 @@ def queue_tables(report: dict[str, Any]) -> str:
                 "(ok / 429) | over | errors |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for name, r in report["queue"].items():
             if "skipped" in r:
-                out += f"| {name} | {r['skipped']} |" + " |" * 8 + "\n"
+                out += skipped_row(name, r["skipped"], 10)
                 continue
             direct = name == "direct"
             ra = f", Retry-After {r['retry_after_values']}" if r["retry_after_values"] else ""

@@ -90,3 +90,15 @@ def test_percentile_and_duration_parsing(bench: ModuleType) -> None:
     assert bench.pct([1.0, 2.0], 99) == 2.0
     assert math.isnan(bench.pct([], 50))
     assert bench.parse_ms("250us") == 0.25 and bench.parse_ms("1.5s") == 1500.0
+
+
+def test_a_skipped_target_keeps_a_row_as_wide_as_its_table(bench: ModuleType) -> None:
+    skip = {"caddy": {"skipped": "not installed"}}
+    text = bench.build_tables({**report(GOOD, CADDY, DIRECT, skip, skip), "rss": {}, "raw": {},
+                               "scenarios": []})
+    lines = text.splitlines()
+    rows = [i for i, line in enumerate(lines) if line.startswith("| caddy | not installed |")]
+    assert len(rows) == 2
+    for i in rows:
+        header = next(h for h in reversed(lines[:i]) if h.startswith("| target |"))
+        assert lines[i].count("|") == header.count("|"), (header, lines[i])
